@@ -1,0 +1,67 @@
+"""Name -> class resolution for pluggable parts (one registry per kind).
+
+A user may pass either an object or a registered name; unknown names list the
+valid ones. The registry is also the allow-list of classes that may be rebuilt
+from a saved file, so loading never instantiates anything unregistered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from confroute.errors import InvalidParameterError, InvalidTypeError, describe
+
+T = TypeVar("T")
+
+__all__ = ["Registry"]
+
+
+class Registry(Generic[T]):
+    """Registry of the classes of one kind (estimators, calibrators, ...)."""
+
+    def __init__(self, kind: str, base: type[T]) -> None:
+        self.kind = kind
+        self.base = base
+        self._classes: dict[str, type[T]] = {}
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        def deco(cls: type[T]) -> type[T]:
+            if name in self._classes and self._classes[name] is not cls:
+                raise ValueError(f"{self.kind} name {name!r} registered twice")
+            self._classes[name] = cls
+            cls._registry_name = name  # type: ignore[attr-defined]
+            return cls
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def get_class(self, name: str) -> type[T]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise InvalidParameterError(
+                f"Unknown {self.kind} {name!r}. Valid names: {', '.join(self.names())}."
+            ) from None
+
+    def resolve(self, obj: Any, param: str, owner: str, **kwargs: Any) -> T:
+        """Return ``obj`` if it is an instance, or build the class registered as ``obj``."""
+        if isinstance(obj, self.base):
+            return obj
+        if isinstance(obj, str):
+            return self.get_class(obj)(**kwargs)
+        raise InvalidTypeError(
+            f"The '{param}' parameter of {owner} must be a {self.base.__name__} or one of "
+            f"{', '.join(repr(n) for n in self.names())}. Got {describe(obj)}."
+        )
+
+    def name_of(self, obj: Any) -> str:
+        for name, cls in self._classes.items():
+            if type(obj) is cls:
+                return name
+        raise InvalidTypeError(
+            f"{type(obj).__name__} is not a registered {self.kind}; register it with "
+            f"@{self.kind}_registry.register('name') to save it."
+        )

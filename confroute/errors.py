@@ -1,0 +1,85 @@
+"""Exception hierarchy of confroute.
+
+Every error raised on purpose by the library is a :class:`ConfrouteError`. Each
+subclass also derives from the built-in exception a Python user would expect
+(``ValueError`` for bad values, ``TypeError`` for bad types, ...), so
+``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CloudError",
+    "ConfrouteError",
+    "EstimationError",
+    "InvalidParameterError",
+    "InvalidTypeError",
+    "MissingDependencyError",
+    "ModelLoadError",
+    "NotFittedError",
+    "SerializationError",
+]
+
+
+class ConfrouteError(Exception):
+    """Base class of every error raised on purpose by confroute."""
+
+
+class InvalidParameterError(ConfrouteError, ValueError):
+    """A parameter or input has a value outside what is accepted."""
+
+
+class InvalidTypeError(ConfrouteError, TypeError):
+    """A parameter or input has the wrong type."""
+
+
+class NotFittedError(ConfrouteError, ValueError, AttributeError):
+    """An object that must be fitted first was used before ``fit``."""
+
+
+class ModelLoadError(ConfrouteError, RuntimeError):
+    """A model could not be located or loaded."""
+
+
+class MissingDependencyError(ConfrouteError, ImportError):
+    """An optional dependency is needed for this feature and is not installed."""
+
+
+class SerializationError(ConfrouteError, ValueError):
+    """A saved file is corrupted, truncated, tampered with or of an unknown version."""
+
+
+class EstimationError(ConfrouteError, RuntimeError):
+    """An uncertainty estimate could not be computed from what was given."""
+
+
+class CloudError(ConfrouteError, RuntimeError):
+    """A call to a remote (cloud) model failed after its retries.
+
+    Attributes
+    ----------
+    reason : str
+        Short machine-readable reason (``"timeout"``, ``"http_500"``, ...).
+    status : int or None
+        HTTP status of the last attempt, if any.
+    attempts : int
+        How many attempts were made.
+    """
+
+    def __init__(
+        self, message: str, *, reason: str = "error", status: int | None = None, attempts: int = 1
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+        self.attempts = attempts
+
+
+def describe(value: Any) -> str:
+    """Short, safe description of a received value for error messages."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} (type {type(value).__name__})" if not isinstance(value, (int, float)) else text

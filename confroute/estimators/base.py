@@ -1,0 +1,151 @@
+"""The UncertaintyEstimator base class, its registry, and shared-sample estimation."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from confroute._params import ParamsMixin
+from confroute._registry import Registry
+from confroute._validation import check_prompts
+from confroute.errors import EstimationError
+from confroute.models.base import LanguageModel, SampleRequest, collect_samples
+from confroute.types import Estimate, Prompt, Samples
+
+__all__ = ["UncertaintyEstimator", "estimate_many", "estimator_registry"]
+
+
+class UncertaintyEstimator(ParamsMixin, ABC):
+    """Scores how uncertain a model is about its answer to each prompt.
+
+    **Sign convention: higher score = more uncertain.** A calibrator later maps
+    scores to P(edge answer is good), learning the (decreasing) direction.
+
+    Subclasses declare what generations they need in :meth:`sample_request` and
+    compute scores from those generations in :meth:`score_samples`; generation
+    itself is shared (see :func:`estimate_many`), so several estimators run on one
+    set of samples with no second generation.
+
+    NaN is allowed only where a prompt cannot be scored (e.g. an unparseable
+    verbalized confidence); it is counted in :attr:`Estimate.n_unscored`.
+    """
+
+    #: False for query-only (pre-generation) estimators that never call the edge model.
+    needs_generation: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        """Registered name of the estimator (class name when unregistered)."""
+        return str(getattr(type(self), "_registry_name", type(self).__name__))
+
+    @abstractmethod
+    def sample_request(self) -> SampleRequest:
+        """The generations this estimator needs from the edge model."""
+
+    @abstractmethod
+    def score_samples(
+        self, samples: Sequence[Samples], model: LanguageModel | None = None
+    ) -> tuple[np.ndarray, Mapping[str, np.ndarray]]:
+        """Compute scores from generations that satisfy :meth:`sample_request`.
+
+        Parameters
+        ----------
+        samples : sequence of Samples, length n_prompts
+        model : LanguageModel or None
+            The edge model, for estimators that must query it again (verbalized
+            confidence asks a follow-up question).
+
+        Returns
+        -------
+        scores : ndarray of shape (n_prompts,)
+            Higher = more uncertain; NaN where the prompt cannot be scored.
+        details : mapping of str to ndarray of shape (n_prompts,)
+        """
+
+    def estimate(
+        self,
+        prompts: Sequence[Prompt],
+        model: LanguageModel | None = None,
+        *,
+        samples: Sequence[Samples] | None = None,
+    ) -> Estimate:
+        """Generate what is needed (reusing ``samples``) and score each prompt.
+
+        Parameters
+        ----------
+        prompts : sequence of Prompt, length n_prompts
+        model : LanguageModel, optional
+            The edge model; required unless ``samples`` already hold everything.
+        samples : sequence of Samples, optional
+            Generations made earlier (e.g. by another estimator) to reuse.
+
+        Returns
+        -------
+        Estimate
+            ``scores`` of shape (n_prompts,) and the samples used.
+        """
+        plist = check_prompts(prompts, type(self).__name__)
+        used = collect_samples(model, plist, [self.sample_request()], existing=samples)
+        scores, details = self.score_samples(used, model)
+        return _make_estimate(self.name, scores, used, details, len(plist))
+
+
+def _make_estimate(
+    name: str,
+    scores: Any,
+    samples: list[Samples],
+    details: Mapping[str, np.ndarray],
+    n: int,
+) -> Estimate:
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.shape != (n,):
+        raise EstimationError(
+            f"Estimator {name} returned scores of shape {arr.shape}; expected ({n},)."
+        )
+    if np.isinf(arr).any():
+        raise EstimationError(f"Estimator {name} returned an infinite score.")
+    return Estimate(scores=arr, samples=samples, name=name, details=dict(details))
+
+
+def estimate_many(
+    estimators: Sequence[UncertaintyEstimator],
+    prompts: Sequence[Prompt],
+    model: LanguageModel | None = None,
+    *,
+    samples: Sequence[Samples] | None = None,
+) -> dict[str, Estimate]:
+    """Run several estimators on one shared generation.
+
+    The union of their :meth:`~UncertaintyEstimator.sample_request` is generated
+    once (one greedy call, one batched sampling call per distinct sampling
+    setting) and every estimator scores from it.
+
+    Returns
+    -------
+    dict
+        Estimator name -> :class:`~confroute.types.Estimate`; all share the same
+        ``samples`` list.
+    """
+    plist = check_prompts(prompts, "estimate_many")
+    if len(estimators) == 0:
+        raise EstimationError("estimate_many needs at least one estimator.")
+    used = collect_samples(
+        model, plist, [e.sample_request() for e in estimators if e.needs_generation],
+        existing=samples,
+    )
+    out: dict[str, Estimate] = {}
+    for est in estimators:
+        scores, details = est.score_samples(used, model)
+        key = est.name
+        i = 2
+        while key in out:
+            key = f"{est.name}_{i}"
+            i += 1
+        out[key] = _make_estimate(key, scores, used, details, len(plist))
+    return out
+
+
+estimator_registry: Registry[UncertaintyEstimator] = Registry("estimator", UncertaintyEstimator)

@@ -1,0 +1,138 @@
+"""The LanguageModel protocol and the shared-generation planner."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from confroute.errors import InvalidParameterError
+from confroute.types import GenerationConfig, Prompt, Sample, Samples
+
+__all__ = [
+    "LanguageModel",
+    "SampleRequest",
+    "ScoringLanguageModel",
+    "collect_samples",
+]
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """Anything that can generate text for a batch of prompts.
+
+    Implemented by :class:`~confroute.models.HFLanguageModel` (local transformers),
+    :class:`~confroute.models.OpenAIModel` (any OpenAI-compatible server) and
+    :class:`~confroute.evaluation.RecordedModel` (replays stored answers).
+
+    ``generate`` returns, for each prompt, a list of ``config.n`` samples. Backends
+    fill ``token_logprobs`` / ``token_entropies`` when they can and leave them None
+    otherwise; estimators that need them say so with a clear error.
+    """
+
+    name: str
+
+    def generate(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[list[Sample]]:
+        ...
+
+
+@runtime_checkable
+class ScoringLanguageModel(LanguageModel, Protocol):
+    """A model that can also score given continuations (teacher forcing).
+
+    ``score`` returns, for each (prompt, continuation) pair, the log-probability
+    of each continuation token, shape (n_tokens,).
+    """
+
+    def score(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[np.ndarray]:
+        ...
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What generations an estimator needs.
+
+    Attributes
+    ----------
+    greedy : bool
+        Needs the greedy answer.
+    max_new_tokens : int
+        Length bound for the greedy answer.
+    sampling : GenerationConfig or None
+        Needs ``sampling.n`` stochastic draws with these parameters.
+    """
+
+    greedy: bool = True
+    max_new_tokens: int = 64
+    sampling: GenerationConfig | None = None
+
+
+def collect_samples(
+    model: LanguageModel | None,
+    prompts: Sequence[Prompt],
+    requests: Sequence[SampleRequest],
+    *,
+    existing: Sequence[Samples] | None = None,
+) -> list[Samples]:
+    """Generate, once, everything a set of estimators needs for a batch of prompts.
+
+    Requests are merged: one greedy generation at the largest requested length,
+    and one batched sampling call per distinct set of sampling parameters, with
+    as many draws as the most demanding estimator asks for. What ``existing``
+    already holds is reused and only the missing part is generated.
+
+    Raises
+    ------
+    InvalidParameterError
+        If something must be generated and ``model`` is None, or if ``existing``
+        does not match ``prompts``.
+    """
+    n = len(prompts)
+    if existing is not None and len(existing) != n:
+        raise InvalidParameterError(
+            f"The 'samples' parameter must hold one Samples per prompt: got {len(existing)} "
+            f"for {n} prompts."
+        )
+    current: list[Samples] = (
+        list(existing) if existing is not None else [Samples(prompt=p) for p in prompts]
+    )
+    need_greedy = any(r.greedy for r in requests)
+    greedy_len = max((r.max_new_tokens for r in requests if r.greedy), default=0)
+    by_key: dict[tuple[object, ...], GenerationConfig] = {}
+    for r in requests:
+        if r.sampling is None:
+            continue
+        k = r.sampling.sampling_key()
+        if k not in by_key or by_key[k].n < r.sampling.n:
+            by_key[k] = r.sampling
+
+    if need_greedy:
+        missing = [i for i, s in enumerate(current) if s.greedy is None]
+        if missing:
+            _require_model(model)
+            assert model is not None
+            cfg = GenerationConfig(max_new_tokens=greedy_len, temperature=0.0, n=1)
+            outs = model.generate([prompts[i] for i in missing], cfg)
+            for i, out in zip(missing, outs):
+                current[i] = replace(current[i], greedy=out[0])
+    for key, cfg in by_key.items():
+        missing = [i for i, s in enumerate(current) if len(s.draws.get(key, ())) < cfg.n]
+        if missing:
+            _require_model(model)
+            assert model is not None
+            outs = model.generate([prompts[i] for i in missing], cfg)
+            for i, out in zip(missing, outs):
+                draws = dict(current[i].draws)
+                draws[key] = tuple(out)
+                current[i] = replace(current[i], draws=draws)
+    return current
+
+
+def _require_model(model: LanguageModel | None) -> None:
+    if model is None:
+        raise InvalidParameterError(
+            "The 'model' parameter is None but the given samples do not contain the "
+            "generations this estimator needs; pass the edge model or complete samples."
+        )

