@@ -155,6 +155,9 @@ class Sample:
         None when the backend does not report them (remote APIs usually do not).
     finish_reason : {"stop", "length", "early_stop", "error"}
         Why generation ended.
+    prompt_tokens : int or None
+        Number of prompt tokens the backend processed (for cost accounting);
+        None when unknown.
     """
 
     text: str
@@ -162,6 +165,7 @@ class Sample:
     token_logprobs: np.ndarray | None = None
     token_entropies: np.ndarray | None = None
     finish_reason: FinishReason = "stop"
+    prompt_tokens: int | None = None
 
     @property
     def n_tokens(self) -> int:
