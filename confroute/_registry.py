@@ -17,13 +17,49 @@ T = TypeVar("T")
 __all__ = ["Registry"]
 
 
+# Modules that define each registry, so a saved file can name a kind and have it imported.
+REGISTRY_MODULES = {
+    "estimator": "confroute.estimators",
+    "calibrator": "confroute.calibration",
+    "policy": "confroute.policies",
+    "equivalence": "confroute.estimators.equivalence",
+    "query_router": "confroute.predictive.routers",
+}
+
+
 class Registry(Generic[T]):
     """Registry of the classes of one kind (estimators, calibrators, ...)."""
+
+    _all: dict[str, Registry[Any]] = {}
 
     def __init__(self, kind: str, base: type[T]) -> None:
         self.kind = kind
         self.base = base
         self._classes: dict[str, type[T]] = {}
+        Registry._all[kind] = self
+
+    @classmethod
+    def for_kind(cls, kind: str) -> Registry[Any]:
+        """The registry of ``kind``, importing its defining module if needed."""
+        if kind not in cls._all and kind in REGISTRY_MODULES:
+            import importlib
+
+            importlib.import_module(REGISTRY_MODULES[kind])
+        try:
+            return cls._all[kind]
+        except KeyError:
+            raise InvalidParameterError(
+                f"Unknown kind of part {kind!r}. Valid kinds: {', '.join(sorted(REGISTRY_MODULES))}."
+            ) from None
+
+    @classmethod
+    def find(cls, obj: Any) -> tuple[str, str] | None:
+        """(kind, name) under which ``type(obj)`` is registered, or None."""
+        for kind, reg in cls._all.items():
+            for name, klass in reg._classes.items():
+                if type(obj) is klass:
+                    return kind, name
+        return None
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
         def deco(cls: type[T]) -> type[T]:

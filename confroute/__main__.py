@@ -1,0 +1,5 @@
+import sys
+
+from confroute.cli import main
+
+sys.exit(main())
