@@ -45,6 +45,24 @@ class UncertaintyEstimator(ParamsMixin, ABC):
     def sample_request(self) -> SampleRequest:
         """The generations this estimator needs from the edge model."""
 
+    def sample_requests(self) -> list[SampleRequest]:
+        """All generations this estimator needs (several when sampling settings differ).
+
+        Defaults to ``[self.sample_request()]``; composite estimators override it.
+        """
+        return [self.sample_request()]
+
+    def prepare_samples(
+        self, samples: list[Samples], model: LanguageModel | None = None
+    ) -> list[Samples]:
+        """Add estimator-specific generations to ``samples`` (stored in ``Samples.extra``).
+
+        Runs after the shared generation and before :meth:`score_samples`; the
+        default adds nothing. Verbalized confidence uses it to ask its follow-up
+        question once, so the reply is kept in the returned samples for reuse.
+        """
+        return samples
+
     @abstractmethod
     def score_samples(
         self, samples: Sequence[Samples], model: LanguageModel | None = None
@@ -88,7 +106,8 @@ class UncertaintyEstimator(ParamsMixin, ABC):
             ``scores`` of shape (n_prompts,) and the samples used.
         """
         plist = check_prompts(prompts, type(self).__name__)
-        used = collect_samples(model, plist, [self.sample_request()], existing=samples)
+        used = collect_samples(model, plist, self.sample_requests(), existing=samples)
+        used = self.prepare_samples(used, model)
         scores, details = self.score_samples(used, model)
         return _make_estimate(self.name, scores, used, details, len(plist))
 
@@ -133,9 +152,11 @@ def estimate_many(
     if len(estimators) == 0:
         raise EstimationError("estimate_many needs at least one estimator.")
     used = collect_samples(
-        model, plist, [e.sample_request() for e in estimators if e.needs_generation],
+        model, plist, [r for e in estimators if e.needs_generation for r in e.sample_requests()],
         existing=samples,
     )
+    for est in estimators:
+        used = est.prepare_samples(used, model)
     out: dict[str, Estimate] = {}
     for est in estimators:
         scores, details = est.score_samples(used, model)
