@@ -1,0 +1,488 @@
+"""Calibrators: map uncertainty scores to P(edge answer is good).
+
+A calibrator is fitted on held-out ``(scores, labels)`` pairs, where ``scores``
+are estimator outputs (**higher = more uncertain**, one column per estimator)
+and ``labels`` are 1 when the edge answer was good. ``predict_proba`` returns
+the calibrated probability that a new edge answer is good, which a
+:class:`~confroute.policies.Policy` turns into a keep/escalate decision.
+
+References
+----------
+.. [1] B. Zadrozny and C. Elkan, "Transforming classifier scores into accurate
+   multiclass probability estimates", KDD 2002.
+.. [2] J. Platt, "Probabilistic outputs for support vector machines and
+   comparisons to regularized likelihood methods", Advances in Large Margin
+   Classifiers, 1999.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from confroute._params import ParamsMixin
+from confroute._registry import Registry
+from confroute._validation import (
+    check_array,
+    check_bool,
+    check_float,
+    check_labels,
+    check_same_length,
+    param_error,
+)
+from confroute.errors import InvalidParameterError, NotFittedError, SerializationError
+
+__all__ = [
+    "Calibrator",
+    "IsotonicCalibrator",
+    "PlattCalibrator",
+    "calibrator_registry",
+]
+
+ParamCheck = Callable[[Any, str, str], Any]
+"""A parameter check ``(value, name, owner) -> validated value``; raises a typed error."""
+
+
+def _validate_params(obj: Any, table: Mapping[str, ParamCheck]) -> dict[str, Any]:
+    """Run the declared parameter table of ``obj`` and return the validated values."""
+    owner = type(obj).__name__
+    return {name: check(getattr(obj, name), name, owner) for name, check in table.items()}
+
+
+def _read_state(
+    state: Any, spec: Mapping[str, str], owner: str
+) -> dict[str, Any]:
+    """Check a ``get_state`` dict against ``spec`` (key -> "float" | "int" | "bool" | "array").
+
+    Raises :class:`~confroute.errors.SerializationError` naming the bad key, since a
+    bad state almost always comes from a corrupted or foreign save file.
+    """
+    if not isinstance(state, Mapping):
+        raise SerializationError(
+            f"The 'state' parameter of {owner}.set_state must be a dict. "
+            f"Got {type(state).__name__}."
+        )
+    out: dict[str, Any] = {}
+    for key, kind in spec.items():
+        if key not in state:
+            raise SerializationError(
+                f"The 'state' parameter of {owner}.set_state is missing the key {key!r}."
+            )
+        value = state[key]
+        try:
+            if kind == "array":
+                arr = np.array(value, dtype=np.float64)
+                if arr.ndim != 1:
+                    raise ValueError("not 1-D")
+                out[key] = arr
+            elif kind == "float":
+                if isinstance(value, (bool, str)):
+                    raise ValueError("not a number")
+                out[key] = float(value)
+            elif kind == "int":
+                if isinstance(value, bool) or int(value) != value:
+                    raise ValueError("not an int")
+                out[key] = int(value)
+            elif kind == "bool":
+                if not isinstance(value, (bool, np.bool_)):
+                    raise ValueError("not a bool")
+                out[key] = bool(value)
+            else:  # pragma: no cover - programming error in a spec table
+                raise AssertionError(kind)
+        except (TypeError, ValueError):
+            raise SerializationError(
+                f"The 'state' parameter of {owner}.set_state has a bad value for {key!r}: "
+                f"expected {kind}, got {type(value).__name__}."
+            ) from None
+    return out
+
+
+def _check_positive_float(value: Any, name: str, owner: str) -> float:
+    out = check_float(value, name, owner, min_value=0.0, min_inclusive=False)
+    assert out is not None
+    return out
+
+
+def _check_unit_float(value: Any, name: str, owner: str) -> float:
+    out = check_float(value, name, owner, min_value=0.0, max_value=1.0)
+    assert out is not None
+    return out
+
+
+def _check_direction(value: Any, name: str, owner: str) -> str | bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value == "auto":
+        return "auto"
+    raise param_error(name, owner, "'auto', True or False", value,
+                      type_error=not isinstance(value, str))
+
+
+class Calibrator(ParamsMixin, ABC):
+    """Maps uncertainty scores to the probability that the edge answer is good.
+
+    Subclasses declare their parameters in ``_param_checks`` (validated at
+    :meth:`fit`), their learned state in ``_state_spec``, and implement
+    ``_fit`` / ``_predict`` on validated 2-D arrays.
+
+    Conventions: ``scores`` is array-like of shape (n,) for one estimator or
+    (n, k) for k estimators used as features; labels are 1 for a good edge
+    answer and 0 for a bad one. Learned attributes end in ``_``.
+    """
+
+    _param_checks: ClassVar[Mapping[str, ParamCheck]] = {}
+    _state_spec: ClassVar[Mapping[str, str]] = {}
+    #: Largest number of score columns the calibrator accepts (None = any).
+    _max_features: ClassVar[int | None] = None
+
+    @property
+    def name(self) -> str:
+        """Registered name (class name when unregistered)."""
+        return str(getattr(type(self), "_registry_name", type(self).__name__))
+
+    # -- public API -----------------------------------------------------------------------
+    def fit(self, scores: Any, labels: Any) -> Calibrator:
+        """Learn the score -> P(good) map from held-out data.
+
+        Parameters
+        ----------
+        scores : array-like of shape (n,) or (n, k)
+            Uncertainty scores (higher = more uncertain), finite.
+        labels : array-like of shape (n,)
+            1 if the edge answer was good, 0 otherwise; both classes must occur.
+
+        Returns
+        -------
+        self
+        """
+        owner = type(self).__name__
+        params = _validate_params(self, self._param_checks)
+        x = self._check_scores(scores, fitting=True)
+        y = check_labels(labels, "labels", owner)
+        check_same_length(f"{owner}.fit", scores=x, labels=y)
+        self._fit(x, y, params)
+        self.n_features_in_ = int(x.shape[1])
+        return self
+
+    def predict_proba(self, scores: Any) -> np.ndarray:
+        """Calibrated probability that each edge answer is good.
+
+        Parameters
+        ----------
+        scores : array-like of shape (n,) or (n, k)
+            Same number of columns as at fit. NaN is allowed (an estimator
+            could not score) and gives a NaN probability, which the policy
+            escalates by default; infinite scores are an error.
+
+        Returns
+        -------
+        ndarray of shape (n,)
+            P(good) in [0, 1], NaN where any score of the row is NaN.
+        """
+        self._check_fitted()
+        x = self._check_scores(scores, fitting=False)
+        out = np.full(x.shape[0], np.nan)
+        ok = ~np.isnan(x).any(axis=1)
+        if ok.any():
+            out[ok] = np.clip(self._predict(x[ok]), 0.0, 1.0)
+        return out
+
+    def get_state(self) -> dict[str, Any]:
+        """Learned values (arrays and scalars) for safe JSON persistence."""
+        self._check_fitted()
+        state: dict[str, Any] = {}
+        for key, kind in self._state_spec.items():
+            value = getattr(self, key)
+            state[key] = np.array(value, dtype=np.float64) if kind == "array" else value
+        state["n_features_in_"] = self.n_features_in_
+        return state
+
+    def set_state(self, state: Mapping[str, Any]) -> Calibrator:
+        """Restore what :meth:`get_state` returned; the calibrator is then fitted."""
+        spec = {**self._state_spec, "n_features_in_": "int"}
+        values = _read_state(state, spec, type(self).__name__)
+        self._check_state(values)
+        for key, value in values.items():
+            setattr(self, key, value)
+        return self
+
+    # -- subclass hooks -------------------------------------------------------------------
+    @abstractmethod
+    def _fit(self, x: np.ndarray, y: np.ndarray, params: dict[str, Any]) -> None:
+        """Fit on ``x`` of shape (n, k) (finite) and ``y`` of shape (n,) in {0, 1}."""
+
+    @abstractmethod
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        """P(good) of shape (n,) for finite ``x`` of shape (n, n_features_in_)."""
+
+    def _check_state(self, values: dict[str, Any]) -> None:
+        """Cross-checks on a restored state (shapes agree, ...)."""
+
+    # -- helpers --------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "n_features_in_"):
+            raise NotFittedError(
+                f"This {type(self).__name__} is not fitted yet: call fit(scores, labels) first."
+            )
+
+    def _check_scores(self, scores: Any, *, fitting: bool) -> np.ndarray:
+        owner = type(self).__name__
+        x = check_array(scores, "scores", owner, ndim=(1, 2), allow_nan=not fitting,
+                        allow_empty=not fitting)
+        if x.ndim == 1:
+            x = x[:, None]
+        k = x.shape[1]
+        if fitting:
+            if self._max_features is not None and k > self._max_features:
+                raise InvalidParameterError(
+                    f"The 'scores' parameter of {owner} must have shape (n,) or (n, "
+                    f"{self._max_features}): this calibrator is one-dimensional. Got {k} "
+                    "columns; use PlattCalibrator for several scores."
+                )
+            if k == 0:
+                raise InvalidParameterError(
+                    f"The 'scores' parameter of {owner} must have at least one column."
+                )
+        elif k != self.n_features_in_:
+            raise InvalidParameterError(
+                f"The 'scores' parameter of {owner} must have {self.n_features_in_} column(s), "
+                f"as at fit. Got {k}."
+            )
+        return x
+
+
+calibrator_registry: Registry[Calibrator] = Registry(
+    "calibrator", Calibrator  # type: ignore[type-abstract]
+)
+
+
+@calibrator_registry.register("isotonic")
+class IsotonicCalibrator(Calibrator):
+    r"""Isotonic (monotone, non-parametric) calibration of one score [1]_.
+
+    Fits the monotone step function closest to the labels in squared error,
+
+    .. math::
+
+        \hat f = \arg\min_{f\ \text{monotone}} \sum_{i=1}^n \bigl(y_i - f(s_i)\bigr)^2,
+        \qquad y_{\min} \le f \le y_{\max},
+
+    by pool-adjacent-violators, and predicts by linear interpolation between the
+    fitted points, clipped to the end values outside the fitted score range.
+
+    Parameters
+    ----------
+    increasing : {"auto", True, False}, default="auto"
+        Direction of P(good) in the score. Uncertainty scores are normally
+        *decreasing* in P(good). ``"auto"`` uses increasing iff the Spearman rank
+        correlation between scores and labels is > 0; a zero or undefined
+        correlation (e.g. constant scores) falls back to decreasing, the
+        convention for uncertainty scores.
+    y_min, y_max : float in [0, 1], default 0 and 1
+        Bounds of the fitted probabilities (``y_min <= y_max``).
+
+    Attributes
+    ----------
+    increasing_ : bool
+        Direction used.
+    X_thresholds_ : ndarray of shape (n_thresholds,)
+        Increasing score knots of the fitted function.
+    y_thresholds_ : ndarray of shape (n_thresholds,)
+        Fitted P(good) at the knots (monotone).
+    n_features_in_ : int
+        Always 1.
+    """
+
+    _param_checks: ClassVar[Mapping[str, ParamCheck]] = {
+        "increasing": _check_direction,
+        "y_min": _check_unit_float,
+        "y_max": _check_unit_float,
+    }
+    _state_spec: ClassVar[Mapping[str, str]] = {
+        "increasing_": "bool",
+        "X_thresholds_": "array",
+        "y_thresholds_": "array",
+    }
+    _max_features: ClassVar[int | None] = 1
+
+    def __init__(
+        self, *, increasing: str | bool = "auto", y_min: float = 0.0, y_max: float = 1.0
+    ) -> None:
+        self.increasing = increasing
+        self.y_min = y_min
+        self.y_max = y_max
+
+    def _fit(self, x: np.ndarray, y: np.ndarray, params: dict[str, Any]) -> None:
+        from sklearn.isotonic import IsotonicRegression
+
+        if params["y_min"] > params["y_max"]:
+            raise param_error("y_min", type(self).__name__,
+                              f"<= y_max ({params['y_max']:g})", params["y_min"])
+        s = x[:, 0]
+        direction = params["increasing"]
+        if direction == "auto":
+            direction = False
+            if np.ptp(s) > 0:
+                from scipy.stats import spearmanr
+
+                rho = float(spearmanr(s, y).statistic)
+                direction = bool(rho > 0)
+        iso = IsotonicRegression(
+            increasing=bool(direction), y_min=params["y_min"], y_max=params["y_max"],
+            out_of_bounds="clip",
+        ).fit(s, y.astype(np.float64))
+        self.increasing_ = bool(direction)
+        self.X_thresholds_ = np.asarray(iso.X_thresholds_, dtype=np.float64)
+        self.y_thresholds_ = np.asarray(iso.y_thresholds_, dtype=np.float64)
+
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        # np.interp holds the end values outside the knots: that is the clipping.
+        return np.interp(x[:, 0], self.X_thresholds_, self.y_thresholds_)
+
+    def _check_state(self, values: dict[str, Any]) -> None:
+        xs, ys = values["X_thresholds_"], values["y_thresholds_"]
+        if xs.shape != ys.shape or xs.size == 0 or np.any(np.diff(xs) < 0):
+            raise SerializationError(
+                "The 'state' parameter of IsotonicCalibrator.set_state must hold non-empty "
+                "X_thresholds_ (increasing) and y_thresholds_ of the same length."
+            )
+        if values["n_features_in_"] != 1:
+            raise SerializationError(
+                "The 'state' parameter of IsotonicCalibrator.set_state must have n_features_in_ 1."
+            )
+
+
+@calibrator_registry.register("platt")
+class PlattCalibrator(Calibrator):
+    r"""Logistic (Platt) calibration of one or several scores [2]_.
+
+    With standardised features :math:`z = (s - \mu) / \sigma`,
+
+    .. math::
+
+        P(\text{good} \mid s) = \operatorname{expit}(w^\top z + b),
+
+    where :math:`(w, b)` minimise the L2-penalised log-loss (the intercept is not
+    penalised), solved by L-BFGS:
+
+    .. math::
+
+        \sum_{i=1}^n \Bigl[\log\bigl(1 + e^{w^\top z_i + b}\bigr) - t_i\,(w^\top z_i + b)
+        \Bigr] + \frac{1}{2C}\,\lVert w \rVert_2^2 .
+
+    The direction of each score is learned by the sign of its coefficient
+    (uncertainty scores get negative weights). With ``smooth_targets=True`` the
+    targets are Platt's smoothed labels
+
+    .. math::
+
+        t_i = \frac{N_+ + 1}{N_+ + 2} \text{ if } y_i = 1, \qquad
+        t_i = \frac{1}{N_- + 2} \text{ if } y_i = 0,
+
+    which keeps probabilities away from 0 and 1 on small calibration sets;
+    otherwise :math:`t_i = y_i`.
+
+    Parameters
+    ----------
+    C : float > 0, default=1.0
+        Inverse L2 strength (same convention as scikit-learn).
+    standardize : bool, default=True
+        Standardise each score column with its calibration mean and standard
+        deviation before fitting (constant columns are only centred).
+    smooth_targets : bool, default=False
+        Use Platt's smoothed targets.
+
+    Attributes
+    ----------
+    coef_ : ndarray of shape (n_features_in_,)
+        Weights on the standardised scores.
+    intercept_ : float
+    mean_, scale_ : ndarray of shape (n_features_in_,)
+        Standardisation (zeros and ones when ``standardize=False``).
+    n_features_in_ : int
+    """
+
+    _param_checks: ClassVar[Mapping[str, ParamCheck]] = {
+        "C": _check_positive_float,
+        "standardize": check_bool,
+        "smooth_targets": check_bool,
+    }
+    _state_spec: ClassVar[Mapping[str, str]] = {
+        "coef_": "array",
+        "intercept_": "float",
+        "mean_": "array",
+        "scale_": "array",
+    }
+
+    def __init__(
+        self, *, C: float = 1.0, standardize: bool = True, smooth_targets: bool = False
+    ) -> None:
+        self.C = C
+        self.standardize = standardize
+        self.smooth_targets = smooth_targets
+
+    def _fit(self, x: np.ndarray, y: np.ndarray, params: dict[str, Any]) -> None:
+        from scipy.optimize import minimize
+        from scipy.special import expit
+
+        k = x.shape[1]
+        if params["standardize"]:
+            mean = x.mean(axis=0)
+            scale = x.std(axis=0)
+            scale[scale == 0] = 1.0
+        else:
+            mean, scale = np.zeros(k), np.ones(k)
+        z = (x - mean) / scale
+        if params["smooth_targets"]:
+            n_pos = int(y.sum())
+            n_neg = int(y.size - n_pos)
+            t = np.where(y == 1, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
+        else:
+            t = y.astype(np.float64)
+        inv_c = 1.0 / params["C"]
+
+        def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            w, b = theta[:k], theta[k]
+            logits = z @ w + b
+            value = float(np.sum(np.logaddexp(0.0, logits) - t * logits))
+            value += 0.5 * inv_c * float(w @ w)
+            resid = expit(logits) - t
+            grad = np.empty(k + 1)
+            grad[:k] = z.T @ resid + inv_c * w
+            grad[k] = resid.sum()
+            return value, grad
+
+        prior = float(np.clip(t.mean(), 1e-12, 1 - 1e-12))
+        theta0 = np.zeros(k + 1)
+        theta0[k] = np.log(prior / (1.0 - prior))
+        res = minimize(loss, theta0, jac=True, method="L-BFGS-B",
+                       options={"maxiter": 1000, "gtol": 1e-10})
+        if not res.success:
+            warnings.warn(
+                f"PlattCalibrator: L-BFGS did not fully converge ({res.message}); "
+                "try a smaller C.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.coef_ = np.asarray(res.x[:k], dtype=np.float64)
+        self.intercept_ = float(res.x[k])
+        self.mean_ = np.asarray(mean, dtype=np.float64)
+        self.scale_ = np.asarray(scale, dtype=np.float64)
+
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        from scipy.special import expit
+
+        return np.asarray(expit(((x - self.mean_) / self.scale_) @ self.coef_ + self.intercept_))
+
+    def _check_state(self, values: dict[str, Any]) -> None:
+        k = values["n_features_in_"]
+        shapes = {key: values[key].shape for key in ("coef_", "mean_", "scale_")}
+        if k < 1 or any(s != (k,) for s in shapes.values()) or np.any(values["scale_"] <= 0):
+            raise SerializationError(
+                "The 'state' parameter of PlattCalibrator.set_state must hold coef_, mean_ and "
+                f"scale_ (positive) of shape (n_features_in_,) = ({k},). Got shapes {shapes}."
+            )
