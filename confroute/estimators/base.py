@@ -169,4 +169,6 @@ def estimate_many(
     return out
 
 
-estimator_registry: Registry[UncertaintyEstimator] = Registry("estimator", UncertaintyEstimator)
+estimator_registry: Registry[UncertaintyEstimator] = Registry(
+    "estimator", UncertaintyEstimator  # type: ignore[type-abstract]
+)

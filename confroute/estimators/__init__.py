@@ -1,0 +1,59 @@
+"""Uncertainty estimators (higher score = more uncertain), answer extractors and
+semantic-equivalence backends.
+
+Every estimator is registered by name in :data:`estimator_registry`, declares the
+generations it needs and scores from shared samples, so several estimators run on
+one generation (:func:`estimate_many`).
+"""
+
+from __future__ import annotations
+
+from confroute.estimators.answers import (
+    EXTRACTORS,
+    extract_choice,
+    extract_number,
+    extract_short_answer,
+    get_extractor,
+    normalize_answer,
+)
+from confroute.estimators.base import UncertaintyEstimator, estimate_many, estimator_registry
+from confroute.estimators.consistency import SelfConsistency, answer_agreement
+from confroute.estimators.ensemble import EnsembleEstimator
+from confroute.estimators.equivalence import (
+    EmbeddingEquivalence,
+    Equivalence,
+    ExactMatchEquivalence,
+    NLIEquivalence,
+    equivalence_registry,
+    resolve_equivalence,
+)
+from confroute.estimators.logprob import MeanTokenEntropy, SequenceLogProb
+from confroute.estimators.semantic import SemanticEntropy, semantic_entropy_from_clusters
+from confroute.estimators.verbalized import VerbalizedConfidence, parse_confidence
+
+__all__ = [
+    "EXTRACTORS",
+    "EmbeddingEquivalence",
+    "EnsembleEstimator",
+    "Equivalence",
+    "ExactMatchEquivalence",
+    "MeanTokenEntropy",
+    "NLIEquivalence",
+    "SelfConsistency",
+    "SemanticEntropy",
+    "SequenceLogProb",
+    "UncertaintyEstimator",
+    "VerbalizedConfidence",
+    "answer_agreement",
+    "equivalence_registry",
+    "estimate_many",
+    "estimator_registry",
+    "extract_choice",
+    "extract_number",
+    "extract_short_answer",
+    "get_extractor",
+    "normalize_answer",
+    "parse_confidence",
+    "resolve_equivalence",
+    "semantic_entropy_from_clusters",
+]
