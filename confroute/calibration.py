@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -42,6 +42,8 @@ __all__ = [
     "PlattCalibrator",
     "calibrator_registry",
 ]
+
+_C = TypeVar("_C", bound="Calibrator")
 
 ParamCheck = Callable[[Any, str, str], Any]
 """A parameter check ``(value, name, owner) -> validated value``; raises a typed error."""
@@ -145,7 +147,7 @@ class Calibrator(ParamsMixin, ABC):
         return str(getattr(type(self), "_registry_name", type(self).__name__))
 
     # -- public API -----------------------------------------------------------------------
-    def fit(self, scores: Any, labels: Any) -> Calibrator:
+    def fit(self: _C, scores: Any, labels: Any) -> _C:
         """Learn the score -> P(good) map from held-out data.
 
         Parameters
@@ -201,7 +203,7 @@ class Calibrator(ParamsMixin, ABC):
         state["n_features_in_"] = self.n_features_in_
         return state
 
-    def set_state(self, state: Mapping[str, Any]) -> Calibrator:
+    def set_state(self: _C, state: Mapping[str, Any]) -> _C:
         """Restore what :meth:`get_state` returned; the calibrator is then fitted."""
         spec = {**self._state_spec, "n_features_in_": "int"}
         values = _read_state(state, spec, type(self).__name__)

@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -59,6 +59,7 @@ __all__ = [
     "policy_registry",
 ]
 
+_P = TypeVar("_P", bound="Policy")
 _NAN_POLICIES = ("escalate", "edge")
 _INIT_LOCK = threading.Lock()
 
@@ -215,7 +216,7 @@ class Policy(ParamsMixin, ABC):
         return str(getattr(type(self), "_registry_name", type(self).__name__))
 
     # -- public API -----------------------------------------------------------------------
-    def fit(self, p_good: Any, labels: Any = None) -> Policy:
+    def fit(self: _P, p_good: Any, labels: Any = None) -> _P:
         """Learn what the policy needs from held-out calibrated probabilities.
 
         Parameters
@@ -279,7 +280,7 @@ class Policy(ParamsMixin, ABC):
         self._check_fitted()
         return {key: getattr(self, key) for key in self._state_spec}
 
-    def set_state(self, state: Mapping[str, Any]) -> Policy:
+    def set_state(self: _P, state: Mapping[str, Any]) -> _P:
         """Restore what :meth:`get_state` returned; the policy is then fitted."""
         values = _read_state(state, self._state_spec, type(self).__name__)
         self._set_state(values)
