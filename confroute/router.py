@@ -149,7 +149,7 @@ class Router:
         from confroute.estimators import estimate_many
 
         t0 = time.perf_counter()
-        requests = [e.sample_request() for e in self.estimators if e.needs_generation]
+        requests = [r for e in self.estimators if e.needs_generation for r in e.sample_requests()]
         if need_greedy:
             requests.append(SampleRequest(greedy=True, max_new_tokens=self.edge_max_new_tokens))
         used = collect_samples(self.edge, prompts, requests, existing=samples)
@@ -235,10 +235,7 @@ class Router:
         check_labels(y[finite], "labels", owner)  # both classes needed among scorable ones
         self.calibrator.fit(feats[finite], y[finite])
         p = self.calibrator.predict_proba(feats)
-        if getattr(self.policy, "requires_labels", False):
-            self.policy.fit(p, y)
-        else:
-            self.policy.fit(p)
+        self.policy.fit(p, y)
         self.calibration_ = {
             "n": len(plist),
             "n_unscored": int((~finite).sum()),
@@ -284,7 +281,7 @@ class Router:
         p = np.asarray(self.calibrator.predict_proba(feats), dtype=np.float64)
         tickets: list[Any] = [None] * len(plist)
         admit: Callable[[float], Any] | None = getattr(self.policy, "admit", None)
-        if admit is not None and getattr(self.policy, "enforcing", False):
+        if admit is not None:  # online policies count every request in their ledger
             escalate = np.zeros(len(plist), dtype=bool)
             for i, pi in enumerate(p):
                 tickets[i] = admit(float(pi))
