@@ -459,3 +459,25 @@ def test_threshold_interval_matches_clopper_pearson_and_narrows():
 def test_threshold_errors(kwargs, match):
     with pytest.raises(InvalidParameterError, match=match):
         threshold_for_cloud_share(**kwargs)
+
+
+@pytest.mark.integration
+def test_default_embedder_end_to_end(tmp_path):
+    """Real all-MiniLM-L6-v2 from its PyPI package (offline); skipped when not installed."""
+    from confroute.errors import MissingDependencyError, ModelLoadError
+    from confroute.models.embedded import load_default_embedder
+
+    try:
+        enc = load_default_embedder()
+    except (MissingDependencyError, ModelLoadError) as exc:
+        pytest.skip(f"default embedder unavailable: {exc}")
+    qe = QueryEmbedder(enc, cache_path=tmp_path / "c.sqlite")
+    hard = ["Prove that there are infinitely many primes.", "Derive the Black-Scholes equation.",
+            "Compute the integral of x^2 e^x dx.", "Explain the proof of Fermat's last theorem."]
+    easy = ["Hi there!", "What colour is the sky?", "Say hello.", "What is 1+1?"]
+    X = qe.encode(hard + easy)
+    assert X.shape == (8, enc.dimension)
+    router = SWRankingRouter().fit(X, ["strong"] * 4 + ["weak"] * 4)
+    scores = QueryRouterEstimator(router, embedder=qe).estimate(
+        ["Prove that the square root of 2 is irrational.", "Hello, how are you?"]).scores
+    assert scores[0] > 0.5 > scores[1]

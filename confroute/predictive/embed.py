@@ -81,8 +81,10 @@ class QueryEmbedder(ParamsMixin):
         self.cache_path = cache_path
         self.batch_size = batch_size
 
-    # The resolved encoder is private state, not a parameter.
+    # Private state (not parameters): the resolved encoder, what it was resolved from,
+    # and a lock serialising cache access from several threads.
     _encoder: Any = None
+    _encoder_src: Any = None
     _lock: threading.Lock | None = None
 
     def _resolve(self) -> Any:
@@ -102,8 +104,6 @@ class QueryEmbedder(ParamsMixin):
         self._encoder = enc
         self._encoder_src = self.embedder
         return enc
-
-    _encoder_src: Any = None
 
     @property
     def name(self) -> str:
