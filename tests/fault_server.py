@@ -64,7 +64,7 @@ class Step:
 @dataclass(frozen=True)
 class RecordedRequest:
     path: str
-    body: dict[str, Any] | None
+    body: dict[str, Any]
     headers: dict[str, str]
     time: float
 
@@ -124,6 +124,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         srv = self.server
+        if not isinstance(body, dict):
+            body = {}
         srv.record(RecordedRequest(self.path, body, dict(self.headers.items()), time.monotonic()))
         if self.path not in ("/v1/chat/completions", "/v1/completions"):
             self._error(404, f"no route {self.path}")
@@ -133,7 +135,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if srv.latency:
                 srv.stopping.wait(srv.latency)
-            self._respond(step, body or {})
+            self._respond(step, body)
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass  # the client gave up (timeout) or we reset on purpose
         finally:
@@ -290,8 +292,7 @@ class FaultServer:
 
     @property
     def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
     @property
     def requests(self) -> list[RecordedRequest]:
