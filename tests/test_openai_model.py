@@ -555,3 +555,11 @@ def test_import_is_light_and_missing_httpx_is_reported() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("MissingDependencyError")
     assert 'pip install "confroute[http]"' in proc.stdout
+
+
+def test_extra_body_n_one_splits_draws_over_requests(server: FaultServer) -> None:
+    # The workaround for servers that reject n > 1 (llama.cpp's llama-server).
+    with fast_model(server, extra_body={"n": 1}) as model:
+        [samples] = model.generate(["q"], SAMPLING)
+    assert len(samples) == 3
+    assert [(r.body["n"], r.body["seed"]) for r in server.requests] == [(1, 11), (1, 12), (1, 13)]
