@@ -120,6 +120,9 @@ class SelfConsistency(UncertaintyEstimator):
 
     def sample_request(self) -> SampleRequest:
         cfg = self._sampling_config()
+        owner = type(self).__name__
+        check_choice(self.measure, "measure", owner, ("majority", "entropy"))
+        get_extractor(self.extractor, "extractor", owner)
         return SampleRequest(greedy=True, max_new_tokens=cfg.max_new_tokens, sampling=cfg)
 
     def score_samples(

@@ -139,8 +139,8 @@ class Equivalence(ParamsMixin, ABC):
 
         Step *t* places the *t*-th answer of every prompt: all its comparisons
         with the representatives of the clusters of its prompt are sent to the
-        backend in a single call. A text whose normalised form equals that of a
-        representative joins that cluster without a check.
+        backend in a single call. A text whose normalised form equals that of an
+        earlier text joins that text's cluster without a check.
 
         Parameters
         ----------
@@ -160,7 +160,7 @@ class Equivalence(ParamsMixin, ABC):
         self.last_n_checks = 0
         labels: list[list[int]] = [[] for _ in texts]
         reps: list[list[str]] = [[] for _ in texts]  # representative text per cluster
-        rep_norm: list[dict[str, int]] = [{} for _ in texts]
+        seen: list[dict[str, int]] = [{} for _ in texts]  # normalised text -> id
         max_len = max((len(t) for t in texts), default=0)
         for step in range(max_len):
             qs: list[str] = []
@@ -173,8 +173,8 @@ class Equivalence(ParamsMixin, ABC):
                     continue
                 text = str(group[step])
                 norm = normalize_answer(text)
-                if norm in rep_norm[p]:
-                    labels[p].append(rep_norm[p][norm])
+                if norm in seen[p]:
+                    labels[p].append(seen[p][norm])
                     continue
                 pending.append(p)
                 labels[p].append(-1)
@@ -197,7 +197,8 @@ class Equivalence(ParamsMixin, ABC):
                 else:
                     labels[p][step] = len(reps[p])
                     reps[p].append(text)
-                    rep_norm[p][normalize_answer(text)] = labels[p][step]
+                # Later copies of this text join its cluster with no check.
+                seen[p][normalize_answer(text)] = labels[p][step]
         return labels
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from confroute._validation import check_bool, check_choice, check_float, check_int
 from confroute.errors import EstimationError
 from confroute.estimators.base import UncertaintyEstimator, estimator_registry
-from confroute.estimators.equivalence import resolve_equivalence
+from confroute.estimators.equivalence import Equivalence, resolve_equivalence
 from confroute.models.base import LanguageModel, SampleRequest
 from confroute.types import GenerationConfig, Sample, Samples, prompt_text
 
@@ -53,6 +53,8 @@ def semantic_entropy_from_clusters(
     if lab.size == 0:
         return math.nan
     ids, inverse = np.unique(lab, return_inverse=True)
+    if len(ids) == 1:
+        return 0.0  # exactly, without the rounding of p = sum(w) / sum(w)
     if variant == "discrete":
         p = np.bincount(inverse).astype(np.float64) / lab.size
     else:
@@ -165,8 +167,24 @@ class SemanticEntropy(UncertaintyEstimator):
         assert m is not None
         return GenerationConfig(max_new_tokens=m, temperature=t, top_p=p, top_k=k, n=n, seed=s)
 
+    def _equivalence(self) -> Equivalence:
+        # A backend built from a name is kept, so its model (e.g. the default
+        # embedder) is loaded once per estimator, not once per batch.
+        if isinstance(self.equivalence, str):
+            cached = getattr(self, "_equivalence_cache", None)
+            if cached is not None and cached[0] == self.equivalence:
+                return cached[1]
+            built = resolve_equivalence(self.equivalence, "equivalence", type(self).__name__)
+            self._equivalence_cache = (self.equivalence, built)
+            return built
+        return resolve_equivalence(self.equivalence, "equivalence", type(self).__name__)
+
     def sample_request(self) -> SampleRequest:
         cfg = self._sampling_config()
+        owner = type(self).__name__
+        check_choice(self.variant, "variant", owner, _VARIANTS)
+        check_bool(self.include_greedy, "include_greedy", owner)
+        self._equivalence()
         return SampleRequest(greedy=True, max_new_tokens=cfg.max_new_tokens, sampling=cfg)
 
     def score_samples(
@@ -176,7 +194,7 @@ class SemanticEntropy(UncertaintyEstimator):
         cfg = self._sampling_config()
         variant = check_choice(self.variant, "variant", owner, _VARIANTS)
         include_greedy = check_bool(self.include_greedy, "include_greedy", owner)
-        equiv = resolve_equivalence(self.equivalence, "equivalence", owner)
+        equiv = self._equivalence()
 
         groups: list[list[Sample]] = []
         for i, s in enumerate(samples):
