@@ -322,6 +322,7 @@ def test_make_se_labels_skips_nan_and_checks_models(tmp_path):
         ({"tau": -1.0}, InvalidParameterError, "'tau' parameter"),
         ({"batch_size": 0}, InvalidParameterError, "'batch_size' parameter"),
         ({"prompts": "q 1"}, InvalidTypeError, "'prompts' parameter"),
+        ({"progress": 1}, InvalidTypeError, "'progress' parameter"),
     ],
 )
 def test_make_se_labels_input_errors(tmp_path, kwargs, exc, match):

@@ -481,3 +481,13 @@ def test_default_embedder_end_to_end(tmp_path):
     scores = QueryRouterEstimator(router, embedder=qe).estimate(
         ["Prove that the square root of 2 is irrational.", "Hello, how are you?"]).scores
     assert scores[0] > 0.5 > scores[1]
+
+
+@pytest.mark.parametrize("name", ["sw", "knn1", "knn5"])
+def test_blocked_similarity_equals_one_block(fitted, planted, monkeypatch, name):
+    import confroute.predictive.routers as mod
+
+    X_te = planted[2][:50]
+    whole = fitted[name].predict_proba(X_te)
+    monkeypatch.setattr(mod, "_BLOCK_ELEMENTS", 7 * 300)  # 7 query rows per block
+    np.testing.assert_allclose(fitted[name].predict_proba(X_te), whole, rtol=0, atol=1e-12)

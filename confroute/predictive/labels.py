@@ -34,7 +34,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from confroute._validation import check_array, check_float, check_int, check_same_length
+from confroute._validation import (
+    check_array,
+    check_bool,
+    check_float,
+    check_int,
+    check_same_length,
+)
 from confroute.errors import InvalidParameterError, InvalidTypeError, SerializationError, describe
 from confroute.types import Prompt
 
@@ -507,6 +513,7 @@ def make_se_labels(
         raise InvalidParameterError(f"The 'ids' parameter of {owner} must be unique.")
     tau_f = check_float(tau, "tau", owner, min_value=0.0)
     bs = check_int(batch_size, "batch_size", owner, min_value=1)
+    check_bool(progress, "progress", owner)
     assert tau_f is not None and bs is not None
     strong_name = str(getattr(strong_model, "name", type(strong_model).__name__))
     weak_name = str(getattr(weak_model, "name", type(weak_model).__name__))

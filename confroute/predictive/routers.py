@@ -260,7 +260,12 @@ def _unit_rows(X: np.ndarray, name: str, owner: str) -> np.ndarray:
     return np.asarray(X / norms[:, None], dtype=np.float64)
 
 
-_CHUNK = 2048  # query rows per similarity block: bounds memory at chunk * n_train floats
+_BLOCK_ELEMENTS = 1 << 22  # similarity-block size bound (~32 MB of float64 per temporary)
+
+
+def _chunk_rows(n_train: int) -> int:
+    """Query rows per similarity block, so a block holds at most ``_BLOCK_ELEMENTS`` floats."""
+    return max(1, _BLOCK_ELEMENTS // max(n_train, 1))
 
 
 # --------------------------------------------------------------------------- SW ranking
@@ -362,8 +367,9 @@ class SWRankingRouter(_MemoryRouter):
         log_g = float(np.log(float(self.gamma)))
         alpha = float(self.pseudo_count)
         out = np.empty(Q.shape[0], dtype=np.float64)
-        for start in range(0, Q.shape[0], _CHUNK):
-            S = Q[start:start + _CHUNK] @ train.T  # (m, n)
+        chunk = _chunk_rows(train.shape[0])
+        for start in range(0, Q.shape[0], chunk):
+            S = Q[start:start + chunk] @ train.T  # (m, n)
             m = S.max(axis=1, keepdims=True)
             S_norm = np.where(m > 0, S / np.where(m > 0, m, 1.0), S)
             # Subtract the per-row max exponent (= 2 log gamma when m > 0) for stability;
@@ -372,7 +378,7 @@ class SWRankingRouter(_MemoryRouter):
             top = expo.max(axis=1, keepdims=True)
             W = np.exp(expo - top)
             a = alpha * np.exp(-top[:, 0])
-            out[start:start + _CHUNK] = (W @ self.credits_ + a) / (W.sum(axis=1) + 2 * a)
+            out[start:start + chunk] = (W @ self.credits_ + a) / (W.sum(axis=1) + 2 * a)
         return out
 
 
@@ -413,14 +419,15 @@ class KNNRouter(_MemoryRouter):
         train = self.embeddings_.astype(np.float64)
         k = int(self.k)
         out = np.empty(Q.shape[0], dtype=np.float64)
-        for start in range(0, Q.shape[0], _CHUNK):
-            S = Q[start:start + _CHUNK] @ train.T
+        chunk = _chunk_rows(train.shape[0])
+        for start in range(0, Q.shape[0], chunk):
+            S = Q[start:start + chunk] @ train.T
             if k == 1:
                 idx = S.argmax(axis=1)[:, None]
             else:
                 # stable sort on -S: deterministic tie-breaking by training order
                 idx = np.argsort(-S, axis=1, kind="stable")[:, :k]
-            out[start:start + _CHUNK] = self.credits_[idx].mean(axis=1)
+            out[start:start + chunk] = self.credits_[idx].mean(axis=1)
         return out
 
     def _set_state(self, state: Mapping[str, Any]) -> None:
