@@ -63,6 +63,15 @@ _LAZY: dict[str, str] = {
     "CostAwarePolicy": "confroute.policies",
     "RiskControlPolicy": "confroute.policies",
     "Router": "confroute.router",
+    # pre-generation (query-only) routing
+    "QueryRouterEstimator": "confroute.predictive",
+    "SWRankingRouter": "confroute.predictive",
+    "MatrixFactorizationRouter": "confroute.predictive",
+    "MLPRouter": "confroute.predictive",
+    "KNNRouter": "confroute.predictive",
+    "QueryEmbedder": "confroute.predictive",
+    "make_se_labels": "confroute.predictive",
+    "threshold_for_cloud_share": "confroute.predictive",
 }
 
 __all__ = [

@@ -27,6 +27,12 @@ REGISTRY_MODULES = {
 }
 
 
+# Modules that register further classes into another kind's registry (imported on a miss).
+EXTRA_MODULES = {
+    "estimator": ("confroute.predictive.routers",),
+}
+
+
 class Registry(Generic[T]):
     """Registry of the classes of one kind (estimators, calibrators, ...)."""
 
@@ -75,6 +81,11 @@ class Registry(Generic[T]):
         return sorted(self._classes)
 
     def get_class(self, name: str) -> type[T]:
+        if name not in self._classes:
+            import importlib
+
+            for module in EXTRA_MODULES.get(self.kind, ()):
+                importlib.import_module(module)
         try:
             return self._classes[name]
         except KeyError:
