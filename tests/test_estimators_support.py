@@ -18,7 +18,7 @@ from confroute.estimators import UncertaintyEstimator, VerbalizedConfidence
 from confroute.estimators.ensemble import EnsembleEstimator
 from confroute.types import GenerationConfig, Sample, Samples
 
-CONFIDENT_ANSWER = "Paris"
+CONFIDENT_ANSWER = "Paris, 75"
 UNCERTAIN_ANSWERS = [
     "1 Berlin", "2 Tokyo", "3 Madrid", "4 Cairo", "5 Lima", "6 Oslo", "7 Quito", "8 Hanoi",
     "9 Dakar", "10 Sofia", "11 Kyiv", "12 Bern",
