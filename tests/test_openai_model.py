@@ -563,3 +563,13 @@ def test_extra_body_n_one_splits_draws_over_requests(server: FaultServer) -> Non
         [samples] = model.generate(["q"], SAMPLING)
     assert len(samples) == 3
     assert [(r.body["n"], r.body["seed"]) for r in server.requests] == [(1, 11), (1, 12), (1, 13)]
+
+
+def test_changed_max_concurrency_takes_effect() -> None:
+    with FaultServer(latency=0.05) as srv:
+        model = fast_model(srv, max_concurrency=4)
+        model.generate(["warm up"], GREEDY)
+        model.set_params(max_concurrency=1)
+        model.generate([f"p{i}" for i in range(4)], GREEDY)
+        assert srv.max_in_flight == 1
+        model.close()

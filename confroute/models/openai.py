@@ -525,7 +525,8 @@ class OpenAIModel(ParamsMixin):
         self._lock = threading.Lock()
         self._client: Any = None
         self._thread_sem: threading.BoundedSemaphore | None = None
-        self._async: tuple[asyncio.AbstractEventLoop, Any, asyncio.Semaphore] | None = None
+        self._client_limit = 0
+        self._async: tuple[asyncio.AbstractEventLoop, Any, asyncio.Semaphore, int] | None = None
         self._rng: random.Random | None = None
         self._usage = dict.fromkeys(_USAGE_KEYS, 0)
         # Per-sample billing (prompt-token share, completion tokens) for cost_of.
@@ -789,7 +790,11 @@ class OpenAIModel(ParamsMixin):
     def _sync_client(self, s: _Settings) -> tuple[Any, threading.BoundedSemaphore]:
         httpx = _import_httpx()
         with self._lock:
-            if self._client is None or self._thread_sem is None:
+            # A changed max_concurrency (set_params) gets a fresh pool and semaphore.
+            if self._client is None or self._thread_sem is None or (
+                self._client_limit != s.max_concurrency
+            ):
+                self._client_limit = s.max_concurrency
                 limits = httpx.Limits(
                     max_connections=s.max_concurrency,
                     max_keepalive_connections=s.max_concurrency,
@@ -872,13 +877,18 @@ class OpenAIModel(ParamsMixin):
         loop = asyncio.get_running_loop()
         with self._lock:
             # Async clients and semaphores belong to one event loop; a new loop gets new ones.
-            if self._async is None or self._async[0] is not loop:
+            if (
+                self._async is None
+                or self._async[0] is not loop
+                or self._async[3] != s.max_concurrency
+            ):
                 limits = httpx.Limits(
                     max_connections=s.max_concurrency,
                     max_keepalive_connections=s.max_concurrency,
                 )
                 client = httpx.AsyncClient(limits=limits, timeout=s.timeout)
-                self._async = (loop, client, asyncio.Semaphore(s.max_concurrency))
+                sem = asyncio.Semaphore(s.max_concurrency)
+                self._async = (loop, client, sem, s.max_concurrency)
             return self._async[1], self._async[2]
 
     async def _apost(self, s: _Settings, body: dict[str, Any]) -> _Parsed:
