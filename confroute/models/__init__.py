@@ -16,11 +16,13 @@ if TYPE_CHECKING:  # pragma: no cover
         load_default_embedder,
     )
     from confroute.models.hf import HFLanguageModel
+    from confroute.models.openai import OpenAIModel
 
 __all__ = [
     "Embedder",
     "HFLanguageModel",
     "LanguageModel",
+    "OpenAIModel",
     "SampleRequest",
     "ScoringLanguageModel",
     "collect_samples",
