@@ -466,6 +466,101 @@ class Router:
                 f"policy={self.policy!r}, edge={getattr(self.edge, 'name', None)!r}, "
                 f"cloud={getattr(self.cloud, 'name', None)!r}; {state})")
 
+    # ------------------------------------------------------------------- async
+    async def aroute(
+        self, prompts: Sequence[Prompt], *, samples: Sequence[Samples] | None = None
+    ) -> list[Decision]:
+        """Asynchronous :meth:`route`.
+
+        The blocking edge work (generation, scoring, calibration, policy) runs in
+        a worker thread (``asyncio.to_thread``), so the event loop stays
+        responsive. Concurrent calls are not serialised here: an edge model that
+        is not thread-safe needs one caller at a time (``confroute.serve`` runs
+        all edge work on a single thread).
+
+        Returns
+        -------
+        list of Decision
+            One per prompt, in order, exactly as :meth:`route` returns them.
+        """
+        import asyncio
+
+        plist = check_prompts(prompts, "Router.aroute")
+        decisions, _ = await asyncio.to_thread(self._route, plist, samples)
+        return decisions
+
+    async def acall(
+        self, prompts: Sequence[Prompt], *, samples: Sequence[Samples] | None = None
+    ) -> list[RoutedResponse]:
+        """Asynchronous :meth:`__call__`: route, keep edge answers, escalate the rest.
+
+        Edge work runs in a worker thread as in :meth:`aroute`; escalated prompts
+        go to the cloud concurrently, one request each, through the cloud's
+        ``agenerate`` when it has one and ``generate`` in a worker thread
+        otherwise. Every prompt gets a response (an answer, a degraded edge
+        answer or an error record, per ``on_cloud_error``); a failed cloud call
+        gives its budget ticket back (``settle(ticket, spent=False)``). With
+        ``on_cloud_error="raise"`` the first :class:`~confroute.errors.CloudError`
+        is raised once every cloud call of the batch has finished.
+        """
+        import asyncio
+
+        plist = check_prompts(prompts, "Router.acall")
+        decisions, tickets = await asyncio.to_thread(self._route, plist, samples)
+        done = await asyncio.gather(*(self._aanswer(d, t) for d, t in zip(decisions, tickets)))
+        failures = [err for _, err in done if err is not None]
+        if failures and self.on_cloud_error == "raise":
+            raise failures[0]
+        return [resp for resp, _ in done]
+
+    async def _aanswer(
+        self, d: Decision, ticket: Any, config: GenerationConfig | None = None
+    ) -> tuple[RoutedResponse, CloudError | None]:
+        """The response for one decided prompt (cloud call if escalated) and its cloud error.
+
+        Never raises for a cloud failure. If the awaiting task is cancelled during
+        the cloud call, the ticket stays counted as spent (the call may have been
+        billed).
+        """
+        if d.source == "edge":
+            return RoutedResponse(text=d.edge_answer, source="edge", decision=d), None
+        res = await self._acloud_one(d.prompt, config or self.cloud_config)
+        settle = getattr(self.policy, "settle", None)
+        if isinstance(res, CloudError):
+            if settle is not None and ticket is not None:
+                settle(ticket, spent=False)
+            return self._failed(d, res), res
+        if settle is not None and ticket is not None:
+            settle(ticket, spent=True)
+        cost_of = getattr(self.cloud, "cost_of", None)
+        cost = float(cost_of(res)) if cost_of is not None else 0.0
+        usage = {
+            "prompt_tokens": int(res[0].prompt_tokens or 0),
+            "completion_tokens": int(sum(s.n_tokens for s in res)),
+        }
+        return RoutedResponse(text=res[0].text, source="cloud", decision=d, cost=cost,
+                              usage=usage), None
+
+    async def _acloud_one(self, prompt: Prompt, config: GenerationConfig) -> Any:
+        """Cloud samples for one prompt, or the CloudError the call ended with."""
+        import asyncio
+
+        cloud = self.cloud
+        if cloud is None:
+            return CloudError("no cloud model is configured on this Router", reason="no_cloud")
+        agenerate = getattr(cloud, "agenerate", None)
+        try:
+            if agenerate is not None:
+                out = await agenerate([prompt], config)
+            else:
+                out = await asyncio.to_thread(cloud.generate, [prompt], config)
+            if not out or not out[0]:
+                raise CloudError("the cloud model returned no sample",
+                                 reason="malformed_response")
+            return list(out[0])
+        except Exception as exc:
+            return _as_cloud_error(exc)
+
 
 def _edge_text(s: Samples) -> str:
     if s.greedy is None:
