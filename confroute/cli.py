@@ -63,7 +63,11 @@ def load_model(spec: str, *, role: str = "edge") -> Any:
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise InvalidParameterError(f"Cannot read {path!r}: {exc.strerror or exc}.") from None
+    with f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
