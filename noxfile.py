@@ -1,4 +1,4 @@
-"""Automation: `nox -s tests`, `nox -s demo`, `nox -s lint typecheck docs`, `nox -s evaluate`, `nox -s bench`.
+"""Automation: `nox -s tests`, `nox -s demo`, `nox -s lint typecheck docs`, and more.
 
 Every session that needs torch installs it *before* the package, pinned by
 CONFROUTE_TORCH (default ``torch==2.13.0``, a CPU build), so that resolving the

@@ -8,7 +8,7 @@ from a saved file, so loading never instantiates anything unregistered.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from confroute.errors import InvalidParameterError, InvalidTypeError, describe
 
@@ -36,7 +36,7 @@ EXTRA_MODULES = {
 class Registry(Generic[T]):
     """Registry of the classes of one kind (estimators, calibrators, ...)."""
 
-    _all: dict[str, Registry[Any]] = {}
+    _all: ClassVar[dict[str, Registry[Any]]] = {}
 
     def __init__(self, kind: str, base: type[T]) -> None:
         self.kind = kind
@@ -55,7 +55,8 @@ class Registry(Generic[T]):
             return cls._all[kind]
         except KeyError:
             raise InvalidParameterError(
-                f"Unknown kind of part {kind!r}. Valid kinds: {', '.join(sorted(REGISTRY_MODULES))}."
+                f"Unknown kind of part {kind!r}. "
+                f"Valid kinds: {', '.join(sorted(REGISTRY_MODULES))}."
             ) from None
 
     @classmethod

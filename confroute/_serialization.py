@@ -105,7 +105,9 @@ def read_file(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SerializationError(f"No saved {kind} at {str(p)!r}: the file does not exist.") from None
+        raise SerializationError(
+            f"No saved {kind} at {str(p)!r}: the file does not exist."
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SerializationError(f"Cannot read saved {kind} at {str(p)!r}: {exc}") from None
     try:

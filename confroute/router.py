@@ -122,8 +122,9 @@ class Router:
         self.cloud_config = cloud_config or GenerationConfig(max_new_tokens=512)
         from confroute._validation import check_int
 
-        self.edge_max_new_tokens = check_int(edge_max_new_tokens, "edge_max_new_tokens", owner,
-                                             min_value=1)
+        self.edge_max_new_tokens = int(
+            check_int(edge_max_new_tokens, "edge_max_new_tokens", owner, min_value=1) or 1
+        )
         self.calibration_: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -209,9 +210,9 @@ class Router:
         if references is not None:
             check_same_length(owner, prompts=plist, references=references)
             if isinstance(grader, (str,)) or callable(grader):
-                graders = [resolve_grader(grader, owner)] * len(plist)  # type: ignore[arg-type]
+                graders = [resolve_grader(grader, owner)] * len(plist)
             else:
-                glist = list(grader)  # type: ignore[arg-type]
+                glist = list(grader)
                 check_same_length(owner, prompts=plist, grader=glist)
                 graders = [resolve_grader(g, owner) for g in glist]
             y = np.array(

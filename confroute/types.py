@@ -31,7 +31,7 @@ __all__ = [
 Message = Mapping[str, str]
 """A chat message: ``{"role": "user" | "assistant" | "system", "content": str}``."""
 
-Prompt = Union[str, Sequence[Message]]
+Prompt = Union[str, Sequence[Message]]  # noqa: UP007 - a runtime alias on Python 3.10
 """A prompt: a plain user string, or a whole chat conversation."""
 
 
@@ -170,7 +170,7 @@ class Sample:
     @property
     def n_tokens(self) -> int:
         if self.token_logprobs is not None:
-            return int(len(self.token_logprobs))
+            return len(self.token_logprobs)
         return len(self.token_ids)
 
     @property

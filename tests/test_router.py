@@ -157,9 +157,9 @@ def test_unknown_grader_lists_valid_names():
 
 
 def test_unknown_part_names_list_valid_ones():
-    with pytest.raises(InvalidParameterError, match="Valid names: .*sequence_logprob"):
+    with pytest.raises(InvalidParameterError, match=r"Valid names: .*sequence_logprob"):
         Router("no_such_estimator")
-    with pytest.raises(InvalidParameterError, match="Valid names: .*isotonic"):
+    with pytest.raises(InvalidParameterError, match=r"Valid names: .*isotonic"):
         Router("sequence_logprob", "nope")
 
 
@@ -223,7 +223,7 @@ def test_file_naming_an_unregistered_class_never_instantiates_it(tmp_path):
 
     doc["sha256"] = _digest(doc["payload"])  # a forger can recompute the checksum
     path.write_text(json.dumps(doc))
-    with pytest.raises(SerializationError, match="unknown estimator 'os.system'"):
+    with pytest.raises(SerializationError, match=r"unknown estimator 'os\.system'"):
         Router.load(path)
 
 
@@ -284,7 +284,7 @@ def test_cloud_failure_never_loses_a_request(mode):
         return
     responses = router(prompts, samples=samples)
     assert len(responses) == len(prompts)
-    failed = [r for r in responses if r.decision.prompt == up[0]][0]
+    failed = next(r for r in responses if r.decision.prompt == up[0])
     assert "http_500" in failed.error
     if mode == "degrade":
         assert failed.degraded and failed.source == "edge"
@@ -345,7 +345,7 @@ def test_pre_generation_estimator_only_generates_for_prompts_kept_on_edge():
     edge = CountingEdge()
     router = Router(PromptLength(), "isotonic", "threshold", edge=edge)
     short = [f"q{i}" for i in range(20)]
-    long = ["a much longer question number %d that the edge model fails" % i for i in range(20)]
+    long = [f"a much longer question number {i} that the edge model fails" for i in range(20)]
     router.calibrate(short + long, [1] * 20 + [0] * 20)
     edge.prompts.clear()
     decisions = router.route(["q99", long[0] + "!"])

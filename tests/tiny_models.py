@@ -24,7 +24,7 @@ CHAT_TEMPLATE = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json(vocab_size: int = 300) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

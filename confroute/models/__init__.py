@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from confroute.models.base import LanguageModel, SampleRequest, ScoringLanguageModel, collect_samples
+from confroute.models.base import (
+    LanguageModel,
+    SampleRequest,
+    ScoringLanguageModel,
+    collect_samples,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from confroute.models.embedded import (
