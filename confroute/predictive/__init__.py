@@ -35,6 +35,7 @@ from confroute.predictive.routers import (
     router_registry,
     threshold_for_cloud_share,
 )
+from confroute.predictive.two_stage import TwoStageRouter, TwoStageStats
 
 __all__ = [
     "LABEL_CREDIT",
@@ -47,6 +48,8 @@ __all__ = [
     "QueryRouterEstimator",
     "SWRankingRouter",
     "TextEncoder",
+    "TwoStageRouter",
+    "TwoStageStats",
     "accuracy_labels",
     "label_credits",
     "make_se_labels",
