@@ -144,15 +144,15 @@ def test_second_load_reuses_the_folder(edge_model, edge_cache, monkeypatch):
 
 
 @integration
-def test_incomplete_folder_is_not_used(edge_cache, monkeypatch):
+def test_incomplete_folder_is_not_used(tmp_path, monkeypatch):
     """A folder without the completion marker (an interrupted conversion) is converted again."""
-    folder = embedded._converted_dir(default_edge_model_path(), edge_cache / "broken")
+    folder = embedded._converted_dir(default_edge_model_path(), tmp_path)
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     calls: list[Path] = []
     monkeypatch.setattr(embedded, "_convert", lambda gguf, target: calls.append(target))
     with pytest.raises(ModelLoadError):  # the fake did not convert; the folder stays unusable
-        load_default_edge_model(cache_dir=edge_cache / "broken", device="cpu")
+        load_default_edge_model(cache_dir=tmp_path, device="cpu")
     assert calls == [folder]
 
 

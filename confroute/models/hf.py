@@ -366,7 +366,10 @@ class HFLanguageModel:
             from tqdm.auto import tqdm
 
             progress = tqdm(batches, desc=f"generate ({self.name})", unit="batch")
-        fork_devices = [self.device] if self.device.type == "cuda" else []
+        fork_devices: list[int] = []
+        if self.device.type == "cuda":
+            index = self.device.index
+            fork_devices = [torch.cuda.current_device() if index is None else index]
         results: list[list[Sample]] = []
         with torch.random.fork_rng(devices=fork_devices, enabled=config.seed is not None):
             if config.seed is not None:
