@@ -1,0 +1,184 @@
+"""End-to-end evaluation harness on a tiny in-process model and written dataset excerpts."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from confroute.cache import CachedModel, GenerationCache
+from confroute.evaluation import metrics as M
+from confroute.evaluation.datasets import Example, load_nq_open
+from confroute.evaluation.graders import Grader
+from confroute.evaluation.harness import evaluate
+from confroute.types import GenerationConfig, Prompt, Sample
+
+QUESTIONS = [
+    ("who wrote hamlet", ["William Shakespeare", "Shakespeare"]),
+    ("what is the capital of france", ["Paris"]),
+    ("what is the capital of italy", ["Rome"]),
+    ("how many legs does a spider have", ["eight", "8"]),
+    ("what is two plus two", ["four", "4"]),
+]
+
+
+def _nq_rows(n: int = 30) -> list[dict[str, Any]]:
+    return [{"question": f"{q} ({i})", "answer": a}
+            for i, (q, a) in enumerate(QUESTIONS[k % len(QUESTIONS)] for k in range(n))]
+
+
+class ParityGrader(Grader):
+    """Deterministic stand-in for correctness on a random tiny model (both classes occur)."""
+
+    def grade(self, prediction: str, example: Example) -> float:
+        return float(sum(map(ord, prediction + example.id)) % 3 == 0)
+
+
+class Counting:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = "tiny-llama"
+        self.batch_size = 8
+        self.n_calls = 0
+
+    def generate(self, prompts: Sequence[Prompt], config: GenerationConfig
+                 ) -> list[list[Sample]]:
+        self.n_calls += 1
+        return list(self.inner.generate(prompts, config))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama):  # type: ignore[no-untyped-def]
+    from confroute.models.hf import HFLanguageModel
+
+    model, tok = tiny_llama
+    return HFLanguageModel(model, tok, device="cpu", name="tiny-llama")
+
+
+def _run(lm: Any, data: Path, out: Path, cache: Path) -> tuple[dict[str, Any], Counting, float]:
+    counting = Counting(lm)
+    model = CachedModel(counting, GenerationCache(cache))
+    t0 = time.perf_counter()
+    report = evaluate(
+        load_nq_open(data), model, estimators="all", cloud="assume-correct",
+        grader=ParityGrader(), n_samples=3, max_new_tokens=6, equivalence="exact",
+        n_boot=30, dataset="nq-excerpt", out_dir=out,
+    )
+    return report, counting, time.perf_counter() - t0
+
+
+def test_end_to_end_report_matches_records_and_cache(lm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "nq.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _nq_rows()), encoding="utf-8")
+    out = tmp_path / "run1"
+    report, counting, t_first = _run(lm, data, out, tmp_path / "cache.sqlite")
+    assert counting.n_calls > 0
+    for f in ("report.json", "report.md", "records.jsonl", "routing.png", "reliability.png"):
+        assert (out / f).stat().st_size > 0
+    saved = json.loads((out / "report.json").read_text())
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == saved["n"] == 30
+    assert saved["n_calibration"] + saved["n_test"] == 30
+    test = [r for r in records if r["part"] == "test"]
+    assert len(test) == saved["n_test"]
+    e = np.array([r["edge_quality"] for r in test])
+    c = np.array([r["cloud_quality"] for r in test])
+    assert np.all(c == 1.0)
+    assert saved["edge_accuracy_test"]["value"] == pytest.approx(e.mean())
+    assert set(saved["estimators"]) == {"sequence_logprob", "mean_token_entropy",
+                                        "semantic_entropy", "self_consistency", "verbalized"}
+    for name, ent in saved["estimators"].items():
+        raw = np.array([np.nan if r["scores"][name] is None else r["scores"][name] for r in test])
+        conf = -raw
+        if np.isnan(conf).any():
+            conf[np.isnan(conf)] = np.nanmin(conf) - 1.0 if (~np.isnan(conf)).any() else 0.0
+        m = ent["metrics"]
+        if m["auroc"]["value"] is not None:
+            assert m["auroc"]["value"] == pytest.approx(M.auroc(conf, e))
+            lo, hi = m["auroc"]["low"], m["auroc"]["high"]
+            assert lo is None or lo <= hi
+        f, q = M.quality_vs_cloud_fraction(conf, e, c)
+        assert m["apgr"]["value"] == pytest.approx(M.apgr(f, q, e.mean(), c.mean()))
+        assert m["cpt50"]["value"] == pytest.approx(M.cpt(f, q, e.mean(), c.mean(), 50.0))
+        if ent["calibrated"]:
+            p = np.array([np.nan if r["p_isotonic"][name] is None else r["p_isotonic"][name]
+                          for r in test])
+            ok = ~np.isnan(p)
+            assert m["ece_isotonic"]["value"] == pytest.approx(M.ece(p[ok], e[ok]))
+            assert m["brier_isotonic"]["value"] == pytest.approx(M.brier(p[ok], e[ok]))
+        assert ent["edge_seconds_per_query"] >= 0.0
+        assert ent["n_unscored"] == sum(r["scores"][name] is None for r in records)
+    # generation was shared: one greedy call plus one sampling setting plus one follow-up
+    assert "greedy" in saved["generation_seconds_per_query"]
+    assert saved["estimators"]["semantic_entropy"]["generation_stages"] == \
+        saved["estimators"]["self_consistency"]["generation_stages"]
+    md = (out / "report.md").read_text()
+    assert "assume-correct" in md and "| semantic_entropy |" in md
+
+    # second run from the same cache: zero model calls, same numbers, faster
+    report2, counting2, t_second = _run(lm, data, tmp_path / "run2", tmp_path / "cache.sqlite")
+    assert counting2.n_calls == 0
+    assert t_second < t_first
+    for name in saved["estimators"]:
+        a = report["estimators"][name]["metrics"]["apgr"]["value"]
+        b = report2["estimators"][name]["metrics"]["apgr"]["value"]
+        assert (math.isnan(a) and math.isnan(b)) or a == b
+        # compute cost is read from the cache, so it is reported the same
+        assert report2["generation_seconds_per_query"] == report["generation_seconds_per_query"]
+
+
+GSM_ROWS = [
+    ("Tom has 3 apples and buys 4. How many?", 7, (7, True), (7, True)),
+    ("A pen costs 2 dollars. Cost of 5 pens?", 10, (12, False), (10, True)),
+    ("Half of 18?", 9, (9, True), (8, False)),
+    ("12 minus 5?", 7, (6, False), (7, True)),
+    ("3 times 3?", 9, (6, False), (5, False)),
+    ("100 divided by 4?", 25, (25, True), (25, True)),
+]
+
+
+def test_recorded_pair_from_cli(tmp_path: Path) -> None:
+    from confroute.cli import main
+
+    path = tmp_path / "example_model_solutions.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for q, gold, (a6, ok6), (a175, ok175) in GSM_ROWS:
+            f.write(json.dumps({
+                "question": q, "ground_truth": f"Work.\nA: {gold}",
+                "6b_finetuning": {"is_correct": ok6, "solution": f"Steps.\nA: {a6}"},
+                "175b_finetuning": {"is_correct": ok175, "solution": f"Steps.\nA: {a175}"},
+            }) + "\n")
+    out = tmp_path / "pair"
+    rc = main(["evaluate", "--dataset", "gsm8k_solutions", "--path", str(path),
+               "--edge", "recorded:6b_finetuning", "--cloud", "recorded:175b_finetuning",
+               "--out", str(out), "--n-boot", "50"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    e = np.array([ok for *_, (_, ok), _ in GSM_ROWS], dtype=float)
+    c = np.array([ok for *_, (_, ok) in GSM_ROWS], dtype=float)
+    assert rep["n"] == 6
+    assert rep["edge_quality"]["value"] == pytest.approx(e.mean())
+    assert rep["cloud_quality"]["value"] == pytest.approx(c.mean())
+    assert rep["oracle_quality"] == pytest.approx(np.maximum(e, c).mean())
+    assert (rep["both_right"], rep["only_edge_right"], rep["only_cloud_right"],
+            rep["both_wrong"]) == (2, 1, 2, 1)
+    fo, qo = M.oracle_curve(e, c)
+    assert rep["oracle_apgr"] == pytest.approx(M.apgr(fo, qo, e.mean(), c.mean()))
+    assert rep["random_apgr"] == pytest.approx(0.5)
+    assert rep["agreement_with_stored_is_correct"] == {"edge": 1.0, "cloud": 1.0}
+    assert (out / "routing.png").stat().st_size > 0
+    assert "Recorded pair" in (out / "report.md").read_text()
+
+
+def test_cli_rejects_bad_cloud(tmp_path: Path) -> None:
+    from confroute.cli import main
+
+    rc = main(["evaluate", "--dataset", "arithmetic", "--limit", "7", "--edge",
+               "recorded:x", "--cloud", "gpt", "--out", str(tmp_path)])
+    assert rc == 2
