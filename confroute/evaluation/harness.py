@@ -132,11 +132,16 @@ class LazyModel:
 
 
 def subsample(examples: Sequence[Example], limit: int | None, seed: int = 0) -> list[Example]:
-    """The first ``limit`` examples of a seeded shuffle, returned in file order."""
+    """The first ``limit`` examples of a seeded shuffle, returned in file order.
+
+    Prefix-stable: a larger ``limit`` keeps every example a smaller one chose, so
+    cached generations are reused when a run is grown or shrunk.
+    """
     if limit is None or limit >= len(examples):
         return list(examples)
-    idx = sorted(random.Random(seed).sample(range(len(examples)), limit))
-    return [examples[i] for i in idx]
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in sorted(order[:limit])]
 
 
 def arithmetic_examples(n: int, seed: int) -> list[Example]:
