@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from confroute._validation import check_float, check_int, param_error
 from confroute.errors import MissingDependencyError
-from confroute.types import Decision, GenerationConfig, Prompt, RoutedResponse
+from confroute.types import Decision, GenerationConfig, Prompt, RoutedResponse, prompt_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -58,7 +59,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from confroute.router import Router
 
-__all__ = ["EdgeBatcher", "RunningServer", "create_app", "register_cli", "serve_in_thread"]
+__all__ = [
+    "EdgeBatcher",
+    "RunningServer",
+    "create_app",
+    "decision_record",
+    "prompt_hash",
+    "register_cli",
+    "serve_in_thread",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -377,8 +386,12 @@ def decision_record(resp: RoutedResponse, ticket: Any = None) -> dict[str, Any]:
     dict
         ``source`` ("edge"/"cloud": who wrote the answer), ``routed_to`` (the
         decision before any cloud call), ``p_good`` (null when unscorable),
-        ``scores``, ``reason``, ``degraded``, ``error``, ``cost`` and
-        ``ledger_seq`` (arrival index in the budget ledger, or null).
+        ``scores``, ``reason``, ``degraded``, ``error``, ``cost``,
+        ``ledger_seq`` (arrival index in the budget ledger, or null) and
+        ``prompt_hash`` (first 16 hex digits of the SHA-256 of the UTF-8 of
+        ``json.dumps([{"role": r, "content": c}, ...], ensure_ascii=False)`` over
+        the routed conversation, so a client can check the decision is for the
+        conversation it sent).
     """
     d = resp.decision
     seq = getattr(ticket, "seq", None)
@@ -392,7 +405,13 @@ def decision_record(resp: RoutedResponse, ticket: Any = None) -> dict[str, Any]:
         "error": resp.error,
         "cost": resp.cost,
         "ledger_seq": int(seq) if isinstance(seq, int) else None,
+        "prompt_hash": prompt_hash(d.prompt),
     }
+
+
+def prompt_hash(prompt: Prompt) -> str:
+    """Short stable digest of a prompt (see :func:`decision_record`)."""
+    return hashlib.sha256(prompt_key(prompt).encode("utf-8")).hexdigest()[:16]
 
 
 def _headers(resp: RoutedResponse) -> dict[str, str]:

@@ -6,6 +6,7 @@ HTTP server)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -180,6 +181,9 @@ def test_chat_completion_round_trip(server):
     assert set(info["scores"]) == {"sequence_logprob"}
     assert info["reason"] == expected.reason and info["reason"].startswith("p_good")
     assert info["degraded"] is False and info["error"] is None and info["cost"] == 0.0
+    sent = json.dumps([{"role": "user", "content": "What is 2 + 2?"}], ensure_ascii=False)
+    assert info["prompt_hash"] == hashlib.sha256(sent.encode()).hexdigest()[:16]
+    assert info["ledger_seq"] is None  # a threshold policy keeps no ledger
     assert raw.headers["x-confroute-source"] == "edge"
     assert float(raw.headers["x-confroute-p-good"]) == pytest.approx(expected.p_good, abs=1e-6)
     assert raw.headers["x-confroute-degraded"] == "false"
