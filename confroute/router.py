@@ -346,28 +346,37 @@ class Router:
         if up:
             results = self._call_cloud([plist[i] for i in up])
             for i, res in zip(up, results):
-                d = decisions[i]
-                settle = getattr(self.policy, "settle", None)
-                if isinstance(res, CloudError):
-                    failures.append(res)
-                    if settle is not None and tickets[i] is not None:
-                        settle(tickets[i], spent=False)
-                    out[i] = self._failed(d, res)
-                else:
-                    if settle is not None and tickets[i] is not None:
-                        settle(tickets[i], spent=True)
-                    cost_of = getattr(self.cloud, "cost_of", None)
-                    cost = float(cost_of(res)) if cost_of is not None else 0.0
-                    usage = {
-                        "prompt_tokens": int(res[0].prompt_tokens or 0),
-                        "completion_tokens": int(sum(s.n_tokens for s in res)),
-                    }
-                    out[i] = RoutedResponse(text=res[0].text, source="cloud", decision=d,
-                                            cost=cost, usage=usage)
+                out[i], err = self._settle_and_respond(decisions[i], tickets[i], res)
+                if err is not None:
+                    failures.append(err)
         if failures and self.on_cloud_error == "raise":
             raise failures[0]
         assert all(r is not None for r in out)
         return [r for r in out if r is not None]
+
+    def _settle_and_respond(
+        self, d: Decision, ticket: Any, res: Any
+    ) -> tuple[RoutedResponse, CloudError | None]:
+        """Settle the budget ticket of an escalated prompt and build its response.
+
+        ``res`` is the cloud's samples for the prompt or the CloudError its call
+        ended with; a failed call gives its ticket back (``spent=False``).
+        """
+        settle = getattr(self.policy, "settle", None)
+        failed = isinstance(res, CloudError)
+        if settle is not None and ticket is not None:
+            settle(ticket, spent=not failed)
+        if failed:
+            return self._failed(d, res), res
+        cost_of = getattr(self.cloud, "cost_of", None)
+        cost = float(cost_of(res)) if cost_of is not None else 0.0
+        usage = {
+            "prompt_tokens": int(res[0].prompt_tokens or 0),
+            "completion_tokens": int(sum(s.n_tokens for s in res)),
+        }
+        response = RoutedResponse(text=res[0].text, source="cloud", decision=d, cost=cost,
+                                  usage=usage)
+        return response, None
 
     def _failed(self, d: Decision, err: CloudError) -> RoutedResponse:
         why = f"cloud call failed ({err.reason}): {err}"
@@ -526,21 +535,7 @@ class Router:
         if d.source == "edge":
             return RoutedResponse(text=d.edge_answer, source="edge", decision=d), None
         res = await self._acloud_one(d.prompt, config or self.cloud_config)
-        settle = getattr(self.policy, "settle", None)
-        if isinstance(res, CloudError):
-            if settle is not None and ticket is not None:
-                settle(ticket, spent=False)
-            return self._failed(d, res), res
-        if settle is not None and ticket is not None:
-            settle(ticket, spent=True)
-        cost_of = getattr(self.cloud, "cost_of", None)
-        cost = float(cost_of(res)) if cost_of is not None else 0.0
-        usage = {
-            "prompt_tokens": int(res[0].prompt_tokens or 0),
-            "completion_tokens": int(sum(s.n_tokens for s in res)),
-        }
-        return RoutedResponse(text=res[0].text, source="cloud", decision=d, cost=cost,
-                              usage=usage), None
+        return self._settle_and_respond(d, ticket, res)
 
     async def _acloud_one(self, prompt: Prompt, config: GenerationConfig) -> Any:
         """Cloud samples for one prompt, or the CloudError the call ended with."""
