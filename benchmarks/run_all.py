@@ -1,0 +1,161 @@
+"""Run the confroute performance benchmarks and write ``docs/performance.md``.
+
+Usage::
+
+    python -m benchmarks.run_all                 # everything (nox -s bench)
+    python -m benchmarks.run_all --only B1,B4    # a subset
+    python -m benchmarks.run_all --repeats 5 --threads 2
+
+Each benchmark prints rows "min / median / max" with its target when it has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks._common import ROOT, Context, Row, fmt, machine, set_threads
+
+BENCHES = {
+    "B1": "benchmarks.bench_logprob",
+    "B2": "benchmarks.bench_sampling",
+    "B3": "benchmarks.bench_nli",
+    "B4": "benchmarks.bench_policy",
+    "B5": "benchmarks.bench_router",
+    "B6": "benchmarks.bench_memory",
+    "E": "benchmarks.bench_early",
+    "P": "benchmarks.bench_prefill",
+}
+
+
+def table(rows: list[Row]) -> str:
+    head = "| bench | quantity | min | median | max | unit | target | ok | note |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lo, med, hi = r.stats
+        ok = "" if r.passed is None else ("yes" if r.passed else "**no**")
+        lines.append(
+            f"| {r.bench} | {r.name} | {fmt(lo)} | {fmt(med)} | {fmt(hi)} | {r.unit} | "
+            f"{r.target} | {ok} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated ids, e.g. B1,B4")
+    ap.add_argument("--skip", default="", help="comma-separated ids to skip")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=2, help="prompts per timed call (B1)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: cores not busy with other work)")
+    ap.add_argument("--early-n", type=int, default=100, help="NQ questions for E")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
+    ap.add_argument("--json", default="", help="also write rows as JSON here")
+    args = ap.parse_args(argv)
+    only = [b for b in args.only.split(",") if b] or list(BENCHES)
+    skip = set(b for b in args.skip.split(",") if b)
+
+    threads = set_threads(args.threads or None)
+    ctx = Context(threads=threads, repeats=args.repeats, n_prompts=args.prompts)
+    ctx.extra["early_n"] = args.early_n
+    info_start = machine()
+    print(f"machine: {json.dumps(info_start)}", flush=True)
+    rows: list[Row] = []
+    t_start = time.perf_counter()
+    for bid in only:
+        if bid in skip:
+            continue
+        t0 = time.perf_counter()
+        try:
+            mod = importlib.import_module(BENCHES[bid])
+            got = mod.run(ctx)
+        except Exception as exc:  # keep the other benchmarks' results
+            traceback.print_exc()
+            got = [Row(bid, "FAILED", [], note=f"{type(exc).__name__}: {exc}"[:200])]
+        rows += got
+        print(f"\n[{bid}] {time.perf_counter() - t0:.0f} s", flush=True)
+        print(table(got), flush=True)
+    total = time.perf_counter() - t_start
+    info_end = machine()
+    print("\n" + table(rows))
+    print(f"\ntotal {total:.0f} s; load average at end {info_end['load_avg']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+    if args.out:
+        write_doc(Path(args.out), rows, info_start, info_end, total, args)
+    return 0
+
+
+def write_doc(path: Path, rows: list[Row], start: dict, end: dict, total: float,
+              args: argparse.Namespace) -> None:
+    cmd = " ".join(sys.argv[1:])
+    text = f"""# Performance
+
+The last measured run of `benchmarks/run_all.py` (`nox -s bench`). Regenerate it
+with the command below; the file is overwritten by each run.
+
+## Machine
+
+| | |
+|---|---|
+| CPU | {start['cpu']} |
+| cores available to the process | {start['cores_available']} |
+| torch threads used | {start['torch_threads']} |
+| load average (1, 5, 15 min) at start | {start['load_avg']} |
+| load average at end | {end['load_avg']} |
+| memory | {start['memory_gb']} GiB |
+| software | Python {start['python']}, torch {start['torch']}, \
+transformers {start['transformers']} |
+| platform | {start['platform']} |
+| wall time of the run | {total:.0f} s |
+
+The machine was shared with other jobs during the run (see the load average), so
+absolute times are noisy. Every comparison is measured side by side in one process,
+the compared variants interleaved (A B A B ...), and reported as min / median / max
+over {args.repeats} repeats; ratios are taken per repeat. Targets are checked on the
+median unless stated.
+
+## Results
+
+{table(rows)}
+
+## What the rows measure
+
+- **B1** greedy answer of {32} new tokens plus MeanTokenEntropy and SequenceLogProb
+  through `HFLanguageModel` and `estimate_many`, against transformers'
+  `model.generate` of the same tokens (no logits kept), one prompt per call.
+- **B2** N = 5, 10 samples of one prompt in one batched call vs N sequential calls vs
+  one greedy answer; a whole semantic-entropy estimate (greedy + 10 samples +
+  clustering with the MiniLM embedding backend) against one greedy answer.
+- **B3** the clustering share of that estimate and the number of equivalence checks
+  against the N(N-1)/2 = 45 of an all-pairs comparison; the same estimate with an NLI
+  model of DeBERTa-base size (random weights, built by the benchmark); lm-polygraph
+  0.7.0's SemanticEntropy on the same LM, NLI model and prompt when a separate venv
+  with it exists (`CONFROUTE_LMPG_PYTHON`, default `/tmp/lmpg/bin/python`).
+- **B4** isotonic / Platt calibration plus a threshold policy on 10^6 precomputed
+  scores.
+- **B5** `Router.route` end to end on the embedded model (batch 1 and 16), and the
+  router's overhead over the estimator alone on the same precomputed generations.
+- **B6** peak RSS in fresh subprocesses (`resource.getrusage`).
+- **E** early escalation (`confroute.early.EarlyEscalation`) on NQ-open dev questions.
+- **P** shared prefill and length bucketing in `HFLanguageModel`.
+
+## Reproduce
+
+```
+nox -s bench                       # installs torch first, then runs everything
+python -m benchmarks.run_all {cmd}
+```
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
