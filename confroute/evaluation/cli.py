@@ -127,6 +127,7 @@ def run_results_suite(
     )
 
     t0 = time.perf_counter()
+    load_start = _load_avg()
     data = Path(data_dir)
     outp = Path(out)
     model = _edge_model("embedded", str(cache))
@@ -164,7 +165,8 @@ def run_results_suite(
     hist_path = outp / "suite_runs.json"
     history = json.loads(hist_path.read_text()) if hist_path.exists() else []
     history.append({"wall_seconds": wall, "model_calls": getattr(model, "n_model_calls", None),
-                    "edge_model_loaded": loaded, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+                    "edge_model_loaded": loaded, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "load_start": load_start, "load_end": _load_avg()})
     hist_path.write_text(json.dumps(history, indent=2))
     summary = {"reports": reports, "history": history,
                "sizes": {"nq": n_nq, "trivia": n_trivia, "arith": n_arith,
@@ -176,6 +178,15 @@ def run_results_suite(
     return summary
 
 
+def _load_avg() -> float | None:
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 1)
+    except (AttributeError, OSError):
+        return None
+
+
 def _results_markdown(summary: dict[str, Any], markdown_report: Any) -> str:
     reports = summary["reports"]
     sizes = summary["sizes"]
@@ -183,7 +194,8 @@ def _results_markdown(summary: dict[str, Any], markdown_report: Any) -> str:
     machine = reports[0]["machine"]
     runs = "\n".join(
         f"| {i + 1} | {h['time']} | {h['wall_seconds']:.0f} | {h['model_calls']} | "
-        f"{'yes' if h['edge_model_loaded'] else 'no'} |" for i, h in enumerate(hist))
+        f"{'yes' if h['edge_model_loaded'] else 'no'} | {h.get('load_start') or 'n/a'} / "
+        f"{h.get('load_end') or 'n/a'} |" for i, h in enumerate(hist))
     parts = [
         "# Results",
         "",
@@ -193,8 +205,10 @@ def _results_markdown(summary: dict[str, Any], markdown_report: Any) -> str:
         "## Setup",
         "",
         f"- Machine: {machine['cpus']} CPUs ({machine['processor']}, {machine['platform']}), "
-        f"Python {machine['python']}, no GPU; the machine was shared with other jobs, so "
-        "timings are upper bounds.",
+        f"Python {machine['python']}, no GPU, OMP_NUM_THREADS="
+        f"{machine.get('omp_num_threads') or 'unset'}; the machine was shared with other "
+        "jobs (1-minute load averages at the start and end of each run are in the Runs "
+        "table), so timings are upper bounds.",
         "- Edge model: SmolLM2-135M-Instruct (the embedded default, float32 on CPU), system "
         "prompt \"Answer the question briefly.\"",
         f"- Live sets: NQ-open `dev.jsonl` ({sizes['nq']} questions, seeded subsample, a "
@@ -223,8 +237,9 @@ def _results_markdown(summary: dict[str, Any], markdown_report: Any) -> str:
         "",
         "## Runs",
         "",
-        "| run | finished | wall seconds | edge model calls | edge model loaded |",
-        "|---|---|---|---|---|",
+        "| run | finished | wall seconds | edge model calls | edge model loaded | "
+        "load avg start / end |",
+        "|---|---|---|---|---|---|",
         runs,
         "",
         "A second run reads every generation from the sqlite cache (zero edge model calls); "

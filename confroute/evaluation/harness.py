@@ -658,7 +658,8 @@ def machine_info() -> dict[str, Any]:
 
     return {"cpus": os.cpu_count(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0],
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 def _fmt(m: Mapping[str, float] | float | None, digits: int = 3) -> str:
