@@ -51,9 +51,13 @@ def make_routers(seed: int = 0) -> dict[str, Any]:
 
 def measure_latency(
     routers: Mapping[str, Any], texts: Sequence[str], embedder: Any, *, warmup: int = 5,
-    progress: bool = True,
+    progress: bool = True, threads: int | None = 1,
 ) -> dict[str, dict[str, float]]:
     """p50/p99/mean milliseconds per query (batch size 1, embedding included).
+
+    One query at a time gains nothing from intra-op parallelism, and on a shared,
+    loaded CPU several torch threads wait on each other, so the encoder runs on
+    ``threads`` torch threads (None leaves torch's setting alone).
 
     Parameters
     ----------
@@ -68,10 +72,14 @@ def measure_latency(
     dict
         ``{name: {"p50_ms", "p99_ms", "mean_ms", "n"}}``.
     """
+    import torch
     from tqdm.auto import tqdm
 
     from confroute.predictive import QueryEmbedder, QueryRouterEstimator
 
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     out: dict[str, dict[str, float]] = {}
     for name, router in routers.items():
         est = QueryRouterEstimator(router, embedder=QueryEmbedder(embedder))
@@ -85,7 +93,9 @@ def measure_latency(
         arr = np.asarray(times)
         out[name] = {"p50_ms": float(np.percentile(arr, 50)),
                      "p99_ms": float(np.percentile(arr, 99)),
-                     "mean_ms": float(arr.mean()), "n": len(arr)}
+                     "mean_ms": float(arr.mean()), "n": len(arr),
+                     "torch_threads": torch.get_num_threads()}
+    torch.set_num_threads(before)
     return out
 
 
