@@ -12,7 +12,7 @@ used (``confroute.HFLanguageModel`` does so lazily).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,13 +31,23 @@ from confroute.types import GenerationConfig, Prompt, Sample
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["HFLanguageModel", "resolve_device", "resolve_dtype"]
+__all__ = ["EarlyStopRule", "HFLanguageModel", "resolve_device", "resolve_dtype"]
 
 _OWNER = "HFLanguageModel"
 # Upper bound on float32 elements materialised at once when turning logits into
 # per-token statistics (64 Mi floats = 256 MiB), so memory stays bounded for long
 # generations with large vocabularies.
 _MAX_STAT_ELEMENTS = 1 << 26
+
+EarlyStopRule = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
+"""``rule(n_tokens, sum_nll, sum_entropy) -> stop``, called after every greedy step.
+
+``n_tokens`` is the number of tokens generated so far (the same for every row);
+``sum_nll`` and ``sum_entropy`` of shape (n_rows,) are the running sums of
+:math:`-\\log p_t` and :math:`H_t` (float64, from the unprocessed logits, as in the
+returned samples). Rows where the returned bool array is True stop generating and
+their sample ends with ``finish_reason="early_stop"``.
+"""
 
 
 def resolve_device(device: Any, owner: str = _OWNER) -> torch.device:
@@ -111,6 +121,16 @@ class HFLanguageModel:
         Display and cache name. Default: the load path, or ``config._name_or_path``.
     gguf_file : str or None
         File name of a GGUF checkpoint inside ``model`` to load (dequantised).
+    shared_prefill : {"auto", True, False}, default="auto"
+        With ``n > 1`` samples per prompt, run the prompt (all but its last token)
+        through the model once and copy its key/value cache to the ``n`` rows,
+        instead of encoding the prompt ``n`` times. ``"auto"``: whenever ``n > 1``.
+        Samples are the same as without it (same random draws; logits equal up to
+        floating-point summation order).
+    bucket_by_length : bool, default=True
+        Sort prompts by token length before splitting them into batches (results
+        keep the input order), so a batch holds prompts of similar length and
+        little padding.
 
     Attributes
     ----------
@@ -155,7 +175,11 @@ class HFLanguageModel:
         batch_size: int = 16,
         name: str | None = None,
         gguf_file: str | None = None,
+        shared_prefill: bool | str = "auto",
+        bucket_by_length: bool = True,
     ) -> None:
+        self.shared_prefill = shared_prefill
+        self.bucket_by_length = bucket_by_length
         self.system_prompt = system_prompt
         self.use_chat_template = use_chat_template
         self.batch_size = batch_size
@@ -261,6 +285,11 @@ class HFLanguageModel:
     # ------------------------------------------------------------ prompt format
     def _check_runtime_params(self) -> None:
         check_int(self.batch_size, "batch_size", _OWNER, min_value=1)
+        if not (self.shared_prefill == "auto" or isinstance(self.shared_prefill, bool)):
+            raise param_error("shared_prefill", _OWNER, "'auto', True or False",
+                              self.shared_prefill, type_error=not isinstance(
+                                  self.shared_prefill, str))
+        check_bool(self.bucket_by_length, "bucket_by_length", _OWNER)
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise param_error("system_prompt", _OWNER, "a string or None", self.system_prompt,
                               type_error=True)
@@ -327,7 +356,13 @@ class HFLanguageModel:
         return sorted(ids)
 
     # --------------------------------------------------------------- generation
-    def generate(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[list[Sample]]:
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        config: GenerationConfig,
+        *,
+        early_stop: EarlyStopRule | None = None,
+    ) -> list[list[Sample]]:
         """Generate ``config.n`` samples for every prompt.
 
         Parameters
@@ -339,27 +374,37 @@ class HFLanguageModel:
             ``temperature``/``top_p``/``top_k``. ``seed`` makes the call reproducible
             (for the same prompts and ``batch_size``) without touching the global
             torch RNG state.
+        early_stop : EarlyStopRule, optional
+            Greedy decoding only, without stop strings: after each step,
+            ``early_stop(n_tokens, sum_nll, sum_entropy)`` may stop rows whose running
+            token statistics already settle a decision (see :mod:`confroute.early`).
 
         Returns
         -------
         list of length n_prompts of list of length config.n of Sample
             Each sample has ``token_ids``, ``token_logprobs`` and ``token_entropies``
             of equal length (see the class notes for where they end),
-            ``finish_reason`` ("stop" for EOS or a stop string, else "length") and
-            ``prompt_tokens``.
+            ``finish_reason`` ("stop" for EOS or a stop string, "early_stop" when
+            ``early_stop`` ended it, else "length") and ``prompt_tokens``.
         """
         owner = f"{_OWNER}.generate"
         checked = check_prompts(prompts, owner)
         if not isinstance(config, GenerationConfig):
             raise param_error("config", owner, "a GenerationConfig", config, type_error=True)
         self._check_runtime_params()
+        if early_stop is not None and (not config.greedy or config.stop):
+            raise param_error("early_stop", owner, "None unless decoding is greedy without "
+                              "stop strings (a cut answer could score lower than its prefix)",
+                              early_stop)
 
         import torch
 
         encoded = self._encode_prompts(checked)
+        order = list(range(len(encoded)))
+        if self.bucket_by_length:
+            order.sort(key=lambda i: len(encoded[i]))
         batches = [
-            range(i, min(i + self.batch_size, len(encoded)))
-            for i in range(0, len(encoded), self.batch_size)
+            order[i:i + self.batch_size] for i in range(0, len(encoded), self.batch_size)
         ]
         progress: Any = batches
         if len(batches) > 1:
@@ -370,12 +415,14 @@ class HFLanguageModel:
         if self.device.type == "cuda":
             index = self.device.index
             fork_devices = [torch.cuda.current_device() if index is None else index]
-        results: list[list[Sample]] = []
+        results: list[list[Sample]] = [[] for _ in encoded]
         with torch.random.fork_rng(devices=fork_devices, enabled=config.seed is not None):
             if config.seed is not None:
                 torch.manual_seed(config.seed)
             for idx in progress:
-                results.extend(self._generate_batch([encoded[i] for i in idx], config))
+                got = self._generate_batch([encoded[i] for i in idx], config, early_stop)
+                for i, samples in zip(idx, got):
+                    results[i] = samples
         return results
 
     def _pad_left(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,11 +438,15 @@ class HFLanguageModel:
         return input_ids.to(self.device), mask.to(self.device)
 
     def _generate_batch(
-        self, batch: list[list[int]], config: GenerationConfig
+        self,
+        batch: list[list[int]],
+        config: GenerationConfig,
+        early_stop: EarlyStopRule | None = None,
     ) -> list[list[Sample]]:
         import torch
 
         input_ids, mask = self._pad_left(batch)
+        prompt_len = input_ids.shape[1]
         eos_ids = self._eos_ids()
         kwargs: dict[str, Any] = {
             "max_new_tokens": config.max_new_tokens,
@@ -420,9 +471,18 @@ class HFLanguageModel:
         if config.stop:
             kwargs["stop_strings"] = list(config.stop)
             kwargs["tokenizer"] = self.tokenizer
+        hook = None
+        if early_stop is not None:
+            hook = _early_stop_hook(early_stop, eos_ids)
+            kwargs["logits_processor"] = [hook[0]]
+            kwargs["stopping_criteria"] = [hook[1]]
         with torch.inference_mode():
+            if config.n > 1 and prompt_len > 1 and self.shared_prefill in ("auto", True):
+                # generate() expands the inputs to the n rows but not a given cache.
+                cache = self._prefill_cache(input_ids[:, :-1], mask[:, :-1])
+                cache.batch_repeat_interleave(config.n)
+                kwargs["cache"] = cache
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        prompt_len = input_ids.shape[1]
         generated = out.sequences[:, prompt_len:]
         logprobs, entropies = _token_stats(out.logits, generated)
         del out
@@ -430,6 +490,7 @@ class HFLanguageModel:
         n_prompt_tokens = [len(ids) for ids in batch]
         eos_set = set(eos_ids)
         pad_id = int(self.tokenizer.pad_token_id)
+        stopped = hook[1].stopped_at if hook is not None else {}
         samples: list[list[Sample]] = []
         for r in range(gen_np.shape[0]):
             if r % config.n == 0:
@@ -438,10 +499,20 @@ class HFLanguageModel:
             samples[-1].append(
                 self._make_sample(
                     row, logprobs[r], entropies[r], config, eos_set, pad_id,
-                    n_prompt_tokens[r // config.n],
+                    n_prompt_tokens[r // config.n], stopped.get(r),
                 )
             )
         return samples
+
+    def _prefill_cache(self, prefix: torch.Tensor, mask: torch.Tensor) -> Any:
+        """Key/value cache of the left-padded ``prefix`` (positions as ``generate`` sets them)."""
+        position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        out = self.model(input_ids=prefix, attention_mask=mask, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = out.past_key_values
+        return cache
 
     def _make_sample(
         self,
@@ -452,6 +523,7 @@ class HFLanguageModel:
         eos_set: set[int],
         pad_id: int,
         prompt_tokens: int,
+        stopped_at: int | None = None,
     ) -> Sample:
         length = len(row)
         finish = "length"
@@ -460,7 +532,9 @@ class HFLanguageModel:
                 length, finish = t + 1, "stop"
                 break
         else:
-            if config.stop:
+            if stopped_at is not None and stopped_at < config.max_new_tokens:
+                length, finish = stopped_at, "early_stop"
+            if config.stop and stopped_at is None:
                 # A row stopped by a stop string is padded while others continue.
                 while length > 0 and row[length - 1] == pad_id:
                     length -= 1
@@ -573,6 +647,66 @@ class HFLanguageModel:
                 chosen = logp.gather(-1, target[:, None]).squeeze(-1)
                 results.append(chosen.cpu().numpy().astype(np.float32))
         return results
+
+
+def _early_stop_hook(rule: EarlyStopRule, eos_ids: Sequence[int]) -> tuple[Any, Any]:
+    """A logits processor that keeps the step's raw log-softmax, and a stopping
+    criterion that adds the chosen token's statistics and asks ``rule``.
+
+    The processor is the only one in greedy decoding with the neutral settings of
+    :meth:`HFLanguageModel._generate_batch`, so it sees the unprocessed logits.
+    """
+    import torch
+    from transformers import LogitsProcessor, StoppingCriteria
+
+    eos = torch.tensor(sorted(set(eos_ids)) or [-1], dtype=torch.long)
+
+    class _Keep(LogitsProcessor):
+        def __init__(self) -> None:
+            self.logp: torch.Tensor | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.logp = torch.log_softmax(scores.float(), dim=-1)
+            return scores
+
+    class _Stop(StoppingCriteria):
+        def __init__(self, keep: _Keep) -> None:
+            self.keep = keep
+            self.stopped_at: dict[int, int] = {}
+            self.sum_nll: np.ndarray | None = None
+            self.sum_ent: np.ndarray | None = None
+            self.done: torch.Tensor | None = None
+            self.n_tokens = 0
+
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            logp = self.keep.logp
+            assert logp is not None
+            tok = input_ids[:, -1]
+            nll = -logp.gather(-1, tok[:, None].to(logp.device)).squeeze(-1)
+            ent = torch.special.entr(logp.exp()).sum(dim=-1)
+            n_rows = input_ids.shape[0]
+            if self.sum_nll is None or self.sum_ent is None or self.done is None:
+                self.sum_nll = np.zeros(n_rows, dtype=np.float64)
+                self.sum_ent = np.zeros(n_rows, dtype=np.float64)
+                self.done = torch.zeros(n_rows, dtype=torch.bool)
+            self.n_tokens += 1
+            # float32 per token, summed in float64: the samples' own arithmetic.
+            self.sum_nll += nll.cpu().numpy().astype(np.float32).astype(np.float64)
+            self.sum_ent += ent.cpu().numpy().astype(np.float32).astype(np.float64)
+            ended = torch.isin(tok.cpu(), eos)
+            stop = torch.as_tensor(
+                np.asarray(rule(self.n_tokens, self.sum_nll.copy(), self.sum_ent.copy()),
+                           dtype=bool).reshape(n_rows)
+            )
+            new = stop & ~ended & ~self.done
+            for r in torch.nonzero(new).flatten().tolist():
+                self.stopped_at[int(r)] = self.n_tokens
+            self.done |= ended | stop
+            # generate() keeps a row finished once it is, so ``stop`` alone suffices.
+            return stop.to(input_ids.device)
+
+    keep = _Keep()
+    return keep, _Stop(keep)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
