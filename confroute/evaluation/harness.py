@@ -144,12 +144,19 @@ def subsample(examples: Sequence[Example], limit: int | None, seed: int = 0) -> 
     return [examples[i] for i in sorted(order[:limit])]
 
 
-def arithmetic_examples(n: int, seed: int) -> list[Example]:
-    """Graded-difficulty arithmetic (:func:`confroute.calibration_data.arithmetic_questions`)."""
+ARITHMETIC_SUFFIX = " Answer with the number only."
+
+
+def arithmetic_examples(n: int, seed: int, *, suffix: str = ARITHMETIC_SUFFIX) -> list[Example]:
+    """Graded-difficulty arithmetic (:func:`confroute.calibration_data.arithmetic_questions`).
+
+    ``suffix`` is appended to each question: without it the 135M edge model
+    explains the method and runs out of tokens before stating a number.
+    """
     from confroute.calibration_data import arithmetic_questions
 
     return [
-        Example(id=f"{r['id']}-s{seed}", prompt=r["prompt"], gold=tuple(r["answers"]),
+        Example(id=f"{r['id']}-s{seed}", prompt=r["prompt"] + suffix, gold=tuple(r["answers"]),
                 kind="number", meta={"level": r["level"]})
         for r in arithmetic_questions(n=n, seed=seed)
     ]
