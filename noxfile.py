@@ -99,3 +99,14 @@ def compare(session: nox.Session) -> None:
     session.run("python", "benchmarks/compare_predictive.py", *args,
                 "--write-doc", "docs/results-predictive.md", env=OFFLINE)
     session.run("python", "benchmarks/bench_predictive_latency.py", env=OFFLINE)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Performance benchmarks B1-B6, shared prefill, early escalation (docs/performance.md).
+
+    ``nox -s bench -- --only B1,B4 --repeats 5`` runs a subset; see
+    ``python -m benchmarks.run_all --help``.
+    """
+    _install(session, "embedded")
+    session.run("python", "-m", "benchmarks.run_all", *session.posargs, env=OFFLINE)
