@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -35,6 +35,30 @@ def param_error(
     return InvalidTypeError(msg) if type_error else InvalidParameterError(msg)
 
 
+@overload
+def check_int(
+    value: Any,
+    name: str,
+    owner: str,
+    *,
+    min_value: int | None = ...,
+    max_value: int | None = ...,
+    allow_none: Literal[False] = ...,
+) -> int: ...
+
+
+@overload
+def check_int(
+    value: Any,
+    name: str,
+    owner: str,
+    *,
+    min_value: int | None = ...,
+    max_value: int | None = ...,
+    allow_none: bool,
+) -> int | None: ...
+
+
 def check_int(
     value: Any,
     name: str,
@@ -54,6 +78,34 @@ def check_int(
     if (min_value is not None and v < min_value) or (max_value is not None and v > max_value):
         raise param_error(name, owner, expected, value)
     return v
+
+
+@overload
+def check_float(
+    value: Any,
+    name: str,
+    owner: str,
+    *,
+    min_value: float | None = ...,
+    max_value: float | None = ...,
+    min_inclusive: bool = ...,
+    max_inclusive: bool = ...,
+    allow_none: Literal[False] = ...,
+) -> float: ...
+
+
+@overload
+def check_float(
+    value: Any,
+    name: str,
+    owner: str,
+    *,
+    min_value: float | None = ...,
+    max_value: float | None = ...,
+    min_inclusive: bool = ...,
+    max_inclusive: bool = ...,
+    allow_none: bool,
+) -> float | None: ...
 
 
 def check_float(

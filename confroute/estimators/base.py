@@ -10,12 +10,38 @@ import numpy as np
 
 from confroute._params import ParamsMixin
 from confroute._registry import Registry
-from confroute._validation import check_prompts
+from confroute._validation import check_float, check_int, check_prompts
 from confroute.errors import EstimationError
 from confroute.models.base import LanguageModel, SampleRequest, collect_samples
-from confroute.types import Estimate, Prompt, Samples
+from confroute.types import Estimate, GenerationConfig, Prompt, Samples
 
-__all__ = ["UncertaintyEstimator", "estimate_many", "estimator_registry"]
+__all__ = ["UncertaintyEstimator", "estimate_many", "estimator_registry", "sampling_config"]
+
+
+def sampling_config(
+    owner: str,
+    *,
+    n_samples: Any,
+    temperature: Any,
+    top_p: Any,
+    top_k: Any,
+    max_new_tokens: Any,
+    seed: Any,
+) -> GenerationConfig:
+    """Validate the sampling parameters of an N-sample estimator and build its config.
+
+    Errors name the estimator's own parameter (``n_samples``, not ``n``).
+    """
+    return GenerationConfig(
+        max_new_tokens=check_int(max_new_tokens, "max_new_tokens", owner, min_value=1),
+        temperature=check_float(temperature, "temperature", owner, min_value=0.0,
+                                min_inclusive=False),
+        top_p=check_float(top_p, "top_p", owner, min_value=0.0, max_value=1.0,
+                          min_inclusive=False),
+        top_k=check_int(top_k, "top_k", owner, min_value=0),
+        n=check_int(n_samples, "n_samples", owner, min_value=1),
+        seed=check_int(seed, "seed", owner, min_value=0, allow_none=True),
+    )
 
 
 class UncertaintyEstimator(ParamsMixin, ABC):

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from confroute._validation import check_choice, check_float, check_int
+from confroute._validation import check_choice
 from confroute.errors import EstimationError
 from confroute.estimators.answers import get_extractor
-from confroute.estimators.base import UncertaintyEstimator, estimator_registry
+from confroute.estimators.base import UncertaintyEstimator, estimator_registry, sampling_config
 from confroute.models.base import LanguageModel, SampleRequest
 from confroute.types import GenerationConfig, Samples
 
@@ -105,18 +105,11 @@ class SelfConsistency(UncertaintyEstimator):
         self.seed = seed
 
     def _sampling_config(self) -> GenerationConfig:
-        owner = type(self).__name__
-        n = check_int(self.n_samples, "n_samples", owner, min_value=1)
-        t = check_float(self.temperature, "temperature", owner, min_value=0.0,
-                        min_inclusive=False)
-        p = check_float(self.top_p, "top_p", owner, min_value=0.0, max_value=1.0,
-                        min_inclusive=False)
-        k = check_int(self.top_k, "top_k", owner, min_value=0)
-        m = check_int(self.max_new_tokens, "max_new_tokens", owner, min_value=1)
-        s = check_int(self.seed, "seed", owner, min_value=0, allow_none=True)
-        assert n is not None and t is not None and p is not None and k is not None
-        assert m is not None
-        return GenerationConfig(max_new_tokens=m, temperature=t, top_p=p, top_k=k, n=n, seed=s)
+        return sampling_config(
+            type(self).__name__, n_samples=self.n_samples, temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+        )
 
     def sample_request(self) -> SampleRequest:
         cfg = self._sampling_config()
