@@ -337,6 +337,16 @@ class Router:
         """
         plist = check_prompts(prompts, "Router.__call__")
         decisions, tickets = self._route(plist, samples)
+        responses, failures = self._answer(plist, decisions, tickets)
+        if failures and self.on_cloud_error == "raise":
+            raise failures[0]
+        return responses
+
+    def _answer(
+        self, plist: list[Prompt], decisions: list[Decision], tickets: list[Any]
+    ) -> tuple[list[RoutedResponse], list[CloudError]]:
+        """Responses for decided prompts: edge answers kept, one batched cloud call for
+        the escalated ones (failures isolated per prompt), tickets settled."""
         out: list[RoutedResponse | None] = [None] * len(plist)
         up = [i for i, d in enumerate(decisions) if d.source == "cloud"]
         for i, d in enumerate(decisions):
@@ -349,10 +359,9 @@ class Router:
                 out[i], err = self._settle_and_respond(decisions[i], tickets[i], res)
                 if err is not None:
                     failures.append(err)
-        if failures and self.on_cloud_error == "raise":
-            raise failures[0]
-        assert all(r is not None for r in out)
-        return [r for r in out if r is not None]
+        responses = [r for r in out if r is not None]
+        assert len(responses) == len(plist)
+        return responses, failures
 
     def _settle_and_respond(
         self, d: Decision, ticket: Any, res: Any

@@ -37,7 +37,6 @@ from confroute._persist import part_from_spec, part_to_spec
 from confroute._serialization import read_file, write_file
 from confroute._validation import check_float, check_prompts, param_error
 from confroute.errors import (
-    CloudError,
     InvalidParameterError,
     NotFittedError,
     SerializationError,
@@ -346,39 +345,11 @@ class TwoStageRouter:
         plist = check_prompts(prompts, f"{_OWNER}.__call__")
         stats = TwoStageStats()
         decisions, tickets = self._decide(plist, samples, stats)
-        out: list[RoutedResponse | None] = [None] * len(plist)
-        up = [i for i, d in enumerate(decisions) if d.source == "cloud"]
-        for i, d in enumerate(decisions):
-            if d.source == "edge":
-                out[i] = RoutedResponse(text=d.edge_answer, source="edge", decision=d)
-        failures: list[CloudError] = []
-        if up:
-            t0 = time.perf_counter()
-            results = self.router._call_cloud([plist[i] for i in up])
-            stats.cloud_seconds += time.perf_counter() - t0
-            stats.cloud_calls += len(up)
-            settle = getattr(self.router.policy, "settle", None)
-            cost_of = getattr(self.router.cloud, "cost_of", None)
-            for i, res in zip(up, results):
-                d = decisions[i]
-                if isinstance(res, CloudError):
-                    failures.append(res)
-                    stats.cloud_failures += 1
-                    if settle is not None and tickets[i] is not None:
-                        settle(tickets[i], spent=False)
-                    out[i] = self.router._failed(d, res)
-                    continue
-                if settle is not None and tickets[i] is not None:
-                    settle(tickets[i], spent=True)
-                cost = float(cost_of(res)) if cost_of is not None else 0.0
-                usage = {
-                    "prompt_tokens": int(res[0].prompt_tokens or 0),
-                    "completion_tokens": int(sum(s.n_tokens for s in res)),
-                }
-                out[i] = RoutedResponse(text=res[0].text, source="cloud", decision=d, cost=cost,
-                                        usage=usage)
-        responses = [r for r in out if r is not None]
-        assert len(responses) == len(plist)
+        t0 = time.perf_counter()
+        responses, failures = self.router._answer(plist, decisions, tickets)
+        stats.cloud_seconds += time.perf_counter() - t0
+        stats.cloud_calls += sum(d.source == "cloud" for d in decisions)
+        stats.cloud_failures += len(failures)
         stats.n_edge_served = sum(r.source == "edge" for r in responses)
         self._record(stats)
         if failures and self.router.on_cloud_error == "raise":
