@@ -1,10 +1,10 @@
 """B1: greedy answer + token-statistic estimators vs plain ``model.generate``.
 
-Both variants decode the same greedy tokens for the same prompts, one prompt per
-call (the per-query routing case). The confroute variant goes through
-``HFLanguageModel.generate`` (raw logits kept, per-token log-probabilities and
-entropies computed) and scores MeanTokenEntropy and SequenceLogProb from the one
-shared generation with ``estimate_many``.
+Both variants template and tokenize the prompt, decode the same greedy tokens and
+detokenize the answer, one prompt per call (the per-query routing case). The
+confroute variant goes through ``HFLanguageModel.generate`` (raw logits kept,
+per-token log-probabilities and entropies computed) and scores MeanTokenEntropy and
+SequenceLogProb from the one shared generation with ``estimate_many``.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def run(ctx: Context) -> list[Row]:
     n_tokens = sum(s.greedy.n_tokens for s in first.samples if s.greedy is not None)
 
     def plain() -> None:
-        for ids in encoded:
-            _plain_generate(edge, ids)
+        # What a plain transformers user does too: template, tokenize, generate, decode.
+        for p in prompts:
+            ids = edge._encode_prompts([p])[0]
+            edge.tokenizer.decode(_plain_generate(edge, ids), skip_special_tokens=True)
 
     def confroute() -> None:
         for p in prompts:

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--early-n", type=int, default=100, help="NQ questions for E")
     ap.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
     ap.add_argument("--json", default="", help="also write rows as JSON here")
+    ap.add_argument("--rows-from", default="",
+                    help="JSON of an earlier run: its rows for benchmarks not run now are kept")
     args = ap.parse_args(argv)
     only = [b for b in args.only.split(",") if b] or list(BENCHES)
     skip = set(b for b in args.skip.split(",") if b)
@@ -82,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[{bid}] {time.perf_counter() - t0:.0f} s", flush=True)
         print(table(got), flush=True)
     total = time.perf_counter() - t_start
+    if args.rows_from:
+        ran = {r.bench for r in rows}
+        old = [Row(**d) for d in json.loads(Path(args.rows_from).read_text())]
+        rows = [r for r in old if r.bench not in ran] + rows
+        rows.sort(key=lambda r: list(BENCHES).index(r.bench) if r.bench in BENCHES else 99)
     info_end = machine()
     print("\n" + table(rows))
     print(f"\ntotal {total:.0f} s; load average at end {info_end['load_avg']}")
