@@ -1,7 +1,7 @@
-"""B6: peak resident memory, each measured in a fresh subprocess with
-``resource.getrusage`` (no psutil): the interpreter with torch and transformers
-imported (baseline), loading the embedded edge model, and one semantic-entropy
-estimate at N = 10 with the embedding backend."""
+"""B6: peak resident memory, each measured in a fresh subprocess with the kernel's
+high-water mark ``VmHWM`` (``resource.getrusage`` as a fallback; no psutil): the
+interpreter with torch and transformers imported (baseline), loading the embedded
+edge model, and one semantic-entropy estimate at N = 10 with the embedding backend."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch, transformers
 torch.set_num_threads({threads})
 def peak():
+    # VmHWM is this process's own high-water mark; ru_maxrss of a fresh child can
+    # still carry the parent's peak from before exec.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 """
 

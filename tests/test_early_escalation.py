@@ -174,3 +174,18 @@ def test_early_stopped_sample_records_running_statistics(edge):
         np.testing.assert_allclose(out.token_logprobs, full.token_logprobs[:3], atol=1e-6)
     else:  # EOS came first: a natural stop is never relabelled
         assert out.finish_reason == full.finish_reason
+
+
+def test_early_stop_when_padding_is_the_eos_token(tiny_llama):
+    model, tok = tiny_llama
+    tok = copy.deepcopy(tok)
+    tok.pad_token = tok.eos_token
+    lm = HFLanguageModel(model, tok, device="cpu", use_chat_template=False)
+    prompts = ["The capital of", "hello"]
+    out = lm.generate(prompts, GenerationConfig(max_new_tokens=MAX_NEW),
+                      early_stop=lambda n, nll, ent: np.full(nll.shape, n >= 2))
+    full = lm.generate(prompts, GenerationConfig(max_new_tokens=MAX_NEW))
+    for o, f in zip(out, full):
+        if f[0].n_tokens > 2:
+            assert o[0].finish_reason == "early_stop" and o[0].n_tokens == 2
+            assert o[0].token_ids == f[0].token_ids[:2]

@@ -46,7 +46,8 @@ EarlyStopRule = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 ``sum_nll`` and ``sum_entropy`` of shape (n_rows,) are the running sums of
 :math:`-\\log p_t` and :math:`H_t` (float64, from the unprocessed logits, as in the
 returned samples). Rows where the returned bool array is True stop generating and
-their sample ends with ``finish_reason="early_stop"``.
+their sample ends with ``finish_reason="early_stop"``. Rows are in batch order
+(prompts may be regrouped by length), so a rule should act row by row on the values.
 """
 
 
@@ -527,7 +528,9 @@ class HFLanguageModel:
     ) -> Sample:
         length = len(row)
         finish = "length"
-        for t, tok in enumerate(row):
+        # After an early stop the row holds padding, which may be the EOS id.
+        limit = length if stopped_at is None else stopped_at
+        for t, tok in enumerate(row[:limit]):
             if tok in eos_set:
                 length, finish = t + 1, "stop"
                 break
