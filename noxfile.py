@@ -110,3 +110,18 @@ def bench(session: nox.Session) -> None:
     """
     _install(session, "embedded")
     session.run("python", "-m", "benchmarks.run_all", *session.posargs, env=OFFLINE)
+
+
+@nox.session(name="default-router")
+def default_router(session: nox.Session) -> None:
+    """Rebuild confroute/data/default_router.json: the router `confroute route` uses by default.
+
+    Calibrates the embedded edge model on the built-in calibration set
+    (confroute.calibration_data): two scores from one greedy answer, Platt, threshold 0.5.
+    """
+    _install(session, "embedded")
+    session.run(
+        "confroute", "calibrate", "--out", "confroute/data/default_router.json",
+        "--estimator", "sequence_logprob", "--estimator", "mean_token_entropy",
+        env=OFFLINE,
+    )
