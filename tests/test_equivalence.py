@@ -201,11 +201,23 @@ def test_nli_bad_mode(nli_paths: dict[str, Path]) -> None:
         eq.equivalent_pairs("q", [("a", "b")])
 
 
-@pytest.mark.parametrize(("batch_size", "n_calls"), [(2, 3), (32, 1)])
-def test_nli_batches_both_directions(
-    nli_paths: dict[str, Path], batch_size: int, n_calls: int
+@pytest.mark.parametrize(
+    ("favour", "mode", "batch_size", "n_calls"),
+    [
+        # the forward direction decides alone: 3 rows, the reverse check is skipped
+        ("neutral", "strict", 2, 2),
+        ("neutral", "strict", 32, 1),
+        ("contradiction", "non_contradiction", 2, 2),
+        # the forward direction cannot decide: 3 forward rows + 3 reverse rows
+        ("entailment", "strict", 2, 4),
+        ("entailment", "strict", 32, 2),
+        ("neutral", "non_contradiction", 32, 2),
+    ],
+)
+def test_nli_batches_and_skips_needless_reverse_checks(
+    nli_paths: dict[str, Path], favour: str, mode: str, batch_size: int, n_calls: int
 ) -> None:
-    eq = NLIEquivalence(nli_paths["neutral"], batch_size=batch_size, device="cpu")
+    eq = NLIEquivalence(nli_paths[favour], mode=mode, batch_size=batch_size, device="cpu")
     model = eq._load()[0]
     calls: list[int] = []
     handle = model.register_forward_hook(lambda m, a, kw, out: calls.append(1), with_kwargs=True)
@@ -213,7 +225,7 @@ def test_nli_batches_both_directions(
         eq.equivalent_pairs("q", [("a", "b"), ("c", "d"), ("e", "f")])
     finally:
         handle.remove()
-    assert len(calls) == n_calls  # 3 pairs x 2 directions = 6 rows
+    assert len(calls) == n_calls
 
 
 @pytest.mark.parametrize(
