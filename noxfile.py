@@ -110,6 +110,12 @@ def bench(session: nox.Session) -> None:
     """
     _install(session, "embedded")
     session.run("python", "-m", "benchmarks.run_all", *session.posargs, env=OFFLINE)
+    if not session.posargs:
+        # Load test of `confroute serve` (loopback only, bounded): 8/32/128 clients,
+        # a 30% cloud budget enforced exactly, no request lost or duplicated.
+        session.run("python", "benchmarks/bench_serve.py", env=OFFLINE)
+        # Per-query latency of the query-only routers, embedding included.
+        session.run("python", "benchmarks/bench_predictive_latency.py", env=OFFLINE)
 
 
 @nox.session(name="default-router")
