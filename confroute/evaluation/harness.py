@@ -354,6 +354,21 @@ def _generate_stages(model: Any, prompts: list[Any], estimators: Sequence[Any]
 # ---------------------------------------------------------------- live evaluation
 
 
+def _cached_equivalence(equivalence: Any, model: Any) -> Any:
+    """The embedding backend with its vectors cached beside the generation cache.
+
+    A re-run then re-clusters semantic-entropy samples without re-embedding them.
+    Other backends, and models without an on-disk cache, are returned unchanged.
+    """
+    path = getattr(getattr(model, "cache", None), "path", None)
+    if equivalence != "embedding" or not isinstance(path, str) or path == ":memory:":
+        return equivalence
+    from confroute.estimators.equivalence import EmbeddingEquivalence
+    from confroute.predictive.embed import QueryEmbedder
+
+    return EmbeddingEquivalence(embedder=QueryEmbedder(cache_path=f"{path}.embeddings.sqlite"))
+
+
 def evaluate(
     examples: Sequence[Example],
     model: Any,
@@ -430,7 +445,8 @@ def evaluate(
     kinds = sorted({ex.kind for ex in exs})
     ests = _resolve_estimators(
         estimators, kinds[0] if len(kinds) == 1 else "short", n_samples=n_samples,
-        max_new_tokens=max_new_tokens, equivalence=equivalence, seed=sampling_seed,
+        max_new_tokens=max_new_tokens, equivalence=_cached_equivalence(equivalence, model),
+        seed=sampling_seed,
     )
     prompts: list[Any] = [ex.prompt for ex in exs]
     n = len(exs)
