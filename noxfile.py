@@ -123,11 +123,11 @@ def default_router(session: nox.Session) -> None:
     """Rebuild confroute/data/default_router.json: the router `confroute route` uses by default.
 
     Calibrates the embedded edge model on the built-in calibration set
-    (confroute.calibration_data): two scores from one greedy answer, Platt, threshold 0.5.
+    (confroute.calibration_data): total negative log-likelihood of the greedy answer,
+    isotonic calibration, threshold 0.5.
     """
     _install(session, "embedded")
     session.run(
         "confroute", "calibrate", "--out", "confroute/data/default_router.json",
-        "--estimator", "sequence_logprob", "--estimator", "mean_token_entropy",
-        env=OFFLINE,
+        "--estimator", "sequence_logprob:normalize=false", env=OFFLINE,
     )

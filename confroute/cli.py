@@ -192,13 +192,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         source = "the built-in calibration set"
     prompts = [r["prompt"] for r in rows]
     has_labels = all("label" in r for r in rows)
-    estimators = args.estimator or ["sequence_logprob"]
+    names = args.estimator or ["sequence_logprob"]
+    estimators = [parse_estimator(spec) for spec in names]
     calibrator = args.calibrator or ("platt" if len(estimators) > 1 else "isotonic")
     policy = _build_policy(args)
     edge = load_model(args.edge, role="edge")
     router = Router(estimators if len(estimators) > 1 else estimators[0], calibrator, policy,
                     edge=edge)
-    print(f"calibrating on {len(rows)} prompts from {source} with {', '.join(estimators)} -> "
+    print(f"calibrating on {len(rows)} prompts from {source} with {', '.join(names)} -> "
           f"{calibrator} -> {type(router.policy).__name__}", file=sys.stderr)
     if has_labels:
         router.calibrate(prompts, [int(r["label"]) for r in rows])
@@ -218,6 +219,33 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"saved {args.out}: edge accuracy {cal.get('edge_accuracy', float('nan')):.3f} on "
           f"{cal.get('n')} prompts ({cal.get('n_unscored')} unscorable)")
     return 0
+
+
+def parse_estimator(spec: str) -> Any:
+    """Build an estimator from ``NAME`` or ``NAME:key=value,key=value``.
+
+    Values are read as JSON when they parse (``true``, ``5``, ``0.7``), else as
+    strings: ``sequence_logprob:normalize=false``, ``semantic_entropy:n_samples=5``.
+    """
+    from confroute.estimators import estimator_registry
+
+    name, _, rest = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise InvalidParameterError(
+                f"The '--estimator' option must be NAME or NAME:key=value,... Got {spec!r}."
+            )
+        try:
+            kwargs[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = raw
+    cls = estimator_registry.get_class(name.strip())
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise InvalidParameterError(f"Bad parameters for estimator {name!r}: {exc}.") from None
 
 
 def _build_policy(args: argparse.Namespace) -> Any:
@@ -270,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="where to save the router (JSON)")
     c.add_argument("--edge", default="embedded", help="edge model spec (default: embedded)")
     c.add_argument("--estimator", action="append",
-                   help="estimator name; repeat to combine several (default sequence_logprob)")
+                   help="estimator name, optionally with parameters "
+                   "(sequence_logprob:normalize=false); repeat to combine several "
+                   "(default sequence_logprob)")
     c.add_argument("--calibrator", help="isotonic or platt (default: isotonic, platt for several)")
     c.add_argument("--grader", default="contains",
                    help="contains, exact, number or choice (default contains)")

@@ -98,3 +98,53 @@ def test_malformed_jsonl_names_the_line(tmp_path, model_dir, capsys):
     bad.write_text('{"prompt": "ok"}\n{not json}\n')
     assert main(["route", "--edge", str(model_dir), "--input", str(bad)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("spec", "attrs"),
+    [
+        ("sequence_logprob", {"normalize": True}),
+        ("sequence_logprob:normalize=false", {"normalize": False}),
+        ("semantic_entropy:n_samples=5,equivalence=exact", {"n_samples": 5,
+                                                            "equivalence": "exact"}),
+    ],
+)
+def test_parse_estimator_reads_name_and_parameters(spec, attrs):
+    from confroute.cli import parse_estimator
+
+    est = parse_estimator(spec)
+    for key, value in attrs.items():
+        assert getattr(est, key) == value
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_such_estimator", "Valid names"),
+        ("sequence_logprob:normalize", "NAME:key=value"),
+        ("sequence_logprob:bogus=1", "Bad parameters for estimator 'sequence_logprob'"),
+    ],
+)
+def test_parse_estimator_rejects_bad_specs(spec, message):
+    from confroute import InvalidParameterError
+    from confroute.cli import parse_estimator
+
+    with pytest.raises(InvalidParameterError, match=message):
+        parse_estimator(spec)
+
+
+def test_the_shipped_default_router_loads_and_orders_answers_by_likelihood():
+    import numpy as np
+
+    from confroute import Router, Sample, Samples
+    from confroute.cli import _default_router_path
+
+    router = Router.load(_default_router_path())
+    assert router.feature_names == ["sequence_logprob"]
+    assert router.estimators[0].normalize is False
+    assert router.calibration_["n"] >= 300
+    sure = Samples(prompt="a", greedy=Sample(text="Paris.", token_logprobs=np.full(4, -0.05)))
+    unsure = Samples(prompt="b", greedy=Sample(text="Maybe...", token_logprobs=np.full(40, -1.5)))
+    d_sure, d_unsure = router.route(["a", "b"], samples=[sure, unsure])
+    assert d_sure.p_good > d_unsure.p_good
+    assert (d_sure.source, d_unsure.source) == ("edge", "cloud")
