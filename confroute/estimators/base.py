@@ -15,7 +15,13 @@ from confroute.errors import EstimationError
 from confroute.models.base import LanguageModel, SampleRequest, collect_samples
 from confroute.types import Estimate, GenerationConfig, Prompt, Samples
 
-__all__ = ["UncertaintyEstimator", "estimate_many", "estimator_registry", "sampling_config"]
+__all__ = [
+    "SamplingEstimatorMixin",
+    "UncertaintyEstimator",
+    "estimate_many",
+    "estimator_registry",
+    "sampling_config",
+]
 
 
 def sampling_config(
@@ -153,6 +159,25 @@ def _make_estimate(
     if np.isinf(arr).any():
         raise EstimationError(f"Estimator {name} returned an infinite score.")
     return Estimate(scores=arr, samples=samples, name=name, details=dict(details))
+
+
+class SamplingEstimatorMixin:
+    """For N-sample estimators storing ``n_samples``, ``temperature``, ``top_p``,
+    ``top_k``, ``max_new_tokens`` and ``seed``: their validated sampling config."""
+
+    n_samples: Any
+    temperature: Any
+    top_p: Any
+    top_k: Any
+    max_new_tokens: Any
+    seed: Any
+
+    def _sampling_config(self) -> GenerationConfig:
+        return sampling_config(
+            type(self).__name__, n_samples=self.n_samples, temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+        )
 
 
 def estimate_many(

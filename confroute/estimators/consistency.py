@@ -19,9 +19,13 @@ import numpy as np
 from confroute._validation import check_choice
 from confroute.errors import EstimationError
 from confroute.estimators.answers import get_extractor
-from confroute.estimators.base import UncertaintyEstimator, estimator_registry, sampling_config
+from confroute.estimators.base import (
+    SamplingEstimatorMixin,
+    UncertaintyEstimator,
+    estimator_registry,
+)
 from confroute.models.base import LanguageModel, SampleRequest
-from confroute.types import GenerationConfig, Samples
+from confroute.types import Samples
 
 __all__ = ["SelfConsistency", "answer_agreement"]
 
@@ -52,7 +56,7 @@ def answer_agreement(answers: Sequence[str | None]) -> tuple[float, float]:
 
 
 @estimator_registry.register("self_consistency")
-class SelfConsistency(UncertaintyEstimator):
+class SelfConsistency(SamplingEstimatorMixin, UncertaintyEstimator):
     """Uncertainty from how often sampled answers agree.
 
     ``n_samples`` answers are sampled and an extractor maps each to a short
@@ -103,13 +107,6 @@ class SelfConsistency(UncertaintyEstimator):
         self.extractor = extractor
         self.measure = measure
         self.seed = seed
-
-    def _sampling_config(self) -> GenerationConfig:
-        return sampling_config(
-            type(self).__name__, n_samples=self.n_samples, temperature=self.temperature,
-            top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
-            seed=self.seed,
-        )
 
     def sample_request(self) -> SampleRequest:
         cfg = self._sampling_config()

@@ -20,10 +20,14 @@ import numpy as np
 
 from confroute._validation import check_bool, check_choice
 from confroute.errors import EstimationError
-from confroute.estimators.base import UncertaintyEstimator, estimator_registry, sampling_config
+from confroute.estimators.base import (
+    SamplingEstimatorMixin,
+    UncertaintyEstimator,
+    estimator_registry,
+)
 from confroute.estimators.equivalence import Equivalence, resolve_equivalence
 from confroute.models.base import LanguageModel, SampleRequest
-from confroute.types import GenerationConfig, Sample, Samples, prompt_text
+from confroute.types import Sample, Samples, prompt_text
 
 __all__ = ["SemanticEntropy", "semantic_entropy_from_clusters"]
 
@@ -76,7 +80,7 @@ def semantic_entropy_from_clusters(
 
 
 @estimator_registry.register("semantic_entropy")
-class SemanticEntropy(UncertaintyEstimator):
+class SemanticEntropy(SamplingEstimatorMixin, UncertaintyEstimator):
     """Entropy of the model's answers over meaning clusters.
 
     ``n_samples`` answers are sampled, clustered by an :class:`Equivalence`
@@ -152,13 +156,6 @@ class SemanticEntropy(UncertaintyEstimator):
         self.variant = variant
         self.include_greedy = include_greedy
         self.seed = seed
-
-    def _sampling_config(self) -> GenerationConfig:
-        return sampling_config(
-            type(self).__name__, n_samples=self.n_samples, temperature=self.temperature,
-            top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
-            seed=self.seed,
-        )
 
     def _equivalence(self) -> Equivalence:
         # A backend built from a name is kept, so its model (e.g. the default
