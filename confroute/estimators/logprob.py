@@ -36,8 +36,18 @@ def _greedy(samples: Sequence[Samples], owner: str) -> list[Sample]:
     return out
 
 
+class _GreedyAnswerEstimator(UncertaintyEstimator):
+    """Base of the estimators that score the greedy answer alone."""
+
+    max_new_tokens: int
+
+    def sample_request(self) -> SampleRequest:
+        m = check_int(self.max_new_tokens, "max_new_tokens", type(self).__name__, min_value=1)
+        return SampleRequest(greedy=True, max_new_tokens=m)
+
+
 @estimator_registry.register("mean_token_entropy")
-class MeanTokenEntropy(UncertaintyEstimator):
+class MeanTokenEntropy(_GreedyAnswerEstimator):
     """Mean entropy of the next-token distributions along the greedy answer.
 
     .. math:: u(x) = \\frac{1}{T} \\sum_{t=1}^{T} H\\big(p(\\cdot \\mid y_{<t}, x)\\big),
@@ -62,11 +72,6 @@ class MeanTokenEntropy(UncertaintyEstimator):
     def __init__(self, max_new_tokens: int = 64) -> None:
         self.max_new_tokens = max_new_tokens
 
-    def sample_request(self) -> SampleRequest:
-        m = check_int(self.max_new_tokens, "max_new_tokens", type(self).__name__, min_value=1)
-        assert m is not None
-        return SampleRequest(greedy=True, max_new_tokens=m)
-
     def score_samples(
         self, samples: Sequence[Samples], model: LanguageModel | None = None
     ) -> tuple[np.ndarray, Mapping[str, np.ndarray]]:
@@ -88,7 +93,7 @@ class MeanTokenEntropy(UncertaintyEstimator):
 
 
 @estimator_registry.register("sequence_logprob")
-class SequenceLogProb(UncertaintyEstimator):
+class SequenceLogProb(_GreedyAnswerEstimator):
     """Negative log-likelihood of the greedy answer.
 
     .. math:: u(x) = -\\frac{1}{T} \\sum_{t=1}^{T} \\log p(y_t \\mid y_{<t}, x)
@@ -116,11 +121,6 @@ class SequenceLogProb(UncertaintyEstimator):
     def __init__(self, max_new_tokens: int = 64, normalize: bool = True) -> None:
         self.max_new_tokens = max_new_tokens
         self.normalize = normalize
-
-    def sample_request(self) -> SampleRequest:
-        m = check_int(self.max_new_tokens, "max_new_tokens", type(self).__name__, min_value=1)
-        assert m is not None
-        return SampleRequest(greedy=True, max_new_tokens=m)
 
     def score_samples(
         self, samples: Sequence[Samples], model: LanguageModel | None = None
