@@ -76,7 +76,7 @@ def evaluate(session: nox.Session) -> None:
     Reads ../shared/data (or CONFROUTE_DATA_DIR); extra arguments go to
     `confroute evaluate-report` (e.g. `-- --n-nq 150 --n-trivia 150 --n-arith 105`).
     """
-    _install(session, "embedded")
+    _install(session, "embedded,plot")
     data = os.environ.get("CONFROUTE_DATA_DIR", "../shared/data")
     session.run(
         "confroute", "evaluate-report", "--data-dir", data, "--out", "runs/report",
@@ -108,7 +108,7 @@ def bench(session: nox.Session) -> None:
     ``nox -s bench -- --only B1,B4 --repeats 5`` runs a subset; see
     ``python -m benchmarks.run_all --help``.
     """
-    _install(session, "embedded")
+    _install(session, "embedded,serve")
     session.run("python", "-m", "benchmarks.run_all", *session.posargs, env=OFFLINE)
     if not session.posargs:
         # Load test of `confroute serve` (loopback only, bounded): 8/32/128 clients,

@@ -13,7 +13,14 @@ __all__ = ["plot_reliability", "plot_routing_curves"]
 
 
 def _pyplot():  # type: ignore[no-untyped-def]
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        from confroute.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            'Plots need matplotlib: pip install "confroute[plot]" (or pass --no-plots).'
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
