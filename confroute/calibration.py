@@ -104,15 +104,11 @@ def _read_state(
 
 
 def _check_positive_float(value: Any, name: str, owner: str) -> float:
-    out = check_float(value, name, owner, min_value=0.0, min_inclusive=False)
-    assert out is not None
-    return out
+    return check_float(value, name, owner, min_value=0.0, min_inclusive=False)
 
 
 def _check_unit_float(value: Any, name: str, owner: str) -> float:
-    out = check_float(value, name, owner, min_value=0.0, max_value=1.0)
-    assert out is not None
-    return out
+    return check_float(value, name, owner, min_value=0.0, max_value=1.0)
 
 
 def _check_direction(value: Any, name: str, owner: str) -> str | bool:

@@ -185,7 +185,6 @@ class EarlyEscalation:
         stat, normalised, max_tokens = self._estimator()
         mode = check_choice(self.mode, "mode", _OWNER, ("sound", "heuristic"))
         min_tokens = check_int(self.min_tokens, "min_tokens", _OWNER, min_value=1)
-        assert min_tokens is not None
         s_star = self.stop_score()
         self.stop_score_ = s_star
         # Running sums and the samples' scores differ only by float summation order.

@@ -71,22 +71,16 @@ def _c_nan_policy(value: Any, name: str, owner: str) -> str:
 
 
 def _c_unit(value: Any, name: str, owner: str) -> float:
-    out = check_float(value, name, owner, min_value=0.0, max_value=1.0)
-    assert out is not None
-    return out
+    return check_float(value, name, owner, min_value=0.0, max_value=1.0)
 
 
 def _c_open_unit(value: Any, name: str, owner: str) -> float:
-    out = check_float(value, name, owner, min_value=0.0, max_value=1.0, min_inclusive=False,
-                      max_inclusive=False)
-    assert out is not None
-    return out
+    return check_float(value, name, owner, min_value=0.0, max_value=1.0, min_inclusive=False,
+                       max_inclusive=False)
 
 
 def _c_nonneg(value: Any, name: str, owner: str) -> float:
-    out = check_float(value, name, owner, min_value=0.0)
-    assert out is not None
-    return out
+    return check_float(value, name, owner, min_value=0.0)
 
 
 def _c_nonneg_or_none(value: Any, name: str, owner: str) -> float | None:
@@ -94,15 +88,11 @@ def _c_nonneg_or_none(value: Any, name: str, owner: str) -> float | None:
 
 
 def _c_pos_int(value: Any, name: str, owner: str) -> int:
-    out = check_int(value, name, owner, min_value=1)
-    assert out is not None
-    return out
+    return check_int(value, name, owner, min_value=1)
 
 
 def _c_grid(value: Any, name: str, owner: str) -> int:
-    out = check_int(value, name, owner, min_value=2)
-    assert out is not None
-    return out
+    return check_int(value, name, owner, min_value=2)
 
 
 def _c_enforce(value: Any, name: str, owner: str) -> str:

@@ -406,7 +406,6 @@ class NLIEquivalence(Equivalence):
 
         model, tok, _, _ = self._load()
         bs = check_int(self.batch_size, "batch_size", type(self).__name__, min_value=1)
-        assert bs is not None
         device = next(model.parameters()).device
         out: list[np.ndarray] = []
         with torch.no_grad():

@@ -131,7 +131,6 @@ class QueryEmbedder(ParamsMixin):
         """
         owner = "QueryEmbedder"
         bs = check_int(self.batch_size, "batch_size", owner, min_value=1)
-        assert bs is not None
         if isinstance(texts, (str, bytes)):
             raise param_error("texts", owner, "a list of strings (wrap a single text in a list)",
                               texts, type_error=True)

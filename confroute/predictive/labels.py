@@ -123,7 +123,6 @@ def preference_labels(se_strong: Any, se_weak: Any, tau: float) -> np.ndarray:
     """
     owner = "preference_labels"
     tau_f = check_float(tau, "tau", owner, min_value=0.0)
-    assert tau_f is not None
     s = _check_se(se_strong, "se_strong", owner)
     w = _check_se(se_weak, "se_weak", owner)
     check_same_length(owner, se_strong=s, se_weak=w)
