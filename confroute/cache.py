@@ -280,7 +280,7 @@ class CachedModel:
     Attributes
     ----------
     n_model_calls : int
-        Calls made to the wrapped model's ``generate``.
+        Calls made to the wrapped model (``generate`` or ``generate_multi``).
     calls : list of CallRecord
         One record per ``generate`` call on this object (for cost accounting).
 
@@ -323,62 +323,102 @@ class CachedModel:
         -------
         list of length n_prompts of list of length config.n of Sample
         """
-        if not isinstance(config, GenerationConfig):
-            raise param_error("config", "CachedModel.generate", "a GenerationConfig", config,
-                              type_error=True)
+        return self.generate_multi(prompts, [config])[0]
+
+    def generate_multi(
+        self, prompts: Sequence[Prompt], configs: Sequence[GenerationConfig]
+    ) -> list[list[list[Sample]]]:
+        """:meth:`generate` for several configurations; those missing for the same
+        prompts are generated together (``generate_multi`` of the wrapped model
+        when it has one).
+
+        Returns
+        -------
+        list of length n_configs of list of length n_prompts of list of Sample
+        """
+        for c, config in enumerate(configs):
+            if not isinstance(config, GenerationConfig):
+                name = "config" if len(configs) == 1 else f"configs[{c}]"
+                raise param_error(name, "CachedModel.generate", "a GenerationConfig", config,
+                                  type_error=True)
         plist = list(prompts)
-        out: list[list[Sample] | None] = [None] * len(plist)
-        secs = [0.0] * len(plist)
+        keys = [prompt_key(p) for p in plist]
         first_of: dict[str, int] = {}
-        missing: list[int] = []
-        for i, p in enumerate(plist):
-            key = prompt_key(p)
-            if key in first_of:  # duplicate prompt in one call: generate once
-                continue
-            first_of[key] = i
-            hit = self.cache.get(self.model_id, p, config)
-            if hit is None:
-                missing.append(i)
-            else:
-                out[i], secs[i] = hit
-        record = CallRecord(config=config, n_hits=len(plist) - len(missing))
+        for i, key in enumerate(keys):
+            first_of.setdefault(key, i)  # a duplicate prompt in one call is generated once
+        unique = sorted(first_of.values())
+        outs: list[list[list[Sample] | None]] = []
+        secs: list[list[float]] = []
+        together: dict[tuple[int, ...], list[int]] = {}
+        for c, config in enumerate(configs):
+            out: list[list[Sample] | None] = [None] * len(plist)
+            sec = [0.0] * len(plist)
+            missing = []
+            for i in unique:
+                hit = self.cache.get(self.model_id, plist[i], config)
+                if hit is None:
+                    missing.append(i)
+                else:
+                    out[i], sec[i] = hit
+            outs.append(out)
+            secs.append(sec)
+            together.setdefault(tuple(missing), []).append(c)
+        for missing_t, cids in together.items():
+            self._fill(plist, list(missing_t), [configs[c] for c in cids],
+                       [outs[c] for c in cids], [secs[c] for c in cids])
+        results: list[list[list[Sample]]] = []
+        for c, config in enumerate(configs):
+            n_missing = next(len(m) for m, cids in together.items() if c in cids)
+            record = CallRecord(config=config, n_hits=len(plist) - n_missing)
+            result: list[list[Sample]] = []
+            for i, key in enumerate(keys):
+                j = first_of[key]
+                got = outs[c][j]
+                assert got is not None
+                result.append(got)
+                record.prompt_keys.append(key)
+                record.seconds.append(secs[c][j] if j == i else 0.0)
+            self.calls.append(record)
+            results.append(result)
+        return results
+
+    def _fill(self, plist: list[Prompt], missing: list[int], configs: list[GenerationConfig],
+              outs: list[list[list[Sample] | None]], secs: list[list[float]]) -> None:
+        """Generate ``configs`` for the prompts at ``missing``, chunk by chunk, storing
+        each chunk as soon as it is generated."""
+        from confroute.models.base import generate_configs
+
         chunks = [missing[k:k + self.chunk_size]
                   for k in range(0, len(missing), self.chunk_size)]
         bar: Any = None
         if len(chunks) > 1:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(missing), desc=f"generate ({self.model_id}, n={config.n})",
+            ns = "+".join(str(c.n) for c in configs)
+            bar = tqdm(total=len(missing), desc=f"generate ({self.model_id}, n={ns})",
                        unit="prompt")
         for chunk in chunks:
             start = time.perf_counter()
             self.n_model_calls += 1
-            generated = self.model.generate([plist[i] for i in chunk], config)
-            per = (time.perf_counter() - start) / len(chunk)
-            if len(generated) != len(chunk):
-                raise SerializationError(
-                    f"The wrapped model returned {len(generated)} results for {len(chunk)} "
-                    "prompts."
+            generated = generate_configs(self.model, [plist[i] for i in chunk], configs)
+            # Edge time per prompt, shared evenly by configurations generated together.
+            per = (time.perf_counter() - start) / len(chunk) / len(configs)
+            for c, config in enumerate(configs):
+                if len(generated[c]) != len(chunk):
+                    raise SerializationError(
+                        f"The wrapped model returned {len(generated[c])} results for "
+                        f"{len(chunk)} prompts."
+                    )
+                self.cache.put_many(
+                    self.model_id,
+                    [(plist[i], list(g), per) for i, g in zip(chunk, generated[c])], config,
                 )
-            self.cache.put_many(self.model_id,
-                                [(plist[i], list(g), per) for i, g in zip(chunk, generated)],
-                                config)
-            for i, g in zip(chunk, generated):
-                out[i], secs[i] = list(g), per
+                for i, g in zip(chunk, generated[c]):
+                    outs[c][i], secs[c][i] = list(g), per
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
-        result: list[list[Sample]] = []
-        for i, p in enumerate(plist):
-            j = first_of[prompt_key(p)]
-            got = out[j]
-            assert got is not None
-            result.append(got)
-            record.prompt_keys.append(prompt_key(p))
-            record.seconds.append(secs[j] if j == i else 0.0)
-        self.calls.append(record)
-        return result
 
     def score(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[np.ndarray]:
         """Pass-through to the wrapped model's ``score`` (not cached)."""

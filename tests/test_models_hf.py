@@ -170,11 +170,37 @@ def _count_generate_calls(monkeypatch, hf: HFLanguageModel) -> list[int]:
     return calls
 
 
-def test_n_samples_of_one_prompt_is_one_generate_call(lm, monkeypatch):
-    calls = _count_generate_calls(monkeypatch, lm)
-    out = lm.generate(["hello"], GenerationConfig(max_new_tokens=4, temperature=0.7, n=10,
+def _count_prefills(monkeypatch, hf: HFLanguageModel) -> list[int]:
+    """Rows of every multi-token forward pass (the prefills of the own decoding loop)."""
+    calls: list[int] = []
+    real = hf.model.forward
+
+    def counting(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:
+            calls.append(ids.shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf.model, "forward", counting)
+    return calls
+
+
+def test_n_samples_of_one_prompt_is_one_generate_call(pair, monkeypatch):
+    _, model, tok = pair
+    hf = HFLanguageModel(model, tok, device="cpu", decoding="transformers")
+    calls = _count_generate_calls(monkeypatch, hf)
+    out = hf.generate(["hello"], GenerationConfig(max_new_tokens=4, temperature=0.7, n=10,
                                                   seed=0))
     assert calls == [1]
+    assert len(out[0]) == 10
+
+
+def test_n_samples_of_one_prompt_is_one_pass_of_the_own_loop(lm, monkeypatch):
+    generate_calls = _count_generate_calls(monkeypatch, lm)
+    prefills = _count_prefills(monkeypatch, lm)
+    out = lm.generate(["hello"], GenerationConfig(max_new_tokens=4, temperature=0.7, n=10,
+                                                  seed=0))
+    assert generate_calls == [] and prefills == [1]  # the prompt is encoded once
     assert len(out[0]) == 10
 
 
@@ -183,10 +209,14 @@ def test_n_samples_of_one_prompt_is_one_generate_call(lm, monkeypatch):
     (3, 16, [3]),
     (4, 4, [4]),
 ])
-def test_batching_over_prompts(pair, monkeypatch, n_prompts, batch_size, expected):
+@pytest.mark.parametrize("decoding", ["transformers", "confroute"])
+def test_batching_over_prompts(pair, monkeypatch, n_prompts, batch_size, expected, decoding):
     _, model, tok = pair
-    hf = HFLanguageModel(model, tok, device="cpu", batch_size=batch_size)
-    calls = _count_generate_calls(monkeypatch, hf)
+    hf = HFLanguageModel(model, tok, device="cpu", batch_size=batch_size, decoding=decoding)
+    if decoding == "transformers":
+        calls = _count_generate_calls(monkeypatch, hf)
+    else:
+        calls = _count_prefills(monkeypatch, hf)
     prompts = (PROMPTS * 2)[:n_prompts]
     out = hf.generate(prompts, GenerationConfig(max_new_tokens=3, temperature=1.0, n=2, seed=1))
     assert calls == expected
@@ -244,7 +274,7 @@ def test_stop_string_cuts_text_and_tokens(lm, seed):
     decode = lm.tokenizer.decode
     # Minimal prefix of tokens that covers the kept text.
     assert decode(list(cut.token_ids), skip_special_tokens=True).startswith(cut.text)
-    assert len(decode(list(cut.token_ids[:-1]), skip_special_tokens=True)) < len(cut.text)
+    assert not decode(list(cut.token_ids[:-1]), skip_special_tokens=True).startswith(cut.text)
     np.testing.assert_allclose(cut.token_logprobs, full.token_logprobs[:k], atol=1e-5)
     assert len(cut.token_entropies) == k
 

@@ -49,10 +49,11 @@ class _ForwardCounter:
         self._handle.remove()
 
 
+@pytest.mark.parametrize("decoding", ["confroute", "transformers"])
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_shared_prefill_gives_identical_samples(model_tok, batch_size):
-    plain = _lm(model_tok, shared_prefill=False, batch_size=batch_size)
-    shared = _lm(model_tok, shared_prefill=True, batch_size=batch_size)
+def test_shared_prefill_gives_identical_samples(model_tok, batch_size, decoding):
+    plain = _lm(model_tok, shared_prefill=False, batch_size=batch_size, decoding=decoding)
+    shared = _lm(model_tok, shared_prefill=True, batch_size=batch_size, decoding=decoding)
     a = plain.generate(PROMPTS, SAMPLING)
     b = shared.generate(PROMPTS, SAMPLING)
     for per_a, per_b in zip(a, b):
@@ -64,22 +65,30 @@ def test_shared_prefill_gives_identical_samples(model_tok, batch_size):
             np.testing.assert_allclose(x.token_entropies, y.token_entropies, atol=1e-5)
 
 
-def test_shared_prefill_encodes_the_prompt_once(model_tok):
-    shared = _lm(model_tok, shared_prefill=True)
+@pytest.mark.parametrize("decoding", ["confroute", "transformers"])
+def test_shared_prefill_encodes_the_prompt_once(model_tok, decoding):
+    shared = _lm(model_tok, shared_prefill=True, decoding=decoding)
     counter = _ForwardCounter(shared.model)
     try:
         shared.generate(PROMPTS[:1], SAMPLING)
     finally:
         counter.remove()
     n_prompt = len(shared._encode_prompts(PROMPTS[:1])[0])
-    # One pass over the prompt minus its last token for the single prompt row, then
-    # only one new position per step for the n sample rows.
-    assert counter.shapes[0] == (1, n_prompt - 1)
-    assert all(s == (SAMPLING.n, 1) for s in counter.shapes[1:])
+    if decoding == "transformers":
+        # One pass over the prompt minus its last token for the single prompt row,
+        # then only one new position per step for the n sample rows.
+        assert counter.shapes[0] == (1, n_prompt - 1)
+        assert all(s == (SAMPLING.n, 1) for s in counter.shapes[1:])
+    else:
+        # One pass over the whole prompt for the single prompt row, then one new
+        # position per step for the sample rows still running.
+        assert counter.shapes[0] == (1, n_prompt)
+        assert all(s[0] <= SAMPLING.n and s[1] == 1 for s in counter.shapes[1:])
 
 
-def test_plain_path_encodes_the_prompt_n_times(model_tok):
-    plain = _lm(model_tok, shared_prefill=False)
+@pytest.mark.parametrize("decoding", ["confroute", "transformers"])
+def test_plain_path_encodes_the_prompt_n_times(model_tok, decoding):
+    plain = _lm(model_tok, shared_prefill=False, decoding=decoding)
     counter = _ForwardCounter(plain.model)
     try:
         plain.generate(PROMPTS[:1], SAMPLING)
@@ -130,19 +139,25 @@ def test_buckets_group_prompts_of_similar_length(model_tok, monkeypatch):
     assert widths == [lengths[1], lengths[3]]
 
 
+@pytest.mark.parametrize("decoding", ["confroute", "transformers"])
 @pytest.mark.parametrize("shared_prefill", [True, False])
-def test_shared_generation_is_computed_once(model_tok, shared_prefill):
+def test_shared_generation_is_computed_once(model_tok, shared_prefill, decoding):
     """estimate_many and an ensemble make exactly the forward passes of one greedy
-    call plus one sampling call, however many estimators use them."""
-    lm = _lm(model_tok, shared_prefill=shared_prefill)
+    call plus one sampling call (with the own decoding loop: of one pass decoding
+    both), however many estimators use them."""
+    lm = _lm(model_tok, shared_prefill=shared_prefill, decoding=decoding)
     se = SemanticEntropy(n_samples=3, temperature=1.0, top_p=1.0, top_k=0,
                          max_new_tokens=6, equivalence="exact", seed=3)
     members = [MeanTokenEntropy(6), SequenceLogProb(6), SequenceLogProb(6, normalize=False), se]
 
     counter = _ForwardCounter(lm.model)
     try:
-        lm.generate(PROMPTS, GenerationConfig(max_new_tokens=6))
-        lm.generate(PROMPTS, se._sampling_config())
+        if decoding == "transformers":
+            lm.generate(PROMPTS, GenerationConfig(max_new_tokens=6))
+            lm.generate(PROMPTS, se._sampling_config())
+        else:
+            lm.generate_multi(PROMPTS, [GenerationConfig(max_new_tokens=6),
+                                        se._sampling_config()])
         expected = list(counter.shapes)
         counter.shapes.clear()
         estimate_many(members, PROMPTS, lm)
@@ -154,3 +169,5 @@ def test_shared_generation_is_computed_once(model_tok, shared_prefill):
         counter.remove()
     assert via_many == expected
     assert via_ensemble == expected
+    prefills = [shape for shape in expected if shape[1] > 1]
+    assert len(prefills) == (1 if decoding == "confroute" else 2)

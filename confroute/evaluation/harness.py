@@ -127,6 +127,11 @@ class LazyModel:
     def generate(self, prompts: Sequence[Any], config: GenerationConfig) -> Any:
         return self._get().generate(prompts, config)
 
+    def generate_multi(self, prompts: Sequence[Any], configs: Sequence[GenerationConfig]) -> Any:
+        from confroute.models.base import generate_configs
+
+        return generate_configs(self._get(), prompts, configs)
+
     def score(self, prompts: Sequence[Any], continuations: Sequence[str]) -> Any:
         return self._get().score(prompts, continuations)
 

@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from confroute.models.base import (
     LanguageModel,
+    MultiConfigLanguageModel,
     SampleRequest,
     ScoringLanguageModel,
     collect_samples,
+    generate_configs,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,10 +29,12 @@ __all__ = [
     "Embedder",
     "HFLanguageModel",
     "LanguageModel",
+    "MultiConfigLanguageModel",
     "OpenAIModel",
     "SampleRequest",
     "ScoringLanguageModel",
     "collect_samples",
+    "generate_configs",
     "load_default_edge_model",
     "load_default_embedder",
 ]

@@ -13,6 +13,7 @@ from confroute.types import GenerationConfig, Prompt, Sample, Samples
 
 __all__ = [
     "LanguageModel",
+    "MultiConfigLanguageModel",
     "SampleRequest",
     "ScoringLanguageModel",
     "collect_samples",
@@ -50,6 +51,40 @@ class ScoringLanguageModel(LanguageModel, Protocol):
         ...
 
 
+@runtime_checkable
+class MultiConfigLanguageModel(LanguageModel, Protocol):
+    """A model that generates for several configurations of the same prompts at once.
+
+    ``generate_multi(prompts, configs)[c][i]`` holds what
+    ``generate(prompts, configs[c])[i]`` would return; a backend implements it
+    when one pass is cheaper than one call per configuration (for example
+    :class:`~confroute.models.HFLanguageModel` decodes a greedy answer and its
+    samples in one batch). :func:`collect_samples` uses it when present.
+    """
+
+    def generate_multi(
+        self, prompts: Sequence[Prompt], configs: Sequence[GenerationConfig]
+    ) -> list[list[list[Sample]]]:
+        ...
+
+
+def generate_configs(
+    model: LanguageModel, prompts: Sequence[Prompt], configs: Sequence[GenerationConfig]
+) -> list[list[list[Sample]]]:
+    """``model.generate_multi`` when the model has it and there are several configs,
+    else one ``generate`` call per configuration."""
+    multi = getattr(model, "generate_multi", None)
+    if len(configs) > 1 and callable(multi):
+        out = list(multi(prompts, configs))
+        if len(out) != len(configs):
+            raise InvalidParameterError(
+                f"{type(model).__name__}.generate_multi returned {len(out)} results for "
+                f"{len(configs)} configurations."
+            )
+        return out
+    return [model.generate(prompts, cfg) for cfg in configs]
+
+
 @dataclass(frozen=True)
 class SampleRequest:
     """What generations an estimator needs.
@@ -80,7 +115,10 @@ def collect_samples(
 
     Requests are merged: one greedy generation at the largest requested length,
     and one batched sampling call per distinct set of sampling parameters, with
-    as many draws as the most demanding estimator asks for. What ``existing``
+    as many draws as the most demanding estimator asks for. Configurations needed
+    for the same prompts go to ``model.generate_multi`` together when the model
+    has it (:class:`MultiConfigLanguageModel`), so a greedy answer and its samples
+    can share one decoding pass. What ``existing``
     already holds is reused and only the missing part is generated.
 
     Raises
@@ -108,25 +146,36 @@ def collect_samples(
         if k not in by_key or by_key[k].n < r.sampling.n:
             by_key[k] = r.sampling
 
+    # (config, prompts still missing it); configurations missing for the same
+    # prompts are generated together (one decoding pass where the model allows).
+    jobs: list[tuple[GenerationConfig, list[int], tuple[object, ...] | None]] = []
     if need_greedy:
         missing = [i for i, s in enumerate(current) if s.greedy is None]
         if missing:
-            _require_model(model)
-            assert model is not None
             cfg = GenerationConfig(max_new_tokens=greedy_len, temperature=0.0, n=1)
-            outs = model.generate([prompts[i] for i in missing], cfg)
-            for i, out in zip(missing, outs):
-                current[i] = replace(current[i], greedy=out[0])
+            jobs.append((cfg, missing, None))
     for key, cfg in by_key.items():
         missing = [i for i, s in enumerate(current) if len(s.draws.get(key, ())) < cfg.n]
         if missing:
-            _require_model(model)
-            assert model is not None
-            outs = model.generate([prompts[i] for i in missing], cfg)
-            for i, out in zip(missing, outs):
-                draws = dict(current[i].draws)
-                draws[key] = tuple(out)
-                current[i] = replace(current[i], draws=draws)
+            jobs.append((cfg, missing, key))
+    together: dict[tuple[int, ...], list[int]] = {}
+    for j, (_, missing, _) in enumerate(jobs):
+        together.setdefault(tuple(missing), []).append(j)
+    for missing_t, job_ids in together.items():
+        _require_model(model)
+        assert model is not None
+        missing = list(missing_t)
+        outs = generate_configs(model, [prompts[i] for i in missing],
+                                [jobs[j][0] for j in job_ids])
+        for j, per_config in zip(job_ids, outs):
+            draw_key = jobs[j][2]
+            for i, out in zip(missing, per_config):
+                if draw_key is None:
+                    current[i] = replace(current[i], greedy=out[0])
+                else:
+                    draws = dict(current[i].draws)
+                    draws[draw_key] = tuple(out)
+                    current[i] = replace(current[i], draws=draws)
     return current
 
 

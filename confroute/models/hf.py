@@ -20,6 +20,7 @@ import numpy as np
 
 from confroute._validation import (
     check_bool,
+    check_choice,
     check_int,
     check_prompts,
     check_same_length,
@@ -132,6 +133,16 @@ class HFLanguageModel:
         Sort prompts by token length before splitting them into batches (results
         keep the input order), so a batch holds prompts of similar length and
         little padding.
+    decoding : {"auto", "confroute", "transformers"}, default="auto"
+        Which loop decodes sampled rows. ``"confroute"``: confroute's own loop
+        (:mod:`confroute.models._decode`): greedy and sampled rows of several
+        configurations in one batch (see :meth:`generate_multi`), finished rows
+        leave the batch, top-p filtered over the top-k candidates only, and with a
+        seed a prompt's samples do not depend on the rest of the batch.
+        ``"transformers"``: ``model.generate`` for everything. ``"auto"``: the
+        own loop for sampling and multi-configuration calls whenever the model's
+        cache supports it (a ``DynamicCache``), else ``model.generate``. Greedy
+        single-configuration calls always use ``model.generate``.
 
     Attributes
     ----------
@@ -178,8 +189,11 @@ class HFLanguageModel:
         gguf_file: str | None = None,
         shared_prefill: bool | str = "auto",
         bucket_by_length: bool = True,
+        decoding: str = "auto",
     ) -> None:
         self.shared_prefill = shared_prefill
+        self.decoding = decoding
+        self._own_unsupported: str | None = None
         self.bucket_by_length = bucket_by_length
         self.system_prompt = system_prompt
         self.use_chat_template = use_chat_template
@@ -291,6 +305,7 @@ class HFLanguageModel:
                               self.shared_prefill, type_error=not isinstance(
                                   self.shared_prefill, str))
         check_bool(self.bucket_by_length, "bucket_by_length", _OWNER)
+        check_choice(self.decoding, "decoding", _OWNER, ("auto", "confroute", "transformers"))
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise param_error("system_prompt", _OWNER, "a string or None", self.system_prompt,
                               type_error=True)
@@ -373,8 +388,9 @@ class HFLanguageModel:
         config : GenerationConfig
             Greedy when ``temperature == 0``; otherwise sampling with
             ``temperature``/``top_p``/``top_k``. ``seed`` makes the call reproducible
-            (for the same prompts and ``batch_size``) without touching the global
-            torch RNG state.
+            without touching the global torch RNG state: with the own decoding loop
+            a prompt's samples depend only on the prompt and the configuration;
+            with ``model.generate`` also on the other prompts of its batch.
         early_stop : EarlyStopRule, optional
             Greedy decoding only, without stop strings: after each step,
             ``early_stop(n_tokens, sum_nll, sum_entropy)`` may stop rows whose running
@@ -398,20 +414,115 @@ class HFLanguageModel:
                               "stop strings (a cut answer could score lower than its prefix)",
                               early_stop)
 
-        import torch
+        if early_stop is None and not config.greedy and self.decoding != "transformers":
+            own = self._generate_own(checked, [config])
+            if own is not None:
+                return own[0]
+        return self._generate_hf(checked, config, early_stop)
 
-        encoded = self._encode_prompts(checked)
+    def generate_multi(
+        self, prompts: Sequence[Prompt], configs: Sequence[GenerationConfig]
+    ) -> list[list[list[Sample]]]:
+        """Generate for several configurations of the same prompts in one decoding pass.
+
+        With the own decoding loop (see ``decoding``), the rows of all
+        configurations -- typically one greedy answer and N samples -- share one
+        prefill and one batch, instead of one ``generate`` call per configuration.
+        Results equal those of separate :meth:`generate` calls (same samples for
+        the same seeds; statistics equal up to floating-point summation order).
+
+        Parameters
+        ----------
+        prompts : sequence of Prompt of length n_prompts
+        configs : sequence of GenerationConfig of length n_configs
+
+        Returns
+        -------
+        list of length n_configs of list of length n_prompts of list of Sample
+        """
+        owner = f"{_OWNER}.generate_multi"
+        checked = check_prompts(prompts, owner)
+        if isinstance(configs, GenerationConfig) or not isinstance(configs, Sequence):
+            raise param_error("configs", owner, "a list of GenerationConfig", configs,
+                              type_error=True)
+        for i, cfg in enumerate(configs):
+            if not isinstance(cfg, GenerationConfig):
+                raise param_error(f"configs[{i}]", owner, "a GenerationConfig", cfg,
+                                  type_error=True)
+        self._check_runtime_params()
+        cfgs = list(configs)
+        if not cfgs:
+            return []
+        if self.decoding != "transformers" and not (len(cfgs) == 1 and cfgs[0].greedy):
+            own = self._generate_own(checked, cfgs)
+            if own is not None:
+                return own
+        return [self._generate_hf(checked, cfg, None) for cfg in cfgs]
+
+    def _batches(self, encoded: list[list[int]]) -> Any:
         order = list(range(len(encoded)))
         if self.bucket_by_length:
             order.sort(key=lambda i: len(encoded[i]))
         batches = [
             order[i:i + self.batch_size] for i in range(0, len(encoded), self.batch_size)
         ]
-        progress: Any = batches
         if len(batches) > 1:
             from tqdm.auto import tqdm
 
-            progress = tqdm(batches, desc=f"generate ({self.name})", unit="batch")
+            return tqdm(batches, desc=f"generate ({self.name})", unit="batch")
+        return batches
+
+    def _generate_own(
+        self, checked: Sequence[Prompt], configs: list[GenerationConfig]
+    ) -> list[list[list[Sample]]] | None:
+        """The own decoding loop; None when the model does not support it (``"auto"``)."""
+        from confroute.models._decode import UnsupportedModel, decode
+
+        if self._own_unsupported is not None:
+            if self.decoding == "confroute":
+                self._raise_unsupported(self._own_unsupported)
+            return None
+        encoded = self._encode_prompts(checked)
+        eos_ids = self._eos_ids()
+        eos_set = set(eos_ids)
+        pad_id = int(self.tokenizer.pad_token_id)
+        results: list[list[list[Sample]]] = [[[] for _ in encoded] for _ in configs]
+        for idx in self._batches(encoded):
+            batch = [encoded[i] for i in idx]
+            try:
+                rows = decode(
+                    self.model, batch, configs, pad_id=pad_id, eos_ids=eos_ids,
+                    tokenizer=self.tokenizer, shared_prefill=self.shared_prefill is not False,
+                )
+            except UnsupportedModel as exc:
+                self._own_unsupported = str(exc)
+                if self.decoding == "confroute":
+                    self._raise_unsupported(str(exc))
+                return None
+            for c, cfg in enumerate(configs):
+                for i, per_prompt in zip(idx, rows[c]):
+                    results[c][i] = [
+                        self._make_sample(
+                            row.token_ids, row.logprobs, row.entropies, cfg, eos_set, pad_id,
+                            len(encoded[i]), padded=False,
+                        )
+                        for row in per_prompt
+                    ]
+        return results
+
+    def _raise_unsupported(self, why: str) -> None:
+        raise param_error(
+            "decoding", _OWNER, "'auto' or 'transformers' for a model whose cache is not a "
+            f"row-selectable DynamicCache ({why})", self.decoding,
+        )
+
+    def _generate_hf(
+        self, checked: Sequence[Prompt], config: GenerationConfig,
+        early_stop: EarlyStopRule | None,
+    ) -> list[list[Sample]]:
+        import torch
+
+        encoded = self._encode_prompts(checked)
         fork_devices: list[int] = []
         if self.device.type == "cuda":
             index = self.device.index
@@ -420,7 +531,7 @@ class HFLanguageModel:
         with torch.random.fork_rng(devices=fork_devices, enabled=config.seed is not None):
             if config.seed is not None:
                 torch.manual_seed(config.seed)
-            for idx in progress:
+            for idx in self._batches(encoded):
                 got = self._generate_batch([encoded[i] for i in idx], config, early_stop)
                 for i, samples in zip(idx, got):
                     results[i] = samples
@@ -525,6 +636,8 @@ class HFLanguageModel:
         pad_id: int,
         prompt_tokens: int,
         stopped_at: int | None = None,
+        *,
+        padded: bool = True,
     ) -> Sample:
         length = len(row)
         finish = "length"
@@ -537,7 +650,7 @@ class HFLanguageModel:
         else:
             if stopped_at is not None and stopped_at < config.max_new_tokens:
                 length, finish = stopped_at, "early_stop"
-            if config.stop and stopped_at is None:
+            if config.stop and stopped_at is None and padded:
                 # A row stopped by a stop string is padded while others continue.
                 while length > 0 and row[length - 1] == pad_id:
                     length -= 1
@@ -545,7 +658,7 @@ class HFLanguageModel:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         cut = _first_stop(text, config.stop)
         if cut is not None:
-            keep = self._tokens_covering(ids, cut)
+            keep = self._tokens_covering(ids, text[:cut])
             ids, text, finish = ids[:keep], text[:cut], "stop"
             length = keep
         return Sample(
@@ -557,15 +670,25 @@ class HFLanguageModel:
             prompt_tokens=prompt_tokens,
         )
 
-    def _tokens_covering(self, ids: list[int], n_chars: int) -> int:
-        """Smallest k such that the first k tokens decode to at least ``n_chars`` characters."""
+    def _tokens_covering(self, ids: list[int], text: str) -> int:
+        """Smallest k such that the first k tokens decode to a text starting with ``text``.
+
+        A byte-level token can end inside a multi-byte character, which decodes as a
+        replacement character until the next token completes it; such a k is not
+        enough even though its text is long enough.
+        """
+        def decoded(k: int) -> str:
+            return str(self.tokenizer.decode(ids[:k], skip_special_tokens=True))
+
         lo, hi = 0, len(ids)
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(self.tokenizer.decode(ids[:mid], skip_special_tokens=True)) >= n_chars:
+            if len(decoded(mid)) >= len(text):
                 hi = mid
             else:
                 lo = mid + 1
+        while lo < len(ids) and not decoded(lo).startswith(text):
+            lo += 1
         return lo
 
     # ------------------------------------------------------------------ scoring
