@@ -63,6 +63,25 @@ def main() -> None:
         if c.name == "SamplingGenerationCalculator" and args.n != 10:
             cfg["samples_n"] = args.n  # 10 is lm-polygraph's default
 
+    # Seconds spent in each lm-polygraph stat calculator (sampling, NLI, ...).
+    import lm_polygraph.stat_calculators as calc_mod
+
+    spent: dict[str, float] = {}
+
+    def timed_call(cls: type, real: object) -> object:
+        def call(self: object, *a: object, **k: object) -> object:
+            t0 = time.perf_counter()
+            try:
+                return real(self, *a, **k)  # type: ignore[operator]
+            finally:
+                spent[cls.__name__] = spent.get(cls.__name__, 0.0) + time.perf_counter() - t0
+        return call
+
+    for name in dir(calc_mod):
+        cls = getattr(calc_mod, name)
+        if isinstance(cls, type) and "__call__" in cls.__dict__:
+            cls.__call__ = timed_call(cls, cls.__dict__["__call__"])  # type: ignore[method-assign]
+
     def once() -> float:
         man = UEManager(
             Dataset([args.prompt], [""], batch_size=1), model, [SemanticEntropy()],
@@ -76,8 +95,10 @@ def main() -> None:
         return time.perf_counter() - t0
 
     once()  # warm-up: loads the NLI model once
+    spent.clear()
     seconds = [once() for _ in range(args.repeats)]
-    print(json.dumps({"seconds": seconds,
+    parts = {k: round(v / args.repeats, 3) for k, v in sorted(spent.items()) if v > 0.005}
+    print(json.dumps({"seconds": seconds, "parts": parts,
                       "note": f"lm-polygraph SemanticEntropy, N={args.n}, all-pairs NLI"}))
 
 

@@ -77,11 +77,18 @@ def test_embedding_threshold(threshold: float, expected: list[int]) -> None:
     assert eq.cluster("q", ["big city of Paris", "city of Paris", "zebra"]) == expected
 
 
-def test_embedding_encodes_once_per_step() -> None:
+def test_embedding_encodes_once_per_clustering() -> None:
     emb = TrigramEmbedder()
     eq = EmbeddingEquivalence(embedder=emb, threshold=0.99)
-    eq.cluster_many(["q", "q"], [["alpha", "beta", "gamma"], ["delta", "omega", "kappa"]])
-    assert emb.calls == 2  # steps 2 and 3 each make one batched call for both prompts
+    groups = [["alpha", "beta", "gamma"], ["delta", "omega", "kappa"]]
+    labels = eq.cluster_many(["q", "q"], groups)
+    assert emb.calls == 1  # every text of both prompts in one encode call
+    assert labels == [[0, 1, 2], [0, 1, 2]]
+    assert eq._memo() is None  # nothing kept after the clustering
+    # Pair checks outside a clustering embed what they need.
+    assert eq.equivalent_pairs("q", [("alpha", "alpha!"), ("alpha", "zebra")]).tolist() == \
+        [True, False]
+    assert emb.calls == 2
 
 
 @pytest.mark.parametrize("threshold", [1.5, -2.0, "high"])

@@ -158,6 +158,21 @@ class Equivalence(ParamsMixin, ABC):
                 f"'questions' has {len(questions)}, 'texts' has {len(texts)}."
             )
         self.last_n_checks = 0
+        self._prepare([str(t) for group in texts for t in group])
+        try:
+            return self._cluster_steps(questions, texts)
+        finally:
+            self._release()
+
+    def _prepare(self, texts: Sequence[str]) -> None:
+        """Called with every text before a clustering; backends may precompute here."""
+
+    def _release(self) -> None:
+        """Called after a clustering; drop what :meth:`_prepare` kept."""
+
+    def _cluster_steps(
+        self, questions: Sequence[str], texts: Sequence[Sequence[str]]
+    ) -> list[list[int]]:
         labels: list[list[int]] = [[] for _ in texts]
         reps: list[list[str]] = [[] for _ in texts]  # representative text per cluster
         seen: list[dict[str, int]] = [{} for _ in texts]  # normalised text -> id
@@ -270,6 +285,37 @@ class EmbeddingEquivalence(Equivalence):
         self.embedder = embedder
         self.threshold = threshold
 
+    def _memo(self) -> dict[str, np.ndarray] | None:
+        local = self.__dict__.get("_local")
+        return None if local is None else getattr(local, "memo", None)
+
+    def _prepare(self, texts: Sequence[str]) -> None:
+        # One encode call for every text of the clustering (not one per step).
+        import threading
+
+        local = self.__dict__.setdefault("_local", threading.local())
+        local.memo = {}
+        local.memo.update(self._embed(sorted(set(texts))))
+
+    def _release(self) -> None:
+        local = self.__dict__.get("_local")
+        if local is not None:
+            local.memo = None
+
+    def _embed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Unit-normalised embeddings of ``texts``."""
+        if not texts:
+            return {}
+        emb = np.asarray(self._get_embedder().encode(texts), dtype=np.float64)
+        if emb.ndim != 2 or emb.shape[0] != len(texts):
+            raise EstimationError(
+                f"The embedder returned an array of shape {emb.shape} for {len(texts)} texts; "
+                "expected (n_texts, dim)."
+            )
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        emb = emb / np.where(norms > 0, norms, 1.0)
+        return dict(zip(texts, emb))
+
     def _get_embedder(self) -> Any:
         if self.embedder is None:
             from confroute.models.embedded import load_default_embedder
@@ -290,19 +336,13 @@ class EmbeddingEquivalence(Equivalence):
     ) -> np.ndarray:
         thr = float(check_float(self.threshold, "threshold", type(self).__name__,
                                 min_value=-1.0, max_value=1.0) or 0.0)
-        uniq = sorted(set(first) | set(second))
-        index = {t: i for i, t in enumerate(uniq)}
-        emb = np.asarray(self._get_embedder().encode(uniq), dtype=np.float64)
-        if emb.ndim != 2 or emb.shape[0] != len(uniq):
-            raise EstimationError(
-                f"The embedder returned an array of shape {emb.shape} for {len(uniq)} texts; "
-                "expected (n_texts, dim)."
-            )
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        emb = emb / np.where(norms > 0, norms, 1.0)
-        ia = np.array([index[t] for t in first])
-        ib = np.array([index[t] for t in second])
-        cos = np.sum(emb[ia] * emb[ib], axis=1)
+        memo = self._memo()
+        known = memo if memo is not None else {}
+        vectors = dict(known)
+        vectors.update(self._embed(sorted((set(first) | set(second)) - set(known))))
+        ea = np.stack([vectors[t] for t in first])
+        eb = np.stack([vectors[t] for t in second])
+        cos = np.sum(ea * eb, axis=1)
         return np.asarray(cos >= thr - 1e-9, dtype=bool)
 
 
