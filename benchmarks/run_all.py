@@ -99,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _load_sentence(start: dict) -> str:
+    load, cores = start["load_avg"][0], start["cores_available"]
+    if load > 0.5 * cores:
+        return (f"The machine was shared with other jobs during the run (load average "
+                f"{load} on {cores} cores at the start), so absolute times are noisy.")
+    return (f"The machine was otherwise idle at the start (load average {load} on "
+            f"{cores} cores).")
+
+
 def write_doc(path: Path, rows: list[Row], start: dict, end: dict, total: float,
               args: argparse.Namespace) -> None:
     cmd = " ".join(sys.argv[1:])
@@ -122,8 +131,7 @@ transformers {start['transformers']} |
 | platform | {start['platform']} |
 | wall time of the run | {total:.0f} s |
 
-The machine was shared with other jobs during the run (see the load average), so
-absolute times are noisy. Every comparison is measured side by side in one process,
+{_load_sentence(start)} Every comparison is measured side by side in one process,
 the compared variants interleaved (A B A B ...), and reported as min / median / max
 over {args.repeats} repeats; ratios are taken per repeat. Targets are checked on the
 median unless stated.
@@ -137,21 +145,30 @@ median unless stated.
 - **B1** greedy answer of {32} new tokens plus MeanTokenEntropy and SequenceLogProb
   through `HFLanguageModel` and `estimate_many`, against transformers'
   `model.generate` of the same tokens (no logits kept), one prompt per call.
-- **B2** N = 5, 10 samples of one prompt in one batched call vs N sequential calls vs
-  one greedy answer; a whole semantic-entropy estimate (greedy + 10 samples +
-  clustering with the MiniLM embedding backend) against one greedy answer.
+- **B2** N = 5, 10 samples of one prompt in one batched call (confroute's own
+  decoding loop) vs N sequential calls vs one greedy answer; the same N = 10 batch
+  through transformers' `generate`; the greedy answer and 10 samples in one pass
+  (`generate_multi`); a whole semantic-entropy estimate (greedy + 10 samples +
+  clustering with the MiniLM embedding backend) against one greedy answer, on the
+  first NQ-open dev question and, one question at a time, on the first 20.
 - **B3** the clustering share of that estimate and the number of equivalence checks
   against the N(N-1)/2 = 45 of an all-pairs comparison; the same estimate with an NLI
-  model of DeBERTa-base size (random weights, built by the benchmark); lm-polygraph
-  0.7.0's SemanticEntropy on the same LM, NLI model and prompt when a separate venv
-  with it exists (`CONFROUTE_LMPG_PYTHON`, default `/tmp/lmpg/bin/python`).
+  model of DeBERTa-base size (random weights, built by the benchmark), with our
+  default NLI input (question + answer) and with the answers alone (what
+  lm-polygraph feeds its NLI model); lm-polygraph 0.7.0's SemanticEntropy on the
+  same LM, NLI model and prompt when a separate venv with it exists
+  (`CONFROUTE_LMPG_PYTHON`, default `/tmp/lmpg/bin/python`), with its time per stat
+  calculator; and what a 5x margin would leave for the NLI model: the generation part
+  of our estimate, the time per NLI forward row, and how many NLI rows fit in the
+  5x budget against how many an exact clustering of these samples needs.
 - **B4** isotonic / Platt calibration plus a threshold policy on 10^6 precomputed
   scores.
 - **B5** `Router.route` end to end on the embedded model (batch 1 and 16), and the
   router's overhead over the estimator alone on the same precomputed generations.
 - **B6** peak RSS in fresh subprocesses (`resource.getrusage`).
 - **E** early escalation (`confroute.early.EarlyEscalation`) on NQ-open dev questions.
-- **P** shared prefill and length bucketing in `HFLanguageModel`.
+- **P** shared histories (the prompt, then common generated prefixes, computed once)
+  in the own decoding loop, and length bucketing in `HFLanguageModel`.
 
 ## Reproduce
 

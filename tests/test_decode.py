@@ -178,21 +178,27 @@ def test_plain_prefill_gives_the_same_samples(model_tok):
                 plain.generate_multi(PROMPTS, [GREEDY, SAMPLING])[1])
 
 
-def test_finished_rows_leave_the_batch(peaked_pair):
-    lm = _lm(peaked_pair)
+@pytest.mark.parametrize("shared", [False, True])
+def test_finished_rows_leave_and_shared_histories_are_computed_once(peaked_pair, shared):
+    lm = _lm(peaked_pair, shared_prefill=shared)
     rows: list[int] = []
     handle = lm.model.register_forward_pre_hook(
         lambda m, a, k: rows.append(int(k["input_ids"].shape[0])), with_kwargs=True)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, n=6, seed=2)
     try:
-        out = lm.generate(PROMPTS, GenerationConfig(max_new_tokens=12, temperature=1.0, n=6,
-                                                    seed=2))
+        out = lm.generate(PROMPTS, cfg)
     finally:
         handle.remove()
-    lengths = sorted(len(s.token_ids) for per in out for s in per)
-    # Prefill of the 4 prompts, then one pass per step over the rows still running.
-    assert rows[0] == len(PROMPTS)
-    expected = [sum(1 for n in lengths if n > t) for t in range(1, max(lengths))]
+    samples = [(p, s.token_ids) for p, per in enumerate(out) for s in per]
+    longest = max(len(ids) for _, ids in samples)
+    # Prefill, then one pass per step over the rows still running (after t tokens:
+    # the rows longer than t), or over their distinct histories when shared.
+    assert rows[0] == (len(PROMPTS) if shared else len(PROMPTS) * cfg.n)
+    running = [[(p, ids[:t]) for p, ids in samples if len(ids) > t] for t in range(1, longest)]
+    expected = [len(set(r)) if shared else len(r) for r in running]
     assert rows[1:] == expected
+    if shared:  # the peaked model makes rows share prefixes: fewer rows computed
+        assert sum(expected) < sum(len(r) for r in running)
 
 
 def test_auto_falls_back_to_generate_when_the_cache_is_unsupported(model_tok, monkeypatch):

@@ -10,8 +10,10 @@ does the following instead:
 - **One batch for several configurations.** Rows of every requested
   :class:`~confroute.types.GenerationConfig` of every prompt are decoded together;
   a greedy row takes the argmax, a sampled row its own temperature/top-k/top-p.
-- **Shared prefill.** Each prompt is encoded once and its key/value cache is
-  copied to all its rows.
+- **Shared histories.** Each prompt is encoded once, and rows whose histories are
+  identical (same prompt and same tokens so far: a greedy row and the samples
+  that drew the argmax, samples of a confident model) share one cache row and one
+  forward computation until they diverge; the cache is copied only where they do.
 - **Finished rows leave the batch** (end of sequence, length limit, stop string),
   so the step cost follows the rows still decoding.
 - **Cheap filtering.** Top-k is a ``topk`` of k entries and top-p is applied on
@@ -172,8 +174,9 @@ def decode(
     pad_id, eos_ids : padding token and end-of-sequence tokens
     tokenizer : decodes rows for stop strings
     shared_prefill : bool
-        Encode each prompt once and copy its cache to its rows (True), or encode
-        it once per row (False; the plain path, kept for comparison).
+        Compute each distinct history once: the prompt for all its rows, then
+        every common generated prefix (True); or every row on its own from the
+        prompt on (False; the plain path, kept for comparison).
 
     Returns
     -------
@@ -204,7 +207,7 @@ def decode(
             groups.append((p, c, rows))
     n_rows = len(row_prompt)
     max_steps = max(cfg.max_new_tokens for cfg in configs)
-    limits = torch.tensor([configs[c].max_new_tokens for c in row_config], device=device)
+    limits = torch.tensor([configs[c].max_new_tokens for c in row_config])
     # Per sampled row: its own seeded generator, or None for the global one.
     generators: dict[int, torch.Generator | None] = {}
     for p, c, rows in groups:
@@ -238,24 +241,25 @@ def decode(
     with torch.inference_mode():
         if shared_prefill:
             first, mask = prompt_ids.to(device), prompt_mask.to(device)
+            row_node = select.clone()  # the rows of a prompt share its node
         else:
             first, mask = prompt_ids[select].to(device), prompt_mask[select].to(device)
+            row_node = torch.arange(n_rows)
         position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         out = model(input_ids=first, attention_mask=mask, position_ids=position, use_cache=True,
                     logits_to_keep=1)
         cache = _cache_of(out)
         _check_cache(cache)
+        # One cache row ("node") per distinct history; rows point at their node.
         logits = out.logits[:, -1, :]
         del out
-        if shared_prefill:
-            cache.batch_select_indices(select.to(device))
-            logits = logits[select.to(device)]
-            mask = mask[select.to(device)]
         next_pos = mask.sum(-1)
         active = torch.arange(n_rows)  # global row ids, on CPU
         row_config_t = torch.tensor(row_config, dtype=torch.long)
         for step in range(max_steps):
             logp = torch.log_softmax(logits.float(), dim=-1)
+            node_ent = torch.special.entr(logp.exp()).sum(-1)
+            node_of = row_node.to(device)
             chosen = torch.empty(len(active), dtype=torch.long, device=device)
             active_config = row_config_t[active]
             # One uniform per sampled row, drawn for every row at every step, so
@@ -270,22 +274,22 @@ def decode(
                 if sel.numel() == 0:
                     continue
                 sel_dev = sel.to(device)
+                row_logits = logits[node_of[sel_dev]]
                 if cfg.greedy:
-                    chosen[sel_dev] = logits[sel_dev].argmax(-1)
+                    chosen[sel_dev] = row_logits.argmax(-1)
                 else:
                     probs, index = filtered_distribution(
-                        logits[sel_dev], cfg.temperature, cfg.top_k, cfg.top_p
+                        row_logits, cfg.temperature, cfg.top_k, cfg.top_p
                     )
                     chosen[sel_dev] = _sample(probs, index, uniforms[active[sel]])
-            lp = logp.gather(-1, chosen[:, None]).squeeze(-1)
-            ent = torch.special.entr(logp.exp()).sum(-1)
+            lp = logp[node_of, chosen]
             act_np = active.numpy()
             logprobs[act_np, step] = lp.cpu().numpy()
-            entropies[act_np, step] = ent.cpu().numpy()
-            chosen_list = chosen.cpu().tolist()
-            for r, tok in zip(act_np.tolist(), chosen_list):
+            entropies[act_np, step] = node_ent[node_of].cpu().numpy()
+            chosen_cpu = chosen.cpu()
+            for r, tok in zip(act_np.tolist(), chosen_cpu.tolist()):
                 tokens[r].append(tok)
-            done = torch.isin(chosen, eos).cpu() | (step + 1 >= limits[active.to(device)].cpu())
+            done = torch.isin(chosen_cpu, eos.cpu()) | (step + 1 >= limits[active])
             for i, r in enumerate(act_np.tolist()):
                 if r in stop_rows and not done[i]:
                     text = tokenizer.decode(tokens[r], skip_special_tokens=True)
@@ -294,15 +298,25 @@ def decode(
             keep = torch.nonzero(~done).flatten()
             if keep.numel() == 0:
                 break
-            if keep.numel() < len(active):
-                keep_dev = keep.to(device)
-                cache.batch_select_indices(keep_dev)
-                mask = mask[keep_dev]
-                next_pos = next_pos[keep_dev]
-                chosen = chosen[keep_dev]
-                active = active[keep]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
-            out = model(input_ids=chosen[:, None], attention_mask=mask,
+            active = active[keep]
+            parent, new_tok = row_node[keep], chosen_cpu[keep]
+            if shared_prefill:
+                # Rows with the same parent node and the same token still share one
+                # history: they become one node.
+                vocab = logits.shape[-1]
+                keys, row_node = torch.unique(parent * vocab + new_tok, return_inverse=True)
+                parent, new_tok = keys // vocab, keys % vocab
+            else:
+                row_node = torch.arange(len(active))
+            if len(parent) != logits.shape[0] or not torch.equal(
+                parent, torch.arange(len(parent))
+            ):
+                parent_dev = parent.to(device)
+                cache.batch_select_indices(parent_dev)
+                mask = mask[parent_dev]
+                next_pos = next_pos[parent_dev]
+            mask = torch.cat([mask, mask.new_ones((len(parent), 1))], dim=-1)
+            out = model(input_ids=new_tok.to(device)[:, None], attention_mask=mask,
                         position_ids=next_pos[:, None], use_cache=True,
                         **{cache_arg: cache})
             cache = _cache_of(out)

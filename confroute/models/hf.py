@@ -124,11 +124,13 @@ class HFLanguageModel:
     gguf_file : str or None
         File name of a GGUF checkpoint inside ``model`` to load (dequantised).
     shared_prefill : {"auto", True, False}, default="auto"
-        With ``n > 1`` samples per prompt, run the prompt (all but its last token)
-        through the model once and copy its key/value cache to the ``n`` rows,
-        instead of encoding the prompt ``n`` times. ``"auto"``: whenever ``n > 1``.
-        Samples are the same as without it (same random draws; logits equal up to
-        floating-point summation order).
+        Compute what rows share once. With the own decoding loop: each prompt is
+        encoded once for all its rows, and rows whose generated tokens are so far
+        identical share one cache row until they diverge. With ``generate``: the
+        prompt (all but its last token) is run once and its key/value cache copied
+        to the ``n`` rows. ``"auto"`` and True: on; False: every row computed on
+        its own. Samples are the same either way (same random draws; logits equal
+        up to floating-point summation order).
     bucket_by_length : bool, default=True
         Sort prompts by token length before splitting them into batches (results
         keep the input order), so a batch holds prompts of similar length and
