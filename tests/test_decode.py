@@ -275,3 +275,32 @@ def test_cached_model_generates_configurations_together(tmp_path, model_tok):
     mixed = cached.generate_multi(PROMPTS, [GREEDY, other])
     assert calls == [2]  # generate (one configuration), not generate_multi
     assert _ids(mixed[1]) == _ids(lm.generate(PROMPTS, other))
+
+
+def test_models_without_cache_or_positions_are_unsupported():
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    class NoPositions(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    with pytest.raises(_decode.UnsupportedModel, match="no cache argument"):
+        _decode._forward_params(NoCache())
+    with pytest.raises(_decode.UnsupportedModel, match="no position_ids"):
+        _decode._forward_params(NoPositions())
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_sample_statistics_equal_teacher_forced_scores(peaked_pair, shared):
+    """Every token of every row was scored in its own context: right cache row,
+    positions and mask after rows shared a history, diverged or left the batch."""
+    lm = _lm(peaked_pair, shared_prefill=shared)
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, n=5, seed=4)
+    fused = lm.generate_multi(PROMPTS, [GREEDY, cfg])
+    for per_config in fused:
+        for prompt, per in zip(PROMPTS, per_config):
+            scored = lm.score([prompt] * len(per), [list(s.token_ids) for s in per])
+            for s, ref in zip(per, scored):
+                np.testing.assert_allclose(s.token_logprobs, ref, atol=1e-4)

@@ -130,10 +130,26 @@ def _seed_for(seed: int, prompt_ids: Sequence[int], sample: int) -> int:
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def _forward_kwargs(model: Any) -> str:
-    """Name of the cache argument of ``model.forward`` ('cache' in transformers 5)."""
+def _forward_params(model: Any) -> tuple[str, bool]:
+    """Name of the cache argument of ``model.forward`` ('cache' in transformers 5), and
+    whether it takes ``logits_to_keep``.
+
+    Raises
+    ------
+    UnsupportedModel
+        If the forward takes no cache or no position ids (the loop needs both).
+    """
     params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "cache" in params:
+        name = "cache"
+    elif "past_key_values" in params or has_kwargs:
+        name = "past_key_values"
+    else:
+        raise UnsupportedModel(f"{type(model).__name__}.forward takes no cache argument")
+    if "position_ids" not in params and not has_kwargs:
+        raise UnsupportedModel(f"{type(model).__name__}.forward takes no position_ids")
+    return name, "logits_to_keep" in params
 
 
 def _cache_of(out: Any) -> Any:
@@ -188,8 +204,8 @@ def decode(
     Raises
     ------
     UnsupportedModel
-        If the model's cache is not a row-selectable ``DynamicCache``; raised
-        before any random number is drawn.
+        If the model's forward takes no cache or position ids, or its cache is not
+        a row-selectable ``DynamicCache``; raised before any random number is drawn.
     """
     import torch
 
@@ -231,7 +247,8 @@ def decode(
         prompt_ids[r, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
         prompt_mask[r, width - len(ids):] = 1
     select = torch.tensor(row_prompt, dtype=torch.long)
-    cache_arg = _forward_kwargs(model)
+    cache_arg, keeps_logits = _forward_params(model)
+    prefill_extra: dict[str, Any] = {"logits_to_keep": 1} if keeps_logits else {}
 
     tokens: list[list[int]] = [[] for _ in range(n_rows)]
     logprobs = np.zeros((n_rows, max_steps), dtype=np.float32)
@@ -247,7 +264,7 @@ def decode(
             row_node = torch.arange(n_rows)
         position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         out = model(input_ids=first, attention_mask=mask, position_ids=position, use_cache=True,
-                    logits_to_keep=1)
+                    **prefill_extra)
         cache = _cache_of(out)
         _check_cache(cache)
         # One cache row ("node") per distinct history; rows point at their node.
