@@ -304,3 +304,14 @@ def test_sample_statistics_equal_teacher_forced_scores(peaked_pair, shared):
             scored = lm.score([prompt] * len(per), [list(s.token_ids) for s in per])
             for s, ref in zip(per, scored):
                 np.testing.assert_allclose(s.token_logprobs, ref, atol=1e-4)
+
+
+def test_lazy_model_passes_generate_multi_through(model_tok):
+    from confroute.evaluation.harness import LazyModel
+
+    lm = _lm(model_tok)
+    lazy = LazyModel("tiny", lambda: lm)
+    got = lazy.generate_multi(PROMPTS, [GREEDY, SAMPLING])
+    assert lazy.loaded
+    assert _ids(got[0]) == _ids(lm.generate(PROMPTS, GREEDY))
+    assert _ids(got[1]) == _ids(lm.generate(PROMPTS, SAMPLING))

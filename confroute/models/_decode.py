@@ -210,7 +210,7 @@ def decode(
     import torch
 
     device = next(model.parameters()).device
-    eos = torch.tensor(sorted(set(eos_ids)) or [-1], dtype=torch.long, device=device)
+    eos = torch.tensor(sorted(set(eos_ids)) or [-1], dtype=torch.long)
     # Row plan: prompt-major, then configuration, then sample.
     row_prompt: list[int] = []
     row_config: list[int] = []
@@ -306,7 +306,7 @@ def decode(
             chosen_cpu = chosen.cpu()
             for r, tok in zip(act_np.tolist(), chosen_cpu.tolist()):
                 tokens[r].append(tok)
-            done = torch.isin(chosen_cpu, eos.cpu()) | (step + 1 >= limits[active])
+            done = torch.isin(chosen_cpu, eos) | (step + 1 >= limits[active])
             for i, r in enumerate(act_np.tolist()):
                 if r in stop_rows and not done[i]:
                     text = tokenizer.decode(tokens[r], skip_special_tokens=True)
