@@ -124,16 +124,19 @@ def test_length_buckets_keep_order_and_results(model_tok, config):
     assert [len(s) for s in b] == [config.n] * len(prompts)
 
 
-def test_buckets_group_prompts_of_similar_length(model_tok, monkeypatch):
-    lm = _lm(model_tok, batch_size=2, bucket_by_length=True)
+@pytest.mark.parametrize("decoding", ["confroute", "transformers"])
+def test_buckets_group_prompts_of_similar_length(model_tok, monkeypatch, decoding):
+    lm = _lm(model_tok, batch_size=2, bucket_by_length=True, decoding=decoding)
     widths: list[int] = []
-    real = lm.model.generate
+    method = "generate" if decoding == "transformers" else "forward"
+    real = getattr(lm.model, method)
 
     def spy(*args, **kwargs):
-        widths.append(int(kwargs["input_ids"].shape[1]))
+        if kwargs["input_ids"].shape[1] > 1:  # generate calls, or prefill passes
+            widths.append(int(kwargs["input_ids"].shape[1]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lm.model, "generate", spy)
+    monkeypatch.setattr(lm.model, method, spy)
     lm.generate(PROMPTS, GenerationConfig(max_new_tokens=2))
     lengths = sorted(len(ids) for ids in lm._encode_prompts(PROMPTS))
     assert widths == [lengths[1], lengths[3]]

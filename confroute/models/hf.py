@@ -136,15 +136,15 @@ class HFLanguageModel:
         keep the input order), so a batch holds prompts of similar length and
         little padding.
     decoding : {"auto", "confroute", "transformers"}, default="auto"
-        Which loop decodes sampled rows. ``"confroute"``: confroute's own loop
+        Which loop decodes. ``"confroute"``: confroute's own loop
         (:mod:`confroute.models._decode`): greedy and sampled rows of several
         configurations in one batch (see :meth:`generate_multi`), finished rows
         leave the batch, top-p filtered over the top-k candidates only, and with a
         seed a prompt's samples do not depend on the rest of the batch.
         ``"transformers"``: ``model.generate`` for everything. ``"auto"``: the
-        own loop for sampling and multi-configuration calls whenever the model's
-        cache supports it (a ``DynamicCache``), else ``model.generate``. Greedy
-        single-configuration calls always use ``model.generate``.
+        own loop whenever the model supports it (a forward taking a cache and
+        position ids, a ``DynamicCache``), else ``model.generate``. Greedy calls
+        with ``early_stop`` always use ``model.generate``.
 
     Attributes
     ----------
@@ -416,7 +416,7 @@ class HFLanguageModel:
                               "stop strings (a cut answer could score lower than its prefix)",
                               early_stop)
 
-        if early_stop is None and not config.greedy and self.decoding != "transformers":
+        if early_stop is None and self.decoding != "transformers":
             own = self._generate_own(checked, [config])
             if own is not None:
                 return own[0]
@@ -455,7 +455,7 @@ class HFLanguageModel:
         cfgs = list(configs)
         if not cfgs:
             return []
-        if self.decoding != "transformers" and not (len(cfgs) == 1 and cfgs[0].greedy):
+        if self.decoding != "transformers":
             own = self._generate_own(checked, cfgs)
             if own is not None:
                 return own
