@@ -26,8 +26,11 @@ sample *j* of a prompt come from their own generator, seeded from the seed, the
 prompt's token ids and *j*: a prompt's samples do not depend on which other
 prompts or configurations share the batch, on the batch size or on when other rows
 finish, and the first five of ten samples are the five samples of ``n=5`` (up to
-floating-point summation order in batched matrix products). Without a seed the
-uniforms come from torch's global generator.
+floating-point summation order in batched matrix products). Two configurations
+with the same seed therefore draw the same uniforms: each is sampled from its own
+distribution, but their samples are correlated (common random numbers); give them
+different seeds when that matters. Without a seed the uniforms come from torch's
+global generator.
 
 The processed distribution is the one ``transformers`` samples from: logits
 divided by the temperature, then the top-k filter, then the top-p filter (keep the
