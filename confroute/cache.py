@@ -349,6 +349,7 @@ class CachedModel:
         unique = sorted(first_of.values())
         outs: list[list[list[Sample] | None]] = []
         secs: list[list[float]] = []
+        n_missing: list[int] = []
         together: dict[tuple[int, ...], list[int]] = {}
         for c, config in enumerate(configs):
             out: list[list[Sample] | None] = [None] * len(plist)
@@ -362,14 +363,14 @@ class CachedModel:
                     out[i], sec[i] = hit
             outs.append(out)
             secs.append(sec)
+            n_missing.append(len(missing))
             together.setdefault(tuple(missing), []).append(c)
         for missing_t, cids in together.items():
             self._fill(plist, list(missing_t), [configs[c] for c in cids],
                        [outs[c] for c in cids], [secs[c] for c in cids])
         results: list[list[list[Sample]]] = []
         for c, config in enumerate(configs):
-            n_missing = next(len(m) for m, cids in together.items() if c in cids)
-            record = CallRecord(config=config, n_hits=len(plist) - n_missing)
+            record = CallRecord(config=config, n_hits=len(plist) - n_missing[c])
             result: list[list[Sample]] = []
             for i, key in enumerate(keys):
                 j = first_of[key]

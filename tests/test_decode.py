@@ -224,10 +224,8 @@ def test_bad_decoding_and_configs(model_tok):
     assert lm.generate_multi(["hi"], []) == []
 
 
-def test_collect_samples_fuses_configurations_missing_for_the_same_prompts(model_tok):
-    from confroute.models.base import SampleRequest, collect_samples
-
-    lm = _lm(model_tok)
+def _count_generate_multi(lm: HFLanguageModel) -> list[int]:
+    """Number of configurations of every ``generate_multi`` call made on ``lm``."""
     calls: list[int] = []
     real = lm.generate_multi
 
@@ -236,6 +234,14 @@ def test_collect_samples_fuses_configurations_missing_for_the_same_prompts(model
         return real(prompts, configs)
 
     lm.generate_multi = spy  # type: ignore[method-assign]
+    return calls
+
+
+def test_collect_samples_fuses_configurations_missing_for_the_same_prompts(model_tok):
+    from confroute.models.base import SampleRequest, collect_samples
+
+    lm = _lm(model_tok)
+    calls = _count_generate_multi(lm)
     requests = [SampleRequest(greedy=True, max_new_tokens=8, sampling=SAMPLING)]
     got = collect_samples(lm, PROMPTS, requests)
     assert calls == [2]
@@ -254,14 +260,7 @@ def test_cached_model_generates_configurations_together(tmp_path, model_tok):
     from confroute.cache import CachedModel, GenerationCache
 
     lm = _lm(model_tok)
-    calls: list[int] = []
-    real = lm.generate_multi
-
-    def spy(prompts, configs):
-        calls.append(len(configs))
-        return real(prompts, configs)
-
-    lm.generate_multi = spy  # type: ignore[method-assign]
+    calls = _count_generate_multi(lm)
     cached = CachedModel(lm, GenerationCache(tmp_path / "c.sqlite"))
     first = cached.generate_multi(PROMPTS, [GREEDY, SAMPLING])
     assert calls == [2] and cached.n_model_calls == 1

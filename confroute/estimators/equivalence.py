@@ -294,8 +294,7 @@ class EmbeddingEquivalence(Equivalence):
         import threading
 
         local = self.__dict__.setdefault("_local", threading.local())
-        local.memo = {}
-        local.memo.update(self._embed(sorted(set(texts))))
+        local.memo = self._embed(sorted(set(texts)))
 
     def _release(self) -> None:
         local = self.__dict__.get("_local")
@@ -336,10 +335,8 @@ class EmbeddingEquivalence(Equivalence):
     ) -> np.ndarray:
         thr = float(check_float(self.threshold, "threshold", type(self).__name__,
                                 min_value=-1.0, max_value=1.0) or 0.0)
-        memo = self._memo()
-        known = memo if memo is not None else {}
-        vectors = dict(known)
-        vectors.update(self._embed(sorted((set(first) | set(second)) - set(known))))
+        known = self._memo() or {}
+        vectors = {**known, **self._embed(sorted((set(first) | set(second)) - set(known)))}
         ea = np.stack([vectors[t] for t in first])
         eb = np.stack([vectors[t] for t in second])
         cos = np.sum(ea * eb, axis=1)

@@ -54,7 +54,7 @@ from confroute.types import GenerationConfig
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["DecodedRow", "UnsupportedModel", "decode", "filtered_distribution"]
+__all__ = ["DecodedRow", "UnsupportedModel", "decode", "filtered_distribution", "left_pad"]
 
 
 class UnsupportedModel(Exception):
@@ -155,7 +155,21 @@ def _forward_params(model: Any) -> tuple[str, bool]:
     return name, "logits_to_keep" in params
 
 
-def _cache_of(out: Any) -> Any:
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``batch``, left-padded to its longest row (CPU)."""
+    import torch
+
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, ids in enumerate(batch):
+        input_ids[r, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        mask[r, width - len(ids):] = 1
+    return input_ids, mask
+
+
+def cache_of(out: Any) -> Any:
+    """The key/value cache of a forward output ('cache' in transformers 5)."""
     cache = getattr(out, "cache", None)
     return out.past_key_values if cache is None else cache
 
@@ -243,12 +257,7 @@ def decode(
     global_rows = [r for r, g in generators.items() if g is None]
     seeded_rows = [(r, g) for r, g in generators.items() if g is not None]
 
-    width = max(len(ids) for ids in prompts)
-    prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, ids in enumerate(prompts):
-        prompt_ids[r, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
-        prompt_mask[r, width - len(ids):] = 1
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     select = torch.tensor(row_prompt, dtype=torch.long)
     cache_arg, keeps_logits = _forward_params(model)
     prefill_extra: dict[str, Any] = {"logits_to_keep": 1} if keeps_logits else {}
@@ -268,7 +277,7 @@ def decode(
         position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         out = model(input_ids=first, attention_mask=mask, position_ids=position, use_cache=True,
                     **prefill_extra)
-        cache = _cache_of(out)
+        cache = cache_of(out)
         _check_cache(cache)
         # One cache row ("node") per distinct history; rows point at their node.
         logits = out.logits[:, -1, :]
@@ -339,7 +348,7 @@ def decode(
             out = model(input_ids=new_tok.to(device)[:, None], attention_mask=mask,
                         position_ids=next_pos[:, None], use_cache=True,
                         **{cache_arg: cache})
-            cache = _cache_of(out)
+            cache = cache_of(out)
             logits = out.logits[:, -1, :]
             del out
             next_pos = next_pos + 1

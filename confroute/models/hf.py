@@ -514,8 +514,8 @@ class HFLanguageModel:
 
     def _raise_unsupported(self, why: str) -> None:
         raise param_error(
-            "decoding", _OWNER, "'auto' or 'transformers' for a model whose cache is not a "
-            f"row-selectable DynamicCache ({why})", self.decoding,
+            "decoding", _OWNER, "'auto' or 'transformers' for a model the own decoding loop "
+            f"cannot decode ({why})", self.decoding,
         )
 
     def _generate_hf(
@@ -540,15 +540,9 @@ class HFLanguageModel:
         return results
 
     def _pad_left(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
+        from confroute.models._decode import left_pad
 
-        width = max(len(ids) for ids in batch)
-        pad = int(self.tokenizer.pad_token_id)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, ids in enumerate(batch):
-            input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[r, width - len(ids):] = 1
+        input_ids, mask = left_pad(batch, int(self.tokenizer.pad_token_id))
         return input_ids.to(self.device), mask.to(self.device)
 
     def _generate_batch(
@@ -621,12 +615,11 @@ class HFLanguageModel:
     def _prefill_cache(self, prefix: torch.Tensor, mask: torch.Tensor) -> Any:
         """Key/value cache of the left-padded ``prefix`` (positions as ``generate`` sets them)."""
         position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        from confroute.models._decode import cache_of
+
         out = self.model(input_ids=prefix, attention_mask=mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "cache", None)
-        if cache is None:
-            cache = out.past_key_values
-        return cache
+        return cache_of(out)
 
     def _make_sample(
         self,
