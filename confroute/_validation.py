@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, Union, overload
 
 import numpy as np
 
 from confroute.errors import InvalidParameterError, InvalidTypeError, describe
-from confroute.types import Prompt
 
 __all__ = [
     "check_array",
@@ -25,6 +24,14 @@ __all__ = [
     "check_same_length",
     "param_error",
 ]
+
+# The prompt aliases live here, below confroute.types (which re-exports them), so
+# that types.py can use these checks without an import circle.
+Message = Mapping[str, str]
+"""A chat message: ``{"role": "user" | "assistant" | "system", "content": str}``."""
+
+Prompt = Union[str, Sequence[Message]]  # noqa: UP007 - a runtime alias on Python 3.10
+"""A prompt: a plain user string, or a whole chat conversation."""
 
 
 def param_error(

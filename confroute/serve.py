@@ -25,12 +25,12 @@ concurrently on the event loop (the cloud's ``agenerate``, or ``generate`` in a
 worker thread).
 
 This module imports neither fastapi nor uvicorn at import time, so
-``confroute --help`` stays fast.
+``confroute --help`` stays fast. The ``confroute serve`` command (loading the
+router and models named on the command line) is :mod:`confroute.cli.serve`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -65,7 +65,6 @@ __all__ = [
     "create_app",
     "decision_record",
     "prompt_hash",
-    "register_cli",
     "serve_in_thread",
 ]
 
@@ -688,53 +687,3 @@ def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0,
         time.sleep(0.01)
     bound = server.servers[0].sockets[0].getsockname()[1]
     return RunningServer(server, thread, f"http://{host}:{bound}")
-
-
-# ------------------------------------------------------------------------- CLI
-def register_cli(sub: Any) -> None:
-    """Add ``confroute serve`` to the CLI (cheap: imports nothing heavy)."""
-    p = sub.add_parser(
-        "serve", help="run an OpenAI-compatible routing server",
-        description="Serve POST /v1/chat/completions (streaming and not), GET /v1/models and "
-        "GET /health. Each conversation is routed by the router: the edge answer is kept or "
-        "the conversation is escalated to the cloud model. The decision is returned in the "
-        "'confroute' response field and the X-Confroute-* headers. Needs "
-        f"{_INSTALL_HINT}.",
-    )
-    p.add_argument("--router", help="saved router file (default: the built-in one)")
-    p.add_argument("--edge", default="embedded", help="edge model spec (default: embedded)")
-    p.add_argument("--cloud", help="cloud model spec (without it, escalations follow the "
-                   "router's on_cloud_error)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--model-name", default="confroute",
-                   help="model id reported to clients (default confroute)")
-    p.add_argument("--max-prompt-chars", type=int, default=32000,
-                   help="largest conversation, in content characters (default 32000)")
-    p.add_argument("--max-messages", type=int, default=64,
-                   help="largest number of messages (default 64)")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="largest edge micro-batch (default 8)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long to gather a micro-batch, in ms (default 5)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
-    p.set_defaults(func=cmd_serve)
-
-
-def app_from_args(args: argparse.Namespace) -> FastAPI:
-    """Load the router and models named by ``confroute serve`` options and build the app."""
-    _require_fastapi()
-    from confroute.cli import _load_router
-
-    router = _load_router(args.router, args.edge, args.cloud)
-    return create_app(router, model_name=args.model_name, max_prompt_chars=args.max_prompt_chars,
-                      max_messages=args.max_messages, max_batch=args.max_batch,
-                      batch_wait_ms=args.batch_wait_ms)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Entry point of ``confroute serve``."""
-    uvicorn = _require_uvicorn()
-    app = app_from_args(args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0

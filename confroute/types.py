@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
+
+from confroute._validation import Message, Prompt, check_float, check_int, param_error
 
 __all__ = [
     "Decision",
@@ -27,12 +29,6 @@ __all__ = [
     "prompt_key",
     "prompt_text",
 ]
-
-Message = Mapping[str, str]
-"""A chat message: ``{"role": "user" | "assistant" | "system", "content": str}``."""
-
-Prompt = Union[str, Sequence[Message]]  # noqa: UP007 - a runtime alias on Python 3.10
-"""A prompt: a plain user string, or a whole chat conversation."""
 
 
 def prompt_text(prompt: Prompt) -> str:
@@ -85,8 +81,6 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        from confroute._validation import check_float, check_int
-
         owner = "GenerationConfig"
         check_int(self.max_new_tokens, "max_new_tokens", owner, min_value=1)
         check_float(self.temperature, "temperature", owner, min_value=0.0)
@@ -95,14 +89,10 @@ class GenerationConfig:
         check_int(self.n, "n", owner, min_value=1)
         check_int(self.seed, "seed", owner, min_value=0, allow_none=True)
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
-            from confroute._validation import param_error
-
             raise param_error("stop", owner, "a tuple of non-empty strings", self.stop,
                               type_error=True)
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.temperature == 0.0 and self.n != 1:
-            from confroute._validation import param_error
-
             raise param_error(
                 "n", owner, "1 when temperature is 0 (greedy decoding is deterministic)", self.n
             )

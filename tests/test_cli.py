@@ -110,7 +110,7 @@ def test_malformed_jsonl_names_the_line(tmp_path, model_dir, capsys):
     ],
 )
 def test_parse_estimator_reads_name_and_parameters(spec, attrs):
-    from confroute.cli import parse_estimator
+    from confroute.cli._common import parse_estimator
 
     est = parse_estimator(spec)
     for key, value in attrs.items():
@@ -127,7 +127,7 @@ def test_parse_estimator_reads_name_and_parameters(spec, attrs):
 )
 def test_parse_estimator_rejects_bad_specs(spec, message):
     from confroute import InvalidParameterError
-    from confroute.cli import parse_estimator
+    from confroute.cli._common import parse_estimator
 
     with pytest.raises(InvalidParameterError, match=message):
         parse_estimator(spec)
@@ -137,9 +137,9 @@ def test_the_shipped_default_router_loads_and_orders_answers_by_likelihood():
     import numpy as np
 
     from confroute import Router, Sample, Samples
-    from confroute.cli import _default_router_path
+    from confroute.cli._common import default_router_path
 
-    router = Router.load(_default_router_path())
+    router = Router.load(default_router_path())
     assert router.feature_names == ["sequence_logprob"]
     assert router.estimators[0].normalize is False
     assert router.calibration_["n"] >= 300
@@ -148,3 +148,113 @@ def test_the_shipped_default_router_loads_and_orders_answers_by_likelihood():
     d_sure, d_unsure = router.route(["a", "b"], samples=[sure, unsure])
     assert d_sure.p_good > d_unsure.p_good
     assert (d_sure.source, d_unsure.source) == ("edge", "cloud")
+
+
+# ------------------------------------------------------------------ enforced budgets
+@pytest.fixture(scope="module")
+def budget_router(model_dir, tmp_path_factory):
+    """A router saved by 'confroute calibrate --max-cloud-fraction 0.25'."""
+    tmp = tmp_path_factory.mktemp("budget")
+    data = _write_jsonl(tmp / "labelled.jsonl", [
+        {"prompt": f"What is {i} plus {i}?", "label": i % 2} for i in range(16)
+    ])
+    path = tmp / "router.json"
+    assert main(["calibrate", "--data", str(data), "--out", str(path), "--edge", str(model_dir),
+                 "--max-cloud-fraction", "0.25"]) == 0
+    return path
+
+
+def test_calibrate_budget_is_enforced_unless_threshold_only(budget_router, model_dir, tmp_path):
+    from confroute import Router
+
+    saved = json.loads(budget_router.read_text())["payload"]
+    assert saved["policy"]["name"] == "budget"
+    assert saved["policy"]["params"]["enforce"] == "total"
+    p_good = saved["calibration"]["p_good"]
+    assert len(p_good) == 16 and all(0.0 <= p <= 1.0 for p in p_good)
+    # the recorded p_good are the router's own calibrated probabilities
+    router = Router.load(budget_router)
+    t = router.policy.threshold_
+    assert router.policy.calibration_cloud_fraction_ == pytest.approx(
+        sum(p < t for p in p_good) / 16)
+
+    data = _write_jsonl(tmp_path / "labelled.jsonl", [
+        {"prompt": f"Question {i}?", "label": i % 2} for i in range(12)
+    ])
+    out = tmp_path / "threshold_only.json"
+    assert main(["calibrate", "--data", str(data), "--out", str(out), "--edge", str(model_dir),
+                 "--max-cloud-fraction", "0.25", "--threshold-only"]) == 0
+    assert json.loads(out.read_text())["payload"]["policy"]["params"]["enforce"] == "none"
+
+
+def _route(router_path, model_dir, out, prompts, *extra):
+    assert main(["route", "--router", str(router_path), "--edge", str(model_dir),
+                 "--input", str(prompts), "--output", str(out), "--batch-size", "3",
+                 *extra]) == 0
+    return [json.loads(line)["source"] == "cloud" for line in out.read_text().splitlines()]
+
+
+def test_route_max_cloud_fraction_caps_shifted_traffic_at_every_prefix(
+        budget_router, model_dir, tmp_path):
+    from confroute import BudgetPolicy, Router
+
+    # Shifted traffic: the calibration record says every p_good was 1.0, so the refitted
+    # threshold is 1.0 and nearly every new prompt wants the cloud.
+    router = Router.load(budget_router)
+    n_cal = len(router.calibration_["p_good"])
+    router.calibration_["p_good"] = [1.0] * n_cal
+    shifted = tmp_path / "shifted.json"
+    router.save(shifted)
+    router.policy = BudgetPolicy(max_cloud_fraction=0.3).fit([1.0] * n_cal)  # not enforced
+    loose = tmp_path / "loose.json"
+    router.save(loose)
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [
+        {"id": i, "prompt": f"Tell me about topic {i}."} for i in range(10)
+    ])
+    wanted = _route(loose, model_dir, tmp_path / "loose.jsonl", prompts)
+    assert sum(wanted) > 3  # without enforcement the 30% budget is broken on this traffic
+
+    cloud = _route(shifted, model_dir, tmp_path / "enforced.jsonl", prompts,
+                   "--max-cloud-fraction", "0.3")
+    for k in range(1, len(cloud) + 1):
+        assert sum(cloud[:k]) <= (3 * k) // 10, (k, cloud)
+    assert sum(cloud) == 3  # the budget is used, not only respected
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["calibrate", "--out", "x.json", "--edge", "/no/such/model",
+          "--max-cloud-fraction", "1.5"],
+         "The '--max-cloud-fraction' parameter of confroute calibrate must be"),
+        (["calibrate", "--out", "x.json", "--edge", "/no/such/model", "--threshold-only"],
+         "only applies with '--max-cloud-fraction'"),
+        (["calibrate-predictive", "--query-router", "/no/such.json", "--data", "d.jsonl",
+          "--out", "x.json", "--max-cloud-fraction", "-0.1"],
+         "The '--max-cloud-fraction' parameter of confroute calibrate-predictive must be"),
+        (["route", "--edge", "/no/such/model", "--max-cloud-fraction", "2", "hi"],
+         "The '--max-cloud-fraction' parameter of confroute route must be"),
+        # the built-in router records no calibration p_good: refused before loading models
+        (["route", "--edge", "/no/such/model", "--max-cloud-fraction", "0.3", "hi"],
+         "records none"),
+    ],
+)
+def test_budget_options_are_checked_before_any_model_is_loaded(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "not an existing path" not in err
+
+
+def test_route_refuses_a_budget_for_a_router_without_recorded_p_good(
+        budget_router, model_dir, tmp_path, capsys):
+    from confroute import Router
+
+    router = Router.load(budget_router)
+    del router.calibration_["p_good"]
+    bare = tmp_path / "bare.json"
+    router.save(bare)
+    assert main(["route", "--router", str(bare), "--edge", str(model_dir),
+                 "--max-cloud-fraction", "0.3", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bare} records none" in err and "confroute calibrate" in err

@@ -192,3 +192,62 @@ def test_calibrate_predictive_with_default_embedder(models, tmp_path, capsys):
     assert len(rows) == 2 and all("query_router" in r["scores"] for r in rows)
     # escalated prompts got no edge answer: the edge model was not run for them
     assert all(r["edge_answer"] is None for r in rows if r["source"] == "cloud")
+
+
+class _CountingModel:
+    """A real tiny model that counts generate calls (to prove validation comes first)."""
+
+    def __init__(self, model):
+        self.model, self.name, self.calls = model, model.name, 0
+
+    def generate(self, prompts, config):
+        self.calls += 1
+        return self.model.generate(prompts, config)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "'batch_size' parameter of accuracy_label_file"),
+        ({"grader": "no_such_grader"}, "no_such_grader"),
+        ({"ids": [0, 1]}, "ids"),
+        ({"max_new_tokens": 0}, "'max_new_tokens' parameter of GenerationConfig"),
+    ],
+)
+def test_accuracy_label_file_checks_its_input_before_generating(models, tmp_path, kwargs,
+                                                                 message):
+    from confroute import ConfrouteError
+    from confroute.models.hf import HFLanguageModel
+    from confroute.predictive.labels import accuracy_label_file
+
+    weak = _CountingModel(HFLanguageModel(models["weak"]))
+    strong = _CountingModel(HFLanguageModel(models["strong"]))
+    args = {"prompts": [q for _, q, _ in QUESTIONS], "ids": [i for i, _, _ in QUESTIONS],
+            "references": [a for *_, a in QUESTIONS], "weak": weak, "strong": strong,
+            "out_path": tmp_path / "labels.jsonl", **kwargs}
+    with pytest.raises(ConfrouteError, match=message):
+        accuracy_label_file(**args)
+    assert (weak.calls, strong.calls) == (0, 0)
+    assert not (tmp_path / "labels.jsonl").exists()
+
+
+def test_accuracy_label_file_resumes_and_refuses_other_models(models, tmp_path):
+    from confroute import InvalidParameterError
+    from confroute.models.hf import HFLanguageModel
+    from confroute.predictive.labels import accuracy_label_file
+
+    weak = _CountingModel(HFLanguageModel(models["weak"]))
+    strong = _CountingModel(HFLanguageModel(models["strong"]))
+    prompts, ids = [q for _, q, _ in QUESTIONS], [i for i, _, _ in QUESTIONS]
+    refs = [a for *_, a in QUESTIONS]
+    out = tmp_path / "labels.jsonl"
+    first = accuracy_label_file(prompts[:3], ids[:3], refs[:3], weak, strong, out,
+                                batch_size=2, progress=False)
+    assert [r["id"] for r in first] == ids[:3] and weak.calls == 2
+    rows = accuracy_label_file(prompts, ids, refs, weak, strong, out, batch_size=8,
+                               progress=False)
+    assert [r["id"] for r in rows] == ids and weak.calls == 3  # only the 2 new ids
+    for r in rows:
+        assert r["winner_model_a"] + r["winner_model_b"] + r["winner_tie"] == 1
+    with pytest.raises(InvalidParameterError, match="points to labels made with"):
+        accuracy_label_file(prompts, ids, refs, strong, weak, out, progress=False)

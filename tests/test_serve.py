@@ -369,8 +369,8 @@ def test_concurrent_requests_are_micro_batched_and_edge_is_serialised(server):
 # ------------------------------------------------------------------ CLI app path
 def test_cli_serve_app_round_trip(tmp_path, tiny_llama):
     from confroute.cli import build_parser
+    from confroute.cli.serve import app_from_args
     from confroute.models.hf import HFLanguageModel
-    from confroute.serve import app_from_args
     from tests.tiny_models import save_causal_lm
 
     model_dir = save_causal_lm(tmp_path / "edge")

@@ -48,6 +48,7 @@ __all__ = [
     "LABEL_CREDIT",
     "ROW_KEYS",
     "Label",
+    "accuracy_label_file",
     "accuracy_labels",
     "label_credits",
     "make_se_labels",
@@ -578,3 +579,98 @@ def _scores(est: Any, n: int, which: str) -> np.ndarray:
             f"The estimator of make_se_labels returned a negative semantic entropy for {which}."
         )
     return scores
+
+
+def _done_ids(p: Path, strong_name: str, weak_name: str, owner: str) -> set[tuple[str, Any]]:
+    """(type name, id) of the rows already in ``p``, checking they pair the same models."""
+    done: set[tuple[str, Any]] = set()
+    if not p.exists():
+        return done
+    for r in read_labels_jsonl(p, allow_truncated_tail=True):
+        if (r["model_a"], r["model_b"]) != (strong_name, weak_name):
+            raise InvalidParameterError(
+                f"The 'out_path' parameter of {owner} points to labels made with "
+                f"model_a={r['model_a']!r}, model_b={r['model_b']!r}, not {strong_name!r} / "
+                f"{weak_name!r}; use another file."
+            )
+        done.add((type(r["id"]).__name__, r["id"]))
+    return done
+
+
+def accuracy_label_file(
+    prompts: Sequence[Prompt],
+    ids: Sequence[str | int],
+    references: Sequence[Sequence[str]],
+    weak: Any,
+    strong: Any,
+    out_path: str | os.PathLike[str],
+    *,
+    grader: str = "contains",
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Accuracy preference labels (greedy answers graded against references), resumable.
+
+    Both models answer greedily; each answer is graded with ``grader``; the
+    label is :func:`accuracy_labels` of the two grades. Rows are appended batch
+    by batch and ids already in ``out_path`` are skipped, as in
+    :func:`make_se_labels`.
+
+    Parameters
+    ----------
+    prompts : sequence of Prompt, length n
+    ids : sequence of str or int, length n
+        Unique, stable identifiers (the resume key).
+    references : sequence of length n of sequence of str
+        Accepted answers per prompt.
+    weak, strong : LanguageModel
+        With a ``name`` (written to ``model_b`` / ``model_a``).
+    out_path : path-like
+        JSON-lines output (created if missing).
+    grader : str, default="contains"
+        A grader name of :mod:`confroute.grading`.
+    max_new_tokens : int, default=32
+    batch_size : int, default=8
+    progress : bool, default=True
+
+    Returns
+    -------
+    list of dict
+        Every row now in ``out_path``.
+    """
+    from tqdm.auto import tqdm
+
+    from confroute._validation import check_prompts
+    from confroute.grading import resolve_grader
+    from confroute.types import GenerationConfig
+
+    owner = "accuracy_label_file"
+    plist = check_prompts(prompts, owner)
+    check_same_length(owner, prompts=plist, ids=list(ids), references=list(references))
+    bs = check_int(batch_size, "batch_size", owner, min_value=1)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    grade = resolve_grader(grader, owner)
+    strong_name, weak_name = str(strong.name), str(weak.name)
+    p = Path(out_path)
+    done = _done_ids(p, strong_name, weak_name, owner)
+    todo = [i for i, r in enumerate(ids) if (type(r).__name__, r) not in done]
+    bar = tqdm(total=len(todo), desc="accuracy labels", unit="prompt", disable=not progress)
+    try:
+        for start in range(0, len(todo), bs):
+            idx = todo[start:start + bs]
+            batch = [plist[i] for i in idx]
+            ws = [o[0].text for o in weak.generate(batch, cfg)]
+            ss = [o[0].text for o in strong.generate(batch, cfg)]
+            cw = [grade(a, references[i]) >= 0.5 for a, i in zip(ws, idx)]
+            cs = [grade(a, references[i]) >= 0.5 for a, i in zip(ss, idx)]
+            rows = preference_rows([ids[i] for i in idx], batch, accuracy_labels(cs, cw),
+                                   strong_name=strong_name, weak_name=weak_name)
+            write_labels_jsonl(rows, p, append=True)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+    return read_labels_jsonl(p)

@@ -1,4 +1,5 @@
-"""Predictive-routing commands of ``confroute`` (picked up by :mod:`confroute.cli`).
+"""Predictive-routing commands of ``confroute``: ``label``, ``train-router``,
+``calibrate-predictive``, ``two-stage`` and ``route-two-stage``.
 
 Examples
 --------
@@ -26,7 +27,6 @@ Examples
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -35,27 +35,32 @@ from typing import Any
 
 import numpy as np
 
+from confroute.cli._common import (
+    add_policy_options,
+    build_policy,
+    calibrate_and_save,
+    id_split,
+    load_model,
+    parse_params,
+    prompts_from,
+    read_jsonl,
+    references,
+)
 from confroute.errors import InvalidParameterError
 
-__all__ = ["register_cli"]
+__all__ = [
+    "cmd_calibrate_predictive",
+    "cmd_label",
+    "cmd_route_two_stage",
+    "cmd_train_router",
+    "cmd_two_stage",
+    "register",
+]
 
 _KINDS = ("sw", "mf", "mlp", "knn")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _rows(path: str, limit: int | None) -> list[dict[str, Any]]:
-    from confroute.cli import _read_jsonl
-
-    rows = _read_jsonl(path)
-    if limit is not None:
-        if limit < 1:
-            raise InvalidParameterError(f"The '--limit' option must be >= 1. Got {limit}.")
-        rows = rows[:limit]
-    return rows
-
-
 def _ids(rows: Sequence[dict[str, Any]], path: str) -> list[str | int]:
     ids: list[str | int] = []
     for i, r in enumerate(rows):
@@ -68,52 +73,13 @@ def _ids(rows: Sequence[dict[str, Any]], path: str) -> list[str | int]:
     return ids
 
 
-def _references(rows: Sequence[dict[str, Any]], path: str) -> list[list[str]]:
-    refs = []
-    for i, r in enumerate(rows):
-        ans = r.get("answers", r.get("answer"))
-        if ans is None:
-            raise InvalidParameterError(
-                f"{path}: row {i} has no 'answers' (or 'answer'); '--labels accuracy' grades "
-                "each model's answer against them."
-            )
-        refs.append([ans] if isinstance(ans, str) else [str(a) for a in ans])
-    return refs
-
-
 def _model(spec: str, role: str, cache: Any) -> Any:
-    from confroute.cli import load_model
-
     model = load_model(spec, role=role)
     if cache is None:
         return model
     from confroute.cache import CachedModel
 
     return CachedModel(model, cache)
-
-
-def _split_mask(ids: Sequence[Any], fraction: float, seed: int) -> np.ndarray:
-    """True for held-out rows: ``sha256(seed, id) < fraction`` (order-independent)."""
-    out = np.zeros(len(ids), dtype=bool)
-    for i, rid in enumerate(ids):
-        digest = hashlib.sha256(f"{seed}\x00{rid}".encode()).digest()
-        out[i] = int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
-    return out
-
-
-def _parse_params(items: Sequence[str] | None) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise InvalidParameterError(
-                f"The '--param' option must look like NAME=VALUE (e.g. k=10). Got {item!r}."
-            )
-        try:
-            params[name] = json.loads(value)
-        except json.JSONDecodeError:
-            params[name] = value
-    return params
 
 
 def _query_embedder(path: str | None, cache: str | None) -> Any:
@@ -128,14 +94,17 @@ def _query_embedder(path: str | None, cache: str | None) -> Any:
 
 
 # --------------------------------------------------------------------------- label
-
-
 def cmd_label(args: argparse.Namespace) -> int:
-    from confroute.predictive.labels import make_se_labels
+    """Entry point of ``confroute label``."""
+    from confroute.predictive.labels import accuracy_label_file, make_se_labels, row_label
 
-    rows = _rows(args.data, args.limit)
+    rows = read_jsonl(args.data, args.limit)
     prompts = [r["prompt"] for r in rows]
     ids = _ids(rows, args.data)
+    refs = None
+    if args.labels == "accuracy":
+        refs = references(rows, args.data, "; '--labels accuracy' grades each model's answer "
+                          "against them.")
     cache = None
     if args.cache:
         from confroute.cache import GenerationCache
@@ -143,7 +112,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         cache = GenerationCache(args.cache)
     weak = _model(args.weak, "weak", cache)
     strong = _model(args.strong, "strong", cache)
-    if args.labels == "se":
+    if refs is None:
         from confroute.estimators import SemanticEntropy
 
         est = SemanticEntropy(n_samples=args.n_samples, temperature=args.temperature,
@@ -152,12 +121,9 @@ def cmd_label(args: argparse.Namespace) -> int:
         out = make_se_labels(prompts, ids, weak, strong, est, args.tau, args.out,
                              batch_size=args.batch_size, progress=True)
     else:
-        out = accuracy_label_file(prompts, ids, _references(rows, args.data), weak, strong,
-                                  args.out, grader=args.grader,
-                                  max_new_tokens=args.max_new_tokens,
+        out = accuracy_label_file(prompts, ids, refs, weak, strong, args.out,
+                                  grader=args.grader, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.batch_size)
-    from confroute.predictive.labels import row_label
-
     counts = {k: 0 for k in ("strong", "weak", "tie")}
     for r in out:
         counts[row_label(r)] += 1
@@ -166,123 +132,56 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def accuracy_label_file(
-    prompts: Sequence[Any],
-    ids: Sequence[str | int],
-    references: Sequence[Sequence[str]],
-    weak: Any,
-    strong: Any,
-    out_path: str | Path,
-    *,
-    grader: str = "contains",
-    max_new_tokens: int = 32,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Accuracy preference labels (greedy answers graded against references), resumable.
-
-    Both models answer greedily; each answer is graded with ``grader``; the
-    label is :func:`~confroute.predictive.labels.accuracy_labels` of the two
-    grades. Rows are appended batch by batch and ids already in ``out_path``
-    are skipped, as in :func:`~confroute.predictive.labels.make_se_labels`.
-
-    Returns
-    -------
-    list of dict
-        Every row now in ``out_path``.
-    """
-    from tqdm.auto import tqdm
-
-    from confroute.grading import resolve_grader
-    from confroute.predictive.labels import (
-        accuracy_labels,
-        preference_rows,
-        read_labels_jsonl,
-        write_labels_jsonl,
-    )
-    from confroute.types import GenerationConfig
-
-    grade = resolve_grader(grader, "confroute label")
-    strong_name, weak_name = str(strong.name), str(weak.name)
-    p = Path(out_path)
-    done: set[tuple[str, Any]] = set()
-    if p.exists():
-        for r in read_labels_jsonl(p, allow_truncated_tail=True):
-            if (r["model_a"], r["model_b"]) != (strong_name, weak_name):
-                raise InvalidParameterError(
-                    f"The '--out' option points to labels made with model_a={r['model_a']!r}, "
-                    f"model_b={r['model_b']!r}, not {strong_name!r} / {weak_name!r}; use "
-                    "another file."
-                )
-            done.add((type(r["id"]).__name__, r["id"]))
-    todo = [i for i, r in enumerate(ids) if (type(r).__name__, r) not in done]
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    bar = tqdm(total=len(todo), desc="accuracy labels", unit="prompt", disable=not progress)
-    try:
-        for start in range(0, len(todo), batch_size):
-            idx = todo[start:start + batch_size]
-            batch = [prompts[i] for i in idx]
-            ws = [o[0].text for o in weak.generate(batch, cfg)]
-            ss = [o[0].text for o in strong.generate(batch, cfg)]
-            cw = [grade(a, references[i]) >= 0.5 for a, i in zip(ws, idx)]
-            cs = [grade(a, references[i]) >= 0.5 for a, i in zip(ss, idx)]
-            labels = accuracy_labels(cs, cw)
-            rows = preference_rows([ids[i] for i in idx], batch, labels,
-                                   strong_name=strong_name, weak_name=weak_name)
-            write_labels_jsonl(rows, p, append=True)
-            bar.update(len(idx))
-    finally:
-        bar.close()
-    if not p.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.touch()
-    return read_labels_jsonl(p)
-
-
 # --------------------------------------------------------------------------- train
+def _router_class(kind: str, params: dict[str, Any]) -> Any:
+    from confroute.predictive.routers import router_registry
+
+    cls = router_registry.get_class(kind)
+    try:
+        cls(**params)
+    except TypeError as exc:
+        raise InvalidParameterError(
+            f"The '--param' options do not fit the {kind!r} router: {exc}."
+        ) from None
+    return cls
+
+
+def _held_out_auroc(p: np.ndarray, y_held: np.ndarray, n_held: int, seed: int) -> str:
+    """One line on the held-out AUROC of strong vs weak wins (ties left out)."""
+    from sklearn.metrics import roc_auc_score
+
+    decisive = y_held != 0.5
+    yd = (y_held[decisive] == 1.0).astype(int)
+    if len(np.unique(yd)) == 2:
+        return (f"held-out AUROC (strong vs weak wins, ties left out) "
+                f"{roc_auc_score(yd, p[decisive]):.3f} on {len(yd)} rows ({n_held} held out, "
+                f"seed {seed})")
+    return (f"held-out AUROC undefined: the {n_held} held-out rows have "
+            f"{len(yd)} decisive labels of one class only")
 
 
 def cmd_train_router(args: argparse.Namespace) -> int:
-    from confroute.evaluation.metrics import auroc
+    """Entry point of ``confroute train-router``."""
     from confroute.predictive.labels import label_credits, read_labels_jsonl, row_label
-    from confroute.predictive.routers import router_registry
     from confroute.types import prompt_text
 
     rows = read_labels_jsonl(args.labels)
     if len(rows) < 2:
         raise InvalidParameterError(f"{args.labels}: need at least 2 label rows to train.")
-    params = _parse_params(args.param)
-    cls = router_registry.get_class(args.kind)
-    try:
-        cls(**params)
-    except TypeError as exc:
-        raise InvalidParameterError(
-            f"The '--param' options do not fit the {args.kind!r} router: {exc}."
-        ) from None
-    labels = [row_label(r) for r in rows]
-    y = label_credits(labels, "confroute train-router")
-    texts = [prompt_text(r["prompt"]) for r in rows]
-    emb = _query_embedder(args.embedder, args.cache)
-    print(f"embedding {len(texts)} prompts with {emb.name}", file=sys.stderr)
-    X = emb.encode(texts)
-    held = _split_mask([r["id"] for r in rows], args.test_fraction, args.seed)
+    params = parse_params(args.param)
+    cls = _router_class(args.kind, params)
+    y = label_credits([row_label(r) for r in rows], "confroute train-router")
+    held = id_split([r["id"] for r in rows], args.test_fraction, args.seed)
     if held.all() or not held.any():
         raise InvalidParameterError(
             f"The '--test-fraction' option left {int((~held).sum())} training and "
             f"{int(held.sum())} held-out rows; both must be non-empty."
         )
+    emb = _query_embedder(args.embedder, args.cache)
+    print(f"embedding {len(rows)} prompts with {emb.name}", file=sys.stderr)
+    X = emb.encode([prompt_text(r["prompt"]) for r in rows])
     router = cls(**params).fit(X[~held], y[~held])
-    p = router.predict_proba(X[held])
-    decisive = held & (y != 0.5)
-    yd = (y[decisive] == 1.0).astype(int)
-    pd = p[(y[held] != 0.5)]
-    if len(np.unique(yd)) == 2:
-        msg = (f"held-out AUROC (strong vs weak wins, ties left out) {auroc(pd, yd):.3f} on "
-               f"{len(yd)} rows ({int(held.sum())} held out, seed {args.seed})")
-    else:
-        msg = (f"held-out AUROC undefined: the {int(held.sum())} held-out rows have "
-               f"{len(yd)} decisive labels of one class only")
-    print(msg)
+    print(_held_out_auroc(router.predict_proba(X[held]), y[held], int(held.sum()), args.seed))
     if args.no_refit:
         final = router
         note = f"fitted on the {int((~held).sum())} training rows"
@@ -295,33 +194,18 @@ def cmd_train_router(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- build routers
-
-
-def _policy(args: argparse.Namespace) -> Any:
-    from confroute.policies import BudgetPolicy, ThresholdPolicy
-
-    if args.max_cloud_fraction is not None:
-        return BudgetPolicy(max_cloud_fraction=args.max_cloud_fraction)
-    return ThresholdPolicy(min_p_good=args.min_p_good)
-
-
 def cmd_calibrate_predictive(args: argparse.Namespace) -> int:
-    from confroute.cli import load_model
+    """Entry point of ``confroute calibrate-predictive``."""
     from confroute.predictive.routers import QueryRouter, QueryRouterEstimator
     from confroute.router import Router
 
+    policy = build_policy(args, "confroute calibrate-predictive")
     path = str(Path(args.query_router).resolve())
     QueryRouter.load(path)  # fail early on a bad file
-    rows = _rows(args.data, None)
-    prompts = [r["prompt"] for r in rows]
+    rows = read_jsonl(args.data)
     est = QueryRouterEstimator(router=path)
-    router = Router(est, args.calibrator, _policy(args), edge=load_model(args.edge, role="edge"))
-    if all("label" in r for r in rows):
-        router.calibrate(prompts, [int(r["label"]) for r in rows])
-    else:
-        router.calibrate(prompts, references=_references(rows, args.data), grader=args.grader)
-    router.save(args.out)
-    cal = router.calibration_ or {}
+    router = Router(est, args.calibrator, policy, edge=load_model(args.edge, role="edge"))
+    cal = calibrate_and_save(router, rows, args.data, args.grader, args.out)
     print(f"saved {args.out}: pre-generation router on {path}; edge accuracy "
           f"{cal.get('edge_accuracy', float('nan')):.3f} on {cal.get('n')} prompts "
           "(use it with 'confroute route --router')")
@@ -329,6 +213,7 @@ def cmd_calibrate_predictive(args: argparse.Namespace) -> int:
 
 
 def cmd_two_stage(args: argparse.Namespace) -> int:
+    """Entry point of ``confroute two-stage``."""
     from confroute.predictive.routers import QueryRouter
     from confroute.predictive.two_stage import TwoStageRouter
     from confroute.router import Router
@@ -346,7 +231,7 @@ def cmd_two_stage(args: argparse.Namespace) -> int:
                 "The '--gate-share' option needs '--data' (representative prompts) to choose "
                 "the gate threshold."
             )
-        rows = _rows(args.data, None)
+        rows = read_jsonl(args.data)
         ts.calibrate_gate([r["prompt"] for r in rows])
         lo, hi = ts.gate_share_interval_ or (float("nan"), float("nan"))
         print(f"gate threshold {ts.gate_threshold_:.4f}: stage-1 cloud share on new, similar "
@@ -356,37 +241,27 @@ def cmd_two_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _two_stage_rows(ts: Any, prompts: list[Any], has_cloud: bool) -> list[dict[str, Any]]:
+    if has_cloud:
+        return [{"prompt": resp.decision.prompt, "source": resp.source, "answer": resp.text,
+                 "p_good": resp.decision.p_good, "scores": dict(resp.decision.scores),
+                 "reason": resp.decision.reason, "degraded": resp.degraded,
+                 "error": resp.error} for resp in ts(prompts)]
+    return [{"prompt": d.prompt, "source": d.source, "p_good": d.p_good,
+             "scores": dict(d.scores), "edge_answer": d.edge_answer, "reason": d.reason}
+            for d in ts.route(prompts)]
+
+
 def cmd_route_two_stage(args: argparse.Namespace) -> int:
-    from confroute.cli import load_model
+    """Entry point of ``confroute route-two-stage``."""
     from confroute.predictive.two_stage import TwoStageRouter
 
-    if args.input:
-        rows = _rows(args.input, None)
-    elif args.prompts:
-        rows = [{"prompt": p} for p in args.prompts]
-    else:
-        raise InvalidParameterError("Give prompts as arguments or a file with --input.")
+    rows = prompts_from(args)
     edge = load_model(args.edge, role="edge")
     cloud = load_model(args.cloud, role="cloud") if args.cloud else None
-    emb = None
-    if args.embedder:
-        emb = _query_embedder(args.embedder, args.cache)
-    elif args.cache:
-        emb = _query_embedder(None, args.cache)
+    emb = _query_embedder(args.embedder, args.cache) if args.embedder or args.cache else None
     ts = TwoStageRouter.load(args.router, edge=edge, cloud=cloud, embedder=emb)
-    prompts = [r["prompt"] for r in rows]
-    out: list[dict[str, Any]] = []
-    if cloud is not None:
-        for resp in ts(prompts):
-            d = resp.decision
-            out.append({"prompt": d.prompt, "source": resp.source, "answer": resp.text,
-                        "p_good": d.p_good, "scores": dict(d.scores), "reason": d.reason,
-                        "degraded": resp.degraded, "error": resp.error})
-    else:
-        for d in ts.route(prompts):
-            out.append({"prompt": d.prompt, "source": d.source, "p_good": d.p_good,
-                        "scores": dict(d.scores), "edge_answer": d.edge_answer,
-                        "reason": d.reason})
+    out = _two_stage_rows(ts, [r["prompt"] for r in rows], cloud is not None)
     for row, src in zip(out, rows):
         if "id" in src:
             row["id"] = src["id"]
@@ -400,11 +275,7 @@ def cmd_route_two_stage(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
-
-
-def register_cli(sub: Any) -> None:
-    """Add ``label``, ``train-router``, ``calibrate-predictive``, ``two-stage`` and
-    ``route-two-stage`` to the ``confroute`` command."""
+def _register_label(sub: Any) -> None:
     lab = sub.add_parser(
         "label", help="preference labels (strong vs weak model) for training a query router",
         description="Sample the weak and strong models on the prompts of --data (JSONL with "
@@ -431,6 +302,8 @@ def register_cli(sub: Any) -> None:
     lab.add_argument("--cache", help="sqlite generation cache shared by both models")
     lab.set_defaults(func=cmd_label)
 
+
+def _register_train_router(sub: Any) -> None:
     tr = sub.add_parser(
         "train-router", help="train a query router (sw, mf, mlp, knn) on preference labels",
         description="Embed the label rows' prompts, fit the router on a seeded 80%% split, "
@@ -450,6 +323,8 @@ def register_cli(sub: Any) -> None:
                     help="save the router fitted on the training split only")
     tr.set_defaults(func=cmd_train_router)
 
+
+def _register_calibrate_predictive(sub: Any) -> None:
     cp = sub.add_parser(
         "calibrate-predictive",
         help="calibrate a Router that decides with a query router before any generation",
@@ -463,11 +338,11 @@ def register_cli(sub: Any) -> None:
     cp.add_argument("--edge", default="embedded")
     cp.add_argument("--calibrator", default="isotonic")
     cp.add_argument("--grader", default="contains")
-    g = cp.add_mutually_exclusive_group()
-    g.add_argument("--min-p-good", type=float, default=0.5)
-    g.add_argument("--max-cloud-fraction", type=float)
+    add_policy_options(cp, risk_control=False)
     cp.set_defaults(func=cmd_calibrate_predictive)
 
+
+def _register_two_stage(sub: Any) -> None:
     ts = sub.add_parser(
         "two-stage", help="combine a query-router gate and a calibrated Router",
         description="Stage 1: the gate escalates queries whose P(strong wins) exceeds a "
@@ -484,6 +359,8 @@ def register_cli(sub: Any) -> None:
     ts.add_argument("--out", required=True)
     ts.set_defaults(func=cmd_two_stage)
 
+
+def _register_route_two_stage(sub: Any) -> None:
     rt = sub.add_parser(
         "route-two-stage", help="route (and answer, with --cloud) with a two-stage router",
         description="Print one JSON line per prompt; per-stage cost accounting goes to stderr.",
@@ -497,3 +374,13 @@ def register_cli(sub: Any) -> None:
     rt.add_argument("--embedder", help="the gate's encoder folder, if not the default")
     rt.add_argument("--cache", help="sqlite embedding cache")
     rt.set_defaults(func=cmd_route_two_stage)
+
+
+def register(sub: Any) -> None:
+    """Add ``label``, ``train-router``, ``calibrate-predictive``, ``two-stage`` and
+    ``route-two-stage`` to the ``confroute`` command."""
+    _register_label(sub)
+    _register_train_router(sub)
+    _register_calibrate_predictive(sub)
+    _register_two_stage(sub)
+    _register_route_two_stage(sub)

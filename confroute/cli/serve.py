@@ -1,0 +1,78 @@
+"""``confroute serve``: run the OpenAI-compatible routing server of :mod:`confroute.serve`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from confroute.cli._common import load_router
+from confroute.errors import MissingDependencyError
+
+__all__ = ["app_from_args", "cmd_serve", "register"]
+
+_INSTALL_HINT = 'pip install "confroute[serve]"'
+
+
+def register(sub: Any) -> None:
+    """Add ``serve`` to the ``confroute`` command (cheap: imports nothing heavy)."""
+    p = sub.add_parser(
+        "serve", help="run an OpenAI-compatible routing server",
+        description="Serve POST /v1/chat/completions (streaming and not), GET /v1/models and "
+        "GET /health. Each conversation is routed by the router: the edge answer is kept or "
+        "the conversation is escalated to the cloud model. The decision is returned in the "
+        "'confroute' response field and the X-Confroute-* headers. Needs "
+        f"{_INSTALL_HINT}.",
+    )
+    p.add_argument("--router", help="saved router file (default: the built-in one)")
+    p.add_argument("--edge", default="embedded", help="edge model spec (default: embedded)")
+    p.add_argument("--cloud", help="cloud model spec (without it, escalations follow the "
+                   "router's on_cloud_error)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model-name", default="confroute",
+                   help="model id reported to clients (default confroute)")
+    p.add_argument("--max-prompt-chars", type=int, default=32000,
+                   help="largest conversation, in content characters (default 32000)")
+    p.add_argument("--max-messages", type=int, default=64,
+                   help="largest number of messages (default 64)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="largest edge micro-batch (default 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long to gather a micro-batch, in ms (default 5)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _require_server() -> Any:
+    """uvicorn, after checking fastapi too: fail before any model is loaded."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"The confroute routing server needs fastapi and uvicorn: {_INSTALL_HINT}"
+        ) from exc
+    return uvicorn
+
+
+def app_from_args(args: argparse.Namespace) -> Any:
+    """Load the router and models named by ``confroute serve`` options and build the app.
+
+    Returns
+    -------
+    fastapi.FastAPI
+    """
+    _require_server()
+    from confroute.serve import create_app
+
+    router = load_router(args.router, args.edge, args.cloud)
+    return create_app(router, model_name=args.model_name, max_prompt_chars=args.max_prompt_chars,
+                      max_messages=args.max_messages, max_batch=args.max_batch,
+                      batch_wait_ms=args.batch_wait_ms)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Entry point of ``confroute serve``."""
+    uvicorn = _require_server()
+    uvicorn.run(app_from_args(args), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
