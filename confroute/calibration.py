@@ -227,7 +227,7 @@ class Calibrator(ClassifierMixin, ParamsMixin, ABC):
         return np.column_stack([1.0 - p, p])
 
     def predict(self, scores: Any) -> np.ndarray:
-        """Predicted label: 1 (good) where P(good) >= 0.5, else 0.
+        """Predicted label: 1 (good) where P(good) > 0.5, else 0 (the argmax of predict_proba).
 
         Parameters
         ----------
@@ -240,7 +240,7 @@ class Calibrator(ClassifierMixin, ParamsMixin, ABC):
             0 or 1; a NaN probability (unscorable) predicts 0, as the default
             policy escalates it.
         """
-        return (self.p_good(scores) >= 0.5).astype(np.int64)
+        return (self.p_good(scores) > 0.5).astype(np.int64)
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()

@@ -272,7 +272,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
             f"{int(held.sum())} held-out rows; both must be non-empty."
         )
     router = cls(**params).fit(X[~held], y[~held])
-    p = router.predict_proba(X[held])
+    p = router.p_strong(X[held])
     decisive = held & (y != 0.5)
     yd = (y[decisive] == 1.0).astype(int)
     pd = p[(y[held] != 0.5)]
