@@ -10,9 +10,10 @@ Every router predicts the probability that the **strong** (cloud) model wins the
 query (:meth:`QueryRouter.p_strong`, shape (n,)); higher means more reason to
 escalate. Routers are scikit-learn binary classifiers with ``classes_ = [0, 1]``
 (1 = strong model wins): ``predict_proba`` has shape (n, 2) and ``predict``
-returns 0/1, so ``clone``, ``GridSearchCV`` and ``cross_val_predict`` work. :class:`QueryRouterEstimator`
-exposes a fitted router as an :class:`~confroute.estimators.UncertaintyEstimator`
-that needs no generation, so the usual calibrators and policies apply.
+returns 0/1, so ``clone``, ``GridSearchCV`` and ``cross_val_predict`` work.
+:class:`QueryRouterEstimator` exposes a fitted router as an
+:class:`~confroute.estimators.UncertaintyEstimator` that needs no generation, so
+the usual calibrators and policies apply.
 
 torch is imported only inside the ``fit`` of the MF and MLP routers; prediction
 uses numpy on the stored arrays.
