@@ -270,6 +270,8 @@ def test_query_router_is_a_binary_classifier(factory) -> None:  # type: ignore[n
     assert is_classifier(router)
     with pytest.raises(sklearn.exceptions.NotFittedError):
         check_is_fitted(router)
+    with pytest.raises(sklearn.exceptions.NotFittedError, match=r"call fit\(embeddings, labels\)"):
+        router.predict_proba(X)
     router.fit(X[:300], y[:300])
     check_is_fitted(router)
     np.testing.assert_array_equal(router.classes_, [0, 1])
