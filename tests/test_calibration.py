@@ -196,6 +196,21 @@ def test_platt_probabilities_in_unit_interval(seed, k, c, smooth, standardize) -
     assert out.shape == (40,) and np.all((out >= 0) & (out <= 1))
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), cls=st.sampled_from(ALL),
+       query=st.lists(st.floats(-10, 10), min_size=1, max_size=30))
+def test_classifier_view_agrees_with_p_good(seed, cls, query) -> None:
+    s, y = make_data(seed, n=60)
+    cal = cls().fit(s, y)
+    proba = cal.predict_proba(query)
+    p = cal.p_good(query)
+    assert proba.shape == (len(query), 2) and np.all((proba >= 0) & (proba <= 1))
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(proba[:, 1], p)
+    np.testing.assert_array_equal(cal.predict(query), (p > 0.5).astype(int))
+    np.testing.assert_array_equal(cal.classes_, [0, 1])
+
+
 def test_platt_matches_sklearn_logistic_regression() -> None:
     from sklearn.linear_model import LogisticRegression
 
