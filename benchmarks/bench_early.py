@@ -36,7 +36,7 @@ def run(ctx: Context) -> list[Row]:
                     edge_max_new_tokens=MAX_NEW_TOKENS)
     router.calibrate([r["question"] for r in cal], references=[r["answer"] for r in cal],
                      grader="contains")
-    p_cal = router.calibrator.predict_proba(router.calibrator.X_thresholds_)
+    p_cal = router.calibrator.p_good(router.calibrator.X_thresholds_)
     prompts = [r["question"] for r in test]
     full_tokens = np.array([len(d_tokens) for d_tokens in _greedy_ids(router, prompts)])
     rows: list[Row] = []

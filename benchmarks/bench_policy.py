@@ -22,7 +22,7 @@ def run(ctx: Context) -> list[Row]:
         pol = ThresholdPolicy(min_p_good=0.5)
 
         def decide(cal: object = cal, pol: ThresholdPolicy = pol) -> np.ndarray:
-            return pol.decide(cal.predict_proba(scores))  # type: ignore[attr-defined]
+            return pol.decide(cal.p_good(scores))  # type: ignore[attr-defined]
 
         wall, _ = interleave({"d": decide}, ctx.repeats)
         rows.append(

@@ -172,7 +172,7 @@ def run_recorded(data_dir: str, out: Path, *, n_boot: int, seed: int, n_latency:
             t0 = time.perf_counter()
             router.fit(X_tr, y_train)
             fit_s = time.perf_counter() - t0
-            p = router.predict_proba(X_te)
+            p = router.p_strong(X_te)
             m = evaluate_ordering(1.0 - p, e, c, kind="score", n_boot=n_boot, seed=seed)
             m["auroc"] = auroc_ci(p, list(y_test), n_boot, seed)  # type: ignore[assignment]
             m["fit_seconds"] = fit_s  # type: ignore[assignment]
@@ -266,7 +266,7 @@ def run_live(data_dir: str, out: Path, *, n_train: int, n_test: int, n_samples: 
             if rname == "knn":
                 router.set_params(k=min(10, len(train)))
             router.fit(X_tr, y)
-            p = router.predict_proba(X_te)
+            p = router.p_strong(X_te)
             m = evaluate_ordering(1.0 - p, e, c, kind="score", n_boot=n_boot, seed=seed)
             m["auroc_acc"] = auroc_ci(p, list(y_test_acc), n_boot, seed)  # type: ignore[assignment]
             methods[f"{rname}[{lname}]"] = m

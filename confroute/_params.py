@@ -1,7 +1,10 @@
-"""Scikit-learn style parameter handling without importing scikit-learn.
+"""Scikit-learn glue: every configurable confroute part is a ``BaseEstimator``.
 
 Constructors store their keyword arguments unchanged; ``get_params`` reads them
-back by the constructor's signature, so :func:`sklearn.base.clone` works.
+back by the constructor's signature, so :func:`sklearn.base.clone`, ``Pipeline``
+and ``GridSearchCV`` work. Importing this module imports scikit-learn, so only
+modules that define estimators (calibration, policies, estimators, predictive,
+models) import it; ``import confroute`` and the CLI parser do not.
 """
 
 from __future__ import annotations
@@ -9,13 +12,32 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from confroute.errors import InvalidParameterError
+from sklearn.base import BaseEstimator
+
+from confroute.errors import InvalidParameterError, NotFittedError
 
 __all__ = ["ParamsMixin"]
 
 
-class ParamsMixin:
-    """``get_params`` / ``set_params`` / ``__repr__`` from the ``__init__`` signature."""
+class ParamsMixin(BaseEstimator):
+    """A scikit-learn ``BaseEstimator`` with confroute's typed errors and short repr.
+
+    ``get_params`` / ``set_params`` / ``__repr__`` come from the ``__init__``
+    signature; an unknown parameter raises :class:`~confroute.errors.InvalidParameterError`
+    (a ``ValueError``, as scikit-learn raises). :func:`sklearn.utils.validation.check_is_fitted`
+    asks the object's own ``_check_fitted`` when it has one (so a policy that needs
+    no fit counts as fitted), and otherwise looks for learned attributes ending in ``_``.
+    """
+
+    def __sklearn_is_fitted__(self) -> bool:
+        check = getattr(self, "_check_fitted", None)
+        if check is None:
+            return any(k.endswith("_") and not k.startswith("__") for k in vars(self))
+        try:
+            check()
+        except NotFittedError:
+            return False
+        return True
 
     @classmethod
     def _param_names(cls) -> list[str]:

@@ -2,9 +2,14 @@
 
 A calibrator is fitted on held-out ``(scores, labels)`` pairs, where ``scores``
 are estimator outputs (**higher = more uncertain**, one column per estimator)
-and ``labels`` are 1 when the edge answer was good. ``predict_proba`` returns
-the calibrated probability that a new edge answer is good, which a
+and ``labels`` are 1 when the edge answer was good. ``p_good`` returns the
+calibrated probability that a new edge answer is good, shape (n,), which a
 :class:`~confroute.policies.Policy` turns into a keep/escalate decision.
+
+Calibrators are scikit-learn binary classifiers (``classes_ = [0, 1]``, 1 =
+good): ``predict_proba`` returns shape (n, 2) ``[P(bad), P(good)]`` and
+``predict`` returns 0/1, so ``clone``, ``Pipeline``, ``GridSearchCV``,
+``cross_val_predict`` and ``CalibrationDisplay`` work on them.
 
 References
 ----------
@@ -23,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
+from sklearn.base import ClassifierMixin
 
 from confroute._params import ParamsMixin
 from confroute._registry import Registry
@@ -120,17 +126,30 @@ def _check_direction(value: Any, name: str, owner: str) -> str | bool:
                       type_error=not isinstance(value, str))
 
 
-class Calibrator(ParamsMixin, ABC):
+class Calibrator(ClassifierMixin, ParamsMixin, ABC):
     """Maps uncertainty scores to the probability that the edge answer is good.
 
     Subclasses declare their parameters in ``_param_checks`` (validated at
     :meth:`fit`), their learned state in ``_state_spec``, and implement
     ``_fit`` / ``_predict`` on validated 2-D arrays.
 
-    Conventions: ``scores`` is array-like of shape (n,) for one estimator or
-    (n, k) for k estimators used as features; labels are 1 for a good edge
-    answer and 0 for a bad one. Learned attributes end in ``_``.
+    Conventions: ``scores`` (scikit-learn's ``X``) is array-like of shape (n,)
+    for one estimator or (n, k) for k estimators used as features; labels
+    (``y``) are 1 for a good edge answer and 0 for a bad one. Learned attributes
+    end in ``_``. A calibrator is a scikit-learn binary classifier: confroute
+    code calls :meth:`p_good` (shape (n,)); scikit-learn calls
+    :meth:`predict_proba` (shape (n, 2)) and :meth:`predict`.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (2,)
+        Always ``array([0, 1])`` (0 = bad edge answer, 1 = good), set by fit.
+    n_features_in_ : int
+        Number of score columns seen in fit.
     """
+
+    #: For scikit-learn < 1.6, whose ``is_classifier`` reads this instead of the tags.
+    _estimator_type: ClassVar[str] = "classifier"
 
     _param_checks: ClassVar[Mapping[str, ParamCheck]] = {}
     _state_spec: ClassVar[Mapping[str, str]] = {}
@@ -164,9 +183,10 @@ class Calibrator(ParamsMixin, ABC):
         check_same_length(f"{owner}.fit", scores=x, labels=y)
         self._fit(x, y, params)
         self.n_features_in_ = int(x.shape[1])
+        self.classes_ = np.array([0, 1])
         return self
 
-    def predict_proba(self, scores: Any) -> np.ndarray:
+    def p_good(self, scores: Any) -> np.ndarray:
         """Calibrated probability that each edge answer is good.
 
         Parameters
@@ -189,6 +209,46 @@ class Calibrator(ParamsMixin, ABC):
             out[ok] = np.clip(self._predict(x[ok]), 0.0, 1.0)
         return out
 
+    def predict_proba(self, scores: Any) -> np.ndarray:
+        """Class probabilities in scikit-learn's layout, columns ordered as ``classes_``.
+
+        Parameters
+        ----------
+        scores : array-like of shape (n,) or (n, k)
+            As for :meth:`p_good`.
+
+        Returns
+        -------
+        ndarray of shape (n, 2)
+            ``[P(bad), P(good)]`` per row (rows sum to 1); both NaN where
+            :meth:`p_good` is NaN.
+        """
+        p = self.p_good(scores)
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, scores: Any) -> np.ndarray:
+        """Predicted label: 1 (good) where P(good) > 0.5, else 0 (the argmax of predict_proba).
+
+        Parameters
+        ----------
+        scores : array-like of shape (n,) or (n, k)
+            As for :meth:`p_good`.
+
+        Returns
+        -------
+        ndarray of int of shape (n,)
+            0 or 1; a NaN probability (unscorable) predicts 0, as the default
+            policy escalates it.
+        """
+        return (self.p_good(scores) > 0.5).astype(np.int64)
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.one_d_array = True
+        tags.input_tags.allow_nan = True
+        tags.classifier_tags.multi_class = False
+        return tags
+
     def get_state(self) -> dict[str, Any]:
         """Learned values (arrays and scalars) for safe JSON persistence."""
         self._check_fitted()
@@ -206,6 +266,7 @@ class Calibrator(ParamsMixin, ABC):
         self._check_state(values)
         for key, value in values.items():
             setattr(self, key, value)
+        self.classes_ = np.array([0, 1])
         return self
 
     # -- subclass hooks -------------------------------------------------------------------

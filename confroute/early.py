@@ -149,7 +149,7 @@ class EarlyEscalation:
     def stop_score(self) -> float:
         """:math:`s^*`: every score at or above it escalates (``inf`` if none does).
 
-        Found by bisection on the router's own ``calibrator.predict_proba``, and
+        Found by bisection on the router's own ``calibrator.p_good``, and
         returned as a point whose probability was checked to be below the
         threshold, so the stopping rule never disagrees with the policy.
         """
@@ -159,7 +159,7 @@ class EarlyEscalation:
         self._check_calibrator()
 
         def p(s: float) -> float:
-            return float(self.router.calibrator.predict_proba(np.array([s]))[0])
+            return float(self.router.calibrator.p_good(np.array([s]))[0])
 
         if p(0.0) < tau:
             return 0.0  # scores are never negative

@@ -36,7 +36,47 @@ class InvalidTypeError(ConfrouteError, TypeError):
 
 
 class NotFittedError(ConfrouteError, ValueError, AttributeError):
-    """An object that must be fitted first was used before ``fit``."""
+    """An object that must be fitted first was used before ``fit``.
+
+    Every instance is also a :class:`sklearn.exceptions.NotFittedError` when
+    scikit-learn is installed, so ``except sklearn.exceptions.NotFittedError``
+    catches it. To keep ``import confroute`` free of scikit-learn, the class
+    itself does not derive from scikit-learn's: calling ``NotFittedError(...)``
+    (or a subclass) builds an instance of a same-named subclass that derives from
+    both, created on first use (scikit-learn is imported then, on an error path
+    only). Instances pickle back to the same hybrid.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> NotFittedError:
+        return super().__new__(_with_sklearn_base(cls), *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        plain = type(self).__dict__.get("_confroute_class", type(self))
+        return (plain, self.args, self.__dict__ or None)
+
+
+_HYBRIDS: dict[type, type] = {}
+
+
+def _with_sklearn_base(cls: type[NotFittedError]) -> type[NotFittedError]:
+    """``cls``, or its cached subclass that also derives from sklearn's NotFittedError."""
+    hybrid = _HYBRIDS.get(cls)
+    if hybrid is not None:
+        return hybrid
+    try:
+        from sklearn.exceptions import NotFittedError as SklearnNotFittedError
+    except ImportError:  # pragma: no cover - scikit-learn is a dependency
+        return cls
+    if issubclass(cls, SklearnNotFittedError):
+        return cls
+    hybrid = type(cls.__name__, (cls, SklearnNotFittedError), {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "_confroute_class": cls,
+    })
+    _HYBRIDS[cls] = hybrid
+    return hybrid
 
 
 class ModelLoadError(ConfrouteError, RuntimeError):

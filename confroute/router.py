@@ -235,7 +235,7 @@ class Router:
 
         check_labels(y[finite], "labels", owner)  # both classes needed among scorable ones
         self.calibrator.fit(feats[finite], y[finite])
-        p = self.calibrator.predict_proba(feats)
+        p = self.calibrator.p_good(feats)
         self.policy.fit(p, y)
         self.calibration_ = {
             "n": len(plist),
@@ -257,7 +257,7 @@ class Router:
         self._check_fitted()
         plist = check_prompts(prompts, "Router.predict_proba")
         feats, _, _ = self._estimate(plist, samples, need_greedy=False)
-        return np.asarray(self.calibrator.predict_proba(feats), dtype=np.float64)
+        return np.asarray(self.calibrator.p_good(feats), dtype=np.float64)
 
     def route(
         self, prompts: Sequence[Prompt], *, samples: Sequence[Samples] | None = None
@@ -279,7 +279,7 @@ class Router:
         self._check_fitted()
         any_post = any(e.needs_generation for e in self.estimators)
         feats, used, _ = self._estimate(plist, samples, need_greedy=any_post)
-        p = np.asarray(self.calibrator.predict_proba(feats), dtype=np.float64)
+        p = np.asarray(self.calibrator.p_good(feats), dtype=np.float64)
         tickets: list[Any] = [None] * len(plist)
         admit: Callable[[float], Any] | None = getattr(self.policy, "admit", None)
         if admit is not None:  # online policies count every request in their ledger

@@ -45,7 +45,7 @@ def test_contract(cls: type[Calibrator]) -> None:
     s, y = make_data(0)
     cal = cls()
     assert cal.fit(s, y) is cal
-    out = cal.predict_proba(np.linspace(-4, 4, 50))
+    out = cal.p_good(np.linspace(-4, 4, 50))
     assert out.shape == (50,) and out.dtype == np.float64
     assert np.all((out >= 0) & (out <= 1))
     # uncertainty scores: higher score -> lower P(good)
@@ -79,13 +79,13 @@ def test_state_round_trip_through_json(cls: type[Calibrator], tmp_path) -> None:
     doc = _serialization.read_file(path, "calibrator")
     new = calibrator_registry.get_class(doc["name"])(**doc["params"]).set_state(doc["state"])
     grid = np.linspace(-5, 5, 101)
-    np.testing.assert_array_equal(new.predict_proba(grid), cal.predict_proba(grid))
+    np.testing.assert_array_equal(new.p_good(grid), cal.p_good(grid))
 
 
 @pytest.mark.parametrize("cls", ALL)
 def test_unfitted(cls: type[Calibrator]) -> None:
     with pytest.raises(NotFittedError, match=r"call fit\(scores, labels\) first"):
-        cls().predict_proba([0.1])
+        cls().p_good([0.1])
     with pytest.raises(NotFittedError, match="fit"):
         cls().get_state()
 
@@ -94,11 +94,11 @@ def test_unfitted(cls: type[Calibrator]) -> None:
 def test_nan_maps_to_nan_and_inf_is_error(cls: type[Calibrator]) -> None:
     s, y = make_data(3)
     cal = cls().fit(s, y)
-    out = cal.predict_proba([0.0, np.nan, 1.0])
+    out = cal.p_good([0.0, np.nan, 1.0])
     assert np.isnan(out[1]) and np.isfinite(out[[0, 2]]).all()
     with pytest.raises(InvalidParameterError, match="'scores'"):
-        cal.predict_proba([0.0, np.inf])
-    assert cal.predict_proba(np.zeros(0)).shape == (0,)
+        cal.p_good([0.0, np.inf])
+    assert cal.p_good(np.zeros(0)).shape == (0,)
 
 
 @pytest.mark.parametrize("cls", ALL)
@@ -159,7 +159,7 @@ def test_isotonic_direction(increasing, expect: bool) -> None:
 def test_isotonic_bounds_and_clipping() -> None:
     s, y = make_data(7)
     cal = IsotonicCalibrator(y_min=0.1, y_max=0.9).fit(s, y)
-    out = cal.predict_proba(np.array([-100.0, 100.0, *np.linspace(-3, 3, 20)]))
+    out = cal.p_good(np.array([-100.0, 100.0, *np.linspace(-3, 3, 20)]))
     assert out.min() >= 0.1 and out.max() <= 0.9
     assert out[0] == cal.y_thresholds_[0] and out[1] == cal.y_thresholds_[-1]
 
@@ -167,7 +167,7 @@ def test_isotonic_bounds_and_clipping() -> None:
 def test_isotonic_constant_scores_fall_back_to_decreasing() -> None:
     cal = IsotonicCalibrator().fit(np.ones(10), [0, 1] * 5)
     assert cal.increasing_ is False
-    np.testing.assert_allclose(cal.predict_proba([0.0, 1.0, 2.0]), 0.5)
+    np.testing.assert_allclose(cal.p_good([0.0, 1.0, 2.0]), 0.5)
 
 
 @settings(max_examples=40, deadline=None)
@@ -180,7 +180,7 @@ def test_isotonic_output_is_monotone_and_in_unit_interval(seed, increasing, quer
     s, y = make_data(seed, n=60)
     cal = IsotonicCalibrator(increasing=increasing).fit(s, y)
     q = np.sort(np.asarray(query))
-    out = cal.predict_proba(q)
+    out = cal.p_good(q)
     assert np.all((out >= 0) & (out <= 1))
     d = np.diff(out)
     assert np.all(d >= -1e-12) if cal.increasing_ else np.all(d <= 1e-12)
@@ -192,8 +192,23 @@ def test_isotonic_output_is_monotone_and_in_unit_interval(seed, increasing, quer
 def test_platt_probabilities_in_unit_interval(seed, k, c, smooth, standardize) -> None:
     s, y = make_data(seed, n=80, k=k)
     cal = PlattCalibrator(C=c, smooth_targets=smooth, standardize=standardize).fit(s, y)
-    out = cal.predict_proba(np.random.default_rng(seed).normal(scale=5, size=(40, k)))
+    out = cal.p_good(np.random.default_rng(seed).normal(scale=5, size=(40, k)))
     assert out.shape == (40,) and np.all((out >= 0) & (out <= 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), cls=st.sampled_from(ALL),
+       query=st.lists(st.floats(-10, 10), min_size=1, max_size=30))
+def test_classifier_view_agrees_with_p_good(seed, cls, query) -> None:
+    s, y = make_data(seed, n=60)
+    cal = cls().fit(s, y)
+    proba = cal.predict_proba(query)
+    p = cal.p_good(query)
+    assert proba.shape == (len(query), 2) and np.all((proba >= 0) & (proba <= 1))
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(proba[:, 1], p)
+    np.testing.assert_array_equal(cal.predict(query), (p > 0.5).astype(int))
+    np.testing.assert_array_equal(cal.classes_, [0, 1])
 
 
 def test_platt_matches_sklearn_logistic_regression() -> None:
@@ -213,18 +228,18 @@ def test_platt_feature_count_checked_at_predict() -> None:
     cal = PlattCalibrator().fit(s, y)
     assert cal.n_features_in_ == 2
     with pytest.raises(InvalidParameterError, match=r"'scores'.*2 column"):
-        cal.predict_proba(np.zeros((3, 3)))
+        cal.p_good(np.zeros((3, 3)))
     with pytest.raises(InvalidParameterError, match=r"'scores'.*2 column"):
-        cal.predict_proba(np.zeros(3))
-    out = cal.predict_proba(np.array([[0.0, np.nan], [0.0, 0.0]]))
+        cal.p_good(np.zeros(3))
+    out = cal.p_good(np.array([[0.0, np.nan], [0.0, 0.0]]))
     assert np.isnan(out[0]) and np.isfinite(out[1])
 
 
 def test_platt_smoothing_keeps_away_from_extremes() -> None:
     s = np.array([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0])
     y = np.array([1, 1, 1, 0, 0, 0])  # separable: plain Platt saturates with a large C
-    hard = PlattCalibrator(C=1e4).fit(s, y).predict_proba([-3.0, 3.0])
-    soft = PlattCalibrator(C=1e4, smooth_targets=True).fit(s, y).predict_proba([-3.0, 3.0])
+    hard = PlattCalibrator(C=1e4).fit(s, y).p_good([-3.0, 3.0])
+    soft = PlattCalibrator(C=1e4, smooth_targets=True).fit(s, y).p_good([-3.0, 3.0])
     assert hard[0] > soft[0] and hard[1] < soft[1]
     assert soft[0] < 0.9 and soft[1] > 0.1
 

@@ -64,7 +64,7 @@ def test_stop_score_separates_the_decision(nll_router):
     early = EarlyEscalation(nll_router)
     s = early.stop_score()
     assert np.isfinite(s)
-    p = nll_router.calibrator.predict_proba(np.array([s, s + 1.0, s * (1 - 1e-6)]))
+    p = nll_router.calibrator.p_good(np.array([s, s + 1.0, s * (1 - 1e-6)]))
     assert p[0] < 0.5 and p[1] < 0.5
     assert p[2] >= 0.5
 

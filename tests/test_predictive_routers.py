@@ -80,7 +80,7 @@ def fitted(planted):
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_router_recovers_planted_rule(fitted, planted, name):
     _, _, X_te, c_te = planted
-    p = fitted[name].predict_proba(X_te)
+    p = fitted[name].p_strong(X_te)
     assert p.shape == (len(X_te),) and p.dtype == np.float64
     assert np.all((p >= 0) & (p <= 1))
     assert roc_auc_score(c_te == 0, p) > 0.95
@@ -90,8 +90,8 @@ def test_router_recovers_planted_rule(fitted, planted, name):
 def test_numeric_labels_equal_string_labels(planted, name):
     X_tr, labels, X_te, _ = planted
     credits = np.array([{"strong": 1.0, "weak": 0.0, "tie": 0.5}[s] for s in labels])
-    a = FACTORIES[name]().fit(X_tr[:120], labels[:120]).predict_proba(X_te[:20])
-    b = FACTORIES[name]().fit(X_tr[:120], credits[:120]).predict_proba(X_te[:20])
+    a = FACTORIES[name]().fit(X_tr[:120], labels[:120]).p_strong(X_te[:20])
+    b = FACTORIES[name]().fit(X_tr[:120], credits[:120]).p_strong(X_te[:20])
     np.testing.assert_array_equal(a, b)
 
 
@@ -104,10 +104,10 @@ def test_save_load_identical_predictions(fitted, planted, tmp_path, name):
     loaded = QueryRouter.load(path)
     assert type(loaded) is type(router)
     assert loaded.get_params() == router.get_params()
-    np.testing.assert_array_equal(loaded.predict_proba(X_te), router.predict_proba(X_te))
+    np.testing.assert_array_equal(loaded.p_strong(X_te), router.p_strong(X_te))
     # loading through the concrete class works too, through another class does not
-    np.testing.assert_array_equal(type(router).load(path).predict_proba(X_te[:5]),
-                                  router.predict_proba(X_te[:5]))
+    np.testing.assert_array_equal(type(router).load(path).p_strong(X_te[:5]),
+                                  router.p_strong(X_te[:5]))
     other = MLPRouter if not isinstance(router, MLPRouter) else KNNRouter
     with pytest.raises(SerializationError, match=f"not a {other.__name__}"):
         other.load(path)
@@ -136,9 +136,9 @@ def test_set_state_rejects_bad_shapes(fitted):
 @pytest.mark.parametrize("cls", [MatrixFactorizationRouter, MLPRouter])
 def test_torch_routers_are_deterministic_with_seed(planted, cls):
     X_tr, labels, X_te, _ = planted
-    a = cls(epochs=5, seed=3).fit(X_tr, labels).predict_proba(X_te)
-    b = cls(epochs=5, seed=3).fit(X_tr, labels).predict_proba(X_te)
-    c = cls(epochs=5, seed=4).fit(X_tr, labels).predict_proba(X_te)
+    a = cls(epochs=5, seed=3).fit(X_tr, labels).p_strong(X_te)
+    b = cls(epochs=5, seed=3).fit(X_tr, labels).p_strong(X_te)
+    c = cls(epochs=5, seed=4).fit(X_tr, labels).p_strong(X_te)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -173,15 +173,15 @@ def test_sw_matches_weighted_bradley_terry_mle():
 
     theta = minimize_scalar(nll, bounds=(-20, 20), method="bounded",
                             options={"xatol": 1e-10}).x
-    assert router.predict_proba(q)[0] == pytest.approx(1 / (1 + np.exp(-theta)), abs=1e-6)
+    assert router.p_strong(q)[0] == pytest.approx(1 / (1 + np.exp(-theta)), abs=1e-6)
 
 
 def test_sw_pseudo_count_keeps_one_sided_weights_finite():
     X = np.eye(4)
     y = np.ones(4)
-    p = SWRankingRouter(pseudo_count=1.0).fit(X, y).predict_proba(X)
+    p = SWRankingRouter(pseudo_count=1.0).fit(X, y).p_strong(X)
     assert np.all(p < 1) and np.all(p > 0.5)
-    np.testing.assert_allclose(SWRankingRouter(pseudo_count=0.0).fit(X, y).predict_proba(X),
+    np.testing.assert_allclose(SWRankingRouter(pseudo_count=0.0).fit(X, y).p_strong(X),
                                np.ones(4), rtol=0, atol=1e-12)
 
 
@@ -189,8 +189,8 @@ def test_sw_locality_grows_with_gamma():
     X = np.array([[1.0, 0.0], [0.0, 1.0]])
     y = np.array([1.0, 0.0])
     q = np.array([[1.0, 0.2]])
-    p_lo = SWRankingRouter(gamma=1.5, pseudo_count=0).fit(X, y).predict_proba(q)[0]
-    p_hi = SWRankingRouter(gamma=100.0, pseudo_count=0).fit(X, y).predict_proba(q)[0]
+    p_lo = SWRankingRouter(gamma=1.5, pseudo_count=0).fit(X, y).p_strong(q)[0]
+    p_hi = SWRankingRouter(gamma=100.0, pseudo_count=0).fit(X, y).p_strong(q)[0]
     assert 0.5 < p_lo < p_hi < 1
 
 
@@ -198,9 +198,9 @@ def test_knn_uses_nearest_credits():
     X = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     y = ["strong", "tie", "weak"]
     q = np.array([[1.0, 0.01], [0.1, 1.0]])
-    np.testing.assert_array_equal(KNNRouter(k=1).fit(X, y).predict_proba(q), [1.0, 0.0])
-    np.testing.assert_array_equal(KNNRouter(k=2).fit(X, y).predict_proba(q), [0.75, 0.25])
-    np.testing.assert_allclose(KNNRouter(k=3).fit(X, y).predict_proba(q), [0.5, 0.5])
+    np.testing.assert_array_equal(KNNRouter(k=1).fit(X, y).p_strong(q), [1.0, 0.0])
+    np.testing.assert_array_equal(KNNRouter(k=2).fit(X, y).p_strong(q), [0.75, 0.25])
+    np.testing.assert_allclose(KNNRouter(k=3).fit(X, y).p_strong(q), [0.5, 0.5])
 
 
 @settings(max_examples=40, deadline=None)
@@ -211,7 +211,7 @@ def test_knn_uses_nearest_credits():
 def test_probabilities_in_unit_interval(fitted_small, Q, name):
     Q = Q + np.array([1e-3, 0, 0, 0])  # avoid all-zero rows (no cosine direction)
     Q[np.linalg.norm(Q, axis=1) == 0] = 1.0
-    p = fitted_small[name].predict_proba(Q)
+    p = fitted_small[name].p_strong(Q)
     assert p.shape == (5,) and np.all((p >= 0) & (p <= 1))
 
 
@@ -234,7 +234,7 @@ def fitted_small():
 @pytest.mark.parametrize("name", ["sw", "knn1", "mf", "mlp"])
 def test_predict_before_fit(name):
     with pytest.raises(NotFittedError, match=r"not fitted yet; call fit\(embeddings, labels\)"):
-        FACTORIES[name]().predict_proba(np.ones((2, 3)))
+        FACTORIES[name]().p_strong(np.ones((2, 3)))
     with pytest.raises(NotFittedError, match="call fit"):
         FACTORIES[name]().save("never.json")
 
@@ -243,11 +243,11 @@ def test_predict_before_fit(name):
 def test_predict_input_errors(fitted_small, name):
     r = fitted_small[name]
     with pytest.raises(InvalidParameterError, match=r"must have 4 columns.*Got 3"):
-        r.predict_proba(np.ones((2, 3)))
+        r.p_strong(np.ones((2, 3)))
     with pytest.raises(InvalidParameterError, match=r"'embeddings' parameter.*finite"):
-        r.predict_proba(np.array([[1.0, np.nan, 0.0, 0.0]]))
+        r.p_strong(np.array([[1.0, np.nan, 0.0, 0.0]]))
     with pytest.raises(InvalidParameterError, match=r"'embeddings' parameter.*2-D"):
-        r.predict_proba(np.ones(4))
+        r.p_strong(np.ones(4))
 
 
 @pytest.mark.parametrize(
@@ -370,7 +370,7 @@ def test_query_router_estimator_scores_without_model(text_router, tmp_path):
     np.testing.assert_array_equal(res.scores, [1.0, 0.0, 0.0])
     assert res.name == "query_router" and all(s.greedy is None for s in res.samples)
     np.testing.assert_array_equal(
-        res.scores, router.predict_proba(enc.encode(["prove theorem 3 about d", "hi cc",
+        res.scores, router.p_strong(enc.encode(["prove theorem 3 about d", "hi cc",
                                                      "hi aa"])))
     # also through estimate_many with a model that must never be called
     many = estimate_many([est], prompts, NoModel())
@@ -488,6 +488,6 @@ def test_blocked_similarity_equals_one_block(fitted, planted, monkeypatch, name)
     import confroute.predictive.routers as mod
 
     X_te = planted[2][:50]
-    whole = fitted[name].predict_proba(X_te)
+    whole = fitted[name].p_strong(X_te)
     monkeypatch.setattr(mod, "_BLOCK_ELEMENTS", 7 * 300)  # 7 query rows per block
-    np.testing.assert_allclose(fitted[name].predict_proba(X_te), whole, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fitted[name].p_strong(X_te), whole, rtol=0, atol=1e-12)

@@ -181,7 +181,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     print(f"embedding {len(rows)} prompts with {emb.name}", file=sys.stderr)
     X = emb.encode([prompt_text(r["prompt"]) for r in rows])
     router = cls(**params).fit(X[~held], y[~held])
-    print(_held_out_auroc(router.predict_proba(X[held]), y[held], int(held.sum()), args.seed))
+    print(_held_out_auroc(router.p_strong(X[held]), y[held], int(held.sum()), args.seed))
     if args.no_refit:
         final = router
         note = f"fitted on the {int((~held).sum())} training rows"

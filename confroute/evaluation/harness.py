@@ -501,8 +501,8 @@ def evaluate(
         fit_ok = np.isfinite(scores[ci])
         yc = y_all[ci][fit_ok]
         if fit_ok.sum() >= 2 and 0 < yc.sum() < len(yc):
-            p_iso = IsotonicCalibrator().fit(scores[ci][fit_ok], yc).predict_proba(scores)
-            p_platt = PlattCalibrator().fit(scores[ci][fit_ok], yc).predict_proba(scores)
+            p_iso = IsotonicCalibrator().fit(scores[ci][fit_ok], yc).p_good(scores)
+            p_platt = PlattCalibrator().fit(scores[ci][fit_ok], yc).p_good(scores)
             entry["calibrated"] = True
         else:
             entry["calibrated"] = False

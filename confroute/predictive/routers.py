@@ -7,9 +7,13 @@ reuse the router families of RouteLLM (Ong et al., 2024): similarity-weighted
 neighbours.
 
 Every router predicts the probability that the **strong** (cloud) model wins the
-query; higher means more reason to escalate. :class:`QueryRouterEstimator`
-exposes a fitted router as an :class:`~confroute.estimators.UncertaintyEstimator`
-that needs no generation, so the usual calibrators and policies apply.
+query (:meth:`QueryRouter.p_strong`, shape (n,)); higher means more reason to
+escalate. Routers are scikit-learn binary classifiers with ``classes_ = [0, 1]``
+(1 = strong model wins): ``predict_proba`` has shape (n, 2) and ``predict``
+returns 0/1, so ``clone``, ``GridSearchCV`` and ``cross_val_predict`` work.
+:class:`QueryRouterEstimator` exposes a fitted router as an
+:class:`~confroute.estimators.UncertaintyEstimator` that needs no generation, so
+the usual calibrators and policies apply.
 
 torch is imported only inside the ``fit`` of the MF and MLP routers; prediction
 uses numpy on the stored arrays.
@@ -32,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
+from sklearn.base import ClassifierMixin
 
 from confroute._params import ParamsMixin
 from confroute._registry import Registry
@@ -65,18 +70,33 @@ R = TypeVar("R", bound="QueryRouter")
 _SAVE_KIND = "query_router"
 
 
-class QueryRouter(ParamsMixin, ABC):
+class QueryRouter(ClassifierMixin, ParamsMixin, ABC):
     """Base class: predicts P(strong model wins | query) from a query embedding.
 
     Subclasses implement ``_fit``, ``_predict``, ``_get_state`` and
     ``_set_state``; validation, the fitted check, persistence and the registry
     live here.
 
+    A router is a scikit-learn binary classifier of "the strong model wins"
+    (class 1) against "it does not" (class 0): confroute code calls
+    :meth:`p_strong` (shape (n,)), scikit-learn calls :meth:`predict_proba`
+    (shape (n, 2)) and :meth:`predict`. Ties are soft targets (credit 0.5), so
+    P(strong wins) is the expected strong-win credit. With scikit-learn's
+    model-selection tools pass hard numeric labels (1 = strong wins, 0 =
+    otherwise): stratified splitting rejects 0.5 credits, and
+    ``cross_val_predict`` re-encodes string labels alphabetically (``"strong"``
+    would become 0).
+
     Attributes
     ----------
+    classes_ : ndarray of shape (2,)
+        Always ``array([0, 1])`` (1 = the strong model wins), set by fit.
     n_features_in_ : int
         Embedding dimension seen in :meth:`fit`.
     """
+
+    #: For scikit-learn < 1.6, whose ``is_classifier`` reads this instead of the tags.
+    _estimator_type: ClassVar[str] = "classifier"
 
     def fit(self: R, embeddings: Any, labels: Any) -> R:
         """Fit on query embeddings and preference labels.
@@ -100,12 +120,13 @@ class QueryRouter(ParamsMixin, ABC):
                 f"The inputs of {owner} must have the same length: 'embeddings' has "
                 f"{X.shape[0]} rows, 'labels' has {len(y)}."
             )
-        self._validate_params(n_train=X.shape[0])
+        self._check_params(n_train=X.shape[0])
         self._fit(X, y)
         self.n_features_in_ = int(X.shape[1])
+        self.classes_ = np.array([0, 1])
         return self
 
-    def predict_proba(self, embeddings: Any) -> np.ndarray:
+    def p_strong(self, embeddings: Any) -> np.ndarray:
         """P(strong model wins) for each query.
 
         Parameters
@@ -118,7 +139,7 @@ class QueryRouter(ParamsMixin, ABC):
             Values in [0, 1]; higher = more reason to escalate.
         """
         self._check_fitted()
-        owner = f"{type(self).__name__}.predict_proba"
+        owner = f"{type(self).__name__}.p_strong"
         X = check_array(embeddings, "embeddings", owner, ndim=2)
         if X.shape[1] != self.n_features_in_:
             raise InvalidParameterError(
@@ -128,9 +149,38 @@ class QueryRouter(ParamsMixin, ABC):
         p = np.asarray(self._predict(X), dtype=np.float64)
         return np.clip(p, 0.0, 1.0)
 
+    def predict_proba(self, embeddings: Any) -> np.ndarray:
+        """Class probabilities in scikit-learn's layout, columns ordered as ``classes_``.
+
+        Parameters
+        ----------
+        embeddings : array-like of shape (n_queries, d)
+
+        Returns
+        -------
+        ndarray of float64 of shape (n_queries, 2)
+            ``[1 - P(strong wins), P(strong wins)]`` per row.
+        """
+        p = self.p_strong(embeddings)
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, embeddings: Any) -> np.ndarray:
+        """1 where the strong model is predicted to win (P > 0.5), else 0.
+
+        Parameters
+        ----------
+        embeddings : array-like of shape (n_queries, d)
+
+        Returns
+        -------
+        ndarray of int of shape (n_queries,)
+            The argmax of :meth:`predict_proba` (an exact 0.5 predicts 0).
+        """
+        return (self.p_strong(embeddings) > 0.5).astype(np.int64)
+
     # -- subclass hooks ---------------------------------------------------
 
-    def _validate_params(self, n_train: int) -> None:
+    def _check_params(self, n_train: int) -> None:
         """Check constructor parameters (called at the start of fit)."""
 
     @abstractmethod
@@ -181,6 +231,7 @@ class QueryRouter(ParamsMixin, ABC):
                 f"Saved {type(self).__name__} state is malformed: {exc!r}."
             ) from None
         self.n_features_in_ = d
+        self.classes_ = np.array([0, 1])
         return self
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -220,7 +271,7 @@ class QueryRouter(ParamsMixin, ABC):
             raise SerializationError(
                 f"The file {str(path)!r} has parameters {klass.__name__} does not accept: {exc}."
             ) from None
-        obj._validate_params(n_train=2**62)
+        obj._check_params(n_train=2**62)
         return obj.set_state(payload.get("state", {}))
 
 
@@ -356,13 +407,13 @@ class SWRankingRouter(_MemoryRouter):
         self.gamma = gamma
         self.pseudo_count = pseudo_count
 
-    def _validate_params(self, n_train: int) -> None:
+    def _check_params(self, n_train: int) -> None:
         owner = type(self).__name__
         check_float(self.gamma, "gamma", owner, min_value=1.0, min_inclusive=False)
         check_float(self.pseudo_count, "pseudo_count", owner, min_value=0.0)
 
     def _predict(self, X: np.ndarray) -> np.ndarray:
-        Q = _unit_rows(X, "embeddings", f"{type(self).__name__}.predict_proba")
+        Q = _unit_rows(X, "embeddings", f"{type(self).__name__}.p_strong")
         train = self.embeddings_.astype(np.float64)
         log_g = float(np.log(float(self.gamma)))
         alpha = float(self.pseudo_count)
@@ -406,7 +457,7 @@ class KNNRouter(_MemoryRouter):
     def __init__(self, k: int = 1) -> None:
         self.k = k
 
-    def _validate_params(self, n_train: int) -> None:
+    def _check_params(self, n_train: int) -> None:
         check_int(self.k, "k", type(self).__name__, min_value=1)
         if self.k > n_train:
             raise param_error(
@@ -415,7 +466,7 @@ class KNNRouter(_MemoryRouter):
             )
 
     def _predict(self, X: np.ndarray) -> np.ndarray:
-        Q = _unit_rows(X, "embeddings", f"{type(self).__name__}.predict_proba")
+        Q = _unit_rows(X, "embeddings", f"{type(self).__name__}.p_strong")
         train = self.embeddings_.astype(np.float64)
         k = int(self.k)
         out = np.empty(Q.shape[0], dtype=np.float64)
@@ -565,7 +616,7 @@ class MatrixFactorizationRouter(QueryRouter):
         self.batch_size = batch_size
         self.model_bias = model_bias
 
-    def _validate_params(self, n_train: int) -> None:
+    def _check_params(self, n_train: int) -> None:
         owner = type(self).__name__
         check_int(self.dim, "dim", owner, min_value=1)
         _check_train_params(self, owner)
@@ -667,7 +718,7 @@ class MLPRouter(QueryRouter):
         self.seed = seed
         self.batch_size = batch_size
 
-    def _validate_params(self, n_train: int) -> None:
+    def _check_params(self, n_train: int) -> None:
         owner = type(self).__name__
         check_int(self.hidden, "hidden", owner, min_value=1)
         _check_train_params(self, owner)
@@ -789,7 +840,7 @@ class QueryRouterEstimator(UncertaintyEstimator):
         if len(samples) == 0:
             return np.zeros(0), {}
         emb = self._resolve_embedder().encode([prompt_text(s.prompt) for s in samples])
-        return router.predict_proba(emb), {}
+        return router.p_strong(emb), {}
 
 
 # --------------------------------------------------------------------------- thresholds
