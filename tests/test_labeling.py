@@ -167,7 +167,7 @@ def test_labeler_without_its_model_and_bad_batches() -> None:
     with pytest.raises(InvalidParameterError, match="'strong'"):
         SEPreferenceLabeler().label(PROMPTS, edge_samples(EDGE_ANSWERS))
     cloud = CountingModel(CLOUD)
-    with pytest.raises(InvalidParameterError, match="'prompts'.*non-empty"):
+    with pytest.raises(InvalidParameterError, match=r"'prompts'.*non-empty"):
         CloudAgreementLabeler(cloud).label([], [])
     with pytest.raises(InvalidParameterError, match="same length"):
         CloudAgreementLabeler(cloud).label(PROMPTS, edge_samples(EDGE_ANSWERS[:2]))
@@ -201,7 +201,7 @@ class TruthJudge:
         self.seen: list[str] = []
 
     def _good(self, question: str, answer: str) -> bool:
-        return TRUTH[question] in answer.lower() or TRUTH[question] == "8" and "eight" in answer
+        return TRUTH[question] in answer.lower() or (TRUTH[question] == "8" and "eight" in answer)
 
     def generate(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[list[Sample]]:
         out = []
@@ -321,7 +321,7 @@ def test_labels_file_roundtrip_and_atomic_refusal(tmp_path) -> None:
     assert prompts[0] == "a?" and prompts[1][0]["content"] == "Hi?"
     assert labels[0] == 1.0 and math.isnan(labels[1]) and meta == {"labeler": "x"}
     before = path.read_bytes()
-    with pytest.raises(InvalidParameterError, match="'labels'.*1, 0 or NaN"):
+    with pytest.raises(InvalidParameterError, match=r"'labels'.*1, 0 or NaN"):
         write_labels_jsonl(path, ["a?", "b?"], [1.0, 0.5])
     with pytest.raises(InvalidParameterError, match="'meta'"):
         write_labels_jsonl(path, ["a?"], [1.0], {"x": object()})
