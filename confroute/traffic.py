@@ -192,7 +192,9 @@ class DecisionLog:
         c.execute("PRAGMA synchronous=FULL")
         c.execute("BEGIN IMMEDIATE")
         try:
-            c.executescript("SAVEPOINT s;" + _SCHEMA + "RELEASE s;")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    c.execute(statement)
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
             self._check_meta(meta)
             if not meta:
