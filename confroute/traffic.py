@@ -693,9 +693,7 @@ class DriftMonitor:
     def observe_label(self, p_good: float, label: float) -> None:
         """Record the label (1 / 0) of a shadow-labelled kept request and its ``p_good``."""
         owner = "DriftMonitor.observe_label"
-        p = float(p_good) if isinstance(p_good, (int, float)) else math.nan
-        if not isinstance(p_good, (int, float)) or isinstance(p_good, bool):
-            raise param_error("p_good", owner, "a float", p_good, type_error=True)
+        p = check_float(p_good, "p_good", owner, min_value=0.0, max_value=1.0)
         y = _check_label(label, owner)
         if y is None:
             raise param_error("label", owner, "1 or 0", label)
