@@ -691,9 +691,12 @@ class DriftMonitor:
         self.check()
 
     def observe_label(self, p_good: float, label: float) -> None:
-        """Record the label (1 / 0) of a shadow-labelled kept request and its ``p_good``."""
+        """Record the label (1 / 0) of a shadow-labelled request and its ``p_good`` (NaN ok)."""
         owner = "DriftMonitor.observe_label"
-        p = check_float(p_good, "p_good", owner, min_value=0.0, max_value=1.0)
+        # NaN p_good (an unscorable request) still counts for the agreement rate.
+        nan = isinstance(p_good, float) and math.isnan(p_good)
+        p = math.nan if nan else check_float(p_good, "p_good", owner, min_value=0.0,
+                                             max_value=1.0)
         y = _check_label(label, owner)
         if y is None:
             raise param_error("label", owner, "1 or 0", label)
