@@ -313,3 +313,22 @@ def test_shadow_label_writes_the_label_and_feeds_the_monitor(tmp_path) -> None:
     with pytest.raises(InvalidParameterError, match="'decision'"):
         shadow_label(log, r1, no_answer, "x", lab)
     assert [r["label"] for r in log.rows()] == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shadow_budget_is_never_exceeded_property(seed: int) -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None)
+    @given(rate=st.floats(0, 1), max_calls=st.none() | st.integers(0, 20),
+           max_cost=st.none() | st.floats(0, 5),
+           costs=st.lists(st.floats(0, 1), max_size=60))
+    def check(rate, max_calls, max_cost, costs) -> None:
+        s = ShadowSampler(rate, max_calls=max_calls, max_cost=max_cost, seed=seed)
+        granted = [c for c in costs if s.admit(cost=c)]
+        assert max_calls is None or len(granted) <= max_calls
+        assert max_cost is None or sum(granted) <= max_cost + 1e-9
+        assert s.n_calls_ == len(granted) and s.n_seen_ == len(costs)
+
+    check()
