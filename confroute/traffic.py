@@ -602,8 +602,20 @@ def population_stability_index(
     e, a = e[~np.isnan(e)], a[~np.isnan(a)]
     if e.size == 0 or a.size == 0:
         return math.nan
-    inner = np.unique(np.quantile(e, np.linspace(0, 1, b + 1)[1:-1]))
+    return _psi(*_psi_reference(e, b), a, floor)
+
+
+def _psi_reference(e: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inner bin edges (quantiles of ``e``) and the share of ``e`` in each bin."""
+    inner = np.unique(np.quantile(e, np.linspace(0, 1, n_bins + 1)[1:-1]))
     pe = np.bincount(np.searchsorted(inner, e, side="right"), minlength=inner.size + 1) / e.size
+    return inner, pe
+
+
+def _psi(inner: np.ndarray, pe: np.ndarray, a: np.ndarray, floor: float = 1e-4) -> float:
+    a = a[~np.isnan(a)]
+    if a.size == 0 or pe.size == 0:
+        return math.nan
     pa = np.bincount(np.searchsorted(inner, a, side="right"), minlength=inner.size + 1) / a.size
     pe, pa = np.maximum(pe, floor), np.maximum(pa, floor)
     return float(np.sum((pa - pe) * np.log(pa / pe)))
@@ -671,6 +683,11 @@ class DriftMonitor:
         self._scores: deque[np.ndarray] = deque(maxlen=self.window)
         self._labelled: deque[tuple[float, float]] = deque(maxlen=self.window)
         self._outside: dict[str, bool] = dict.fromkeys(_METRICS, False)
+        # The reference binning is fixed: computed once, not at every observation.
+        self._reference = [
+            _psi_reference(col[~np.isnan(col)], self.n_bins) if (~np.isnan(col)).any()
+            else (np.zeros(0), np.zeros(0)) for col in self.calibration_scores.T
+        ]
 
     def observe(self, decision: Decision | RoutedResponse) -> None:
         """Record one routing decision (its source and scores)."""
@@ -711,8 +728,7 @@ class DriftMonitor:
             scores = np.array(self._scores).reshape(-1, self.calibration_scores.shape[1])
             lab = np.array(self._labelled, dtype=float).reshape(-1, 2)
         enough, enough_lab = src.size >= self.min_samples, len(lab) >= self.min_samples
-        psi = [population_stability_index(self.calibration_scores[:, j], scores[:, j],
-                                          n_bins=self.n_bins) for j in range(scores.shape[1])]
+        psi = [_psi(inner, pe, scores[:, j]) for j, (inner, pe) in enumerate(self._reference)]
         return {
             "cloud_share": float(src.mean()) if enough else math.nan,
             "agreement": float(lab[:, 1].mean()) if enough_lab else math.nan,
@@ -799,8 +815,8 @@ def recalibrate(
 
     The estimators, the edge and cloud models and every parameter are shared;
     only clones of the calibrator and the policy are fitted. The calibrator is
-    fitted on the labelled rows of ``log`` (scores as logged), optionally merged
-    with the original calibration set, with recency weights
+    fitted on the labelled rows of ``log`` (scores as logged, by any router), merged
+    if asked with the original calibration set, with recency weights
 
     .. math:: w_i = 2^{-a_i / h}
 
