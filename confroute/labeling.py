@@ -442,7 +442,8 @@ class CloudAgreementLabeler(AnswerLabeler):
         sentence embeddings, :math:`\\cos(e_a, e_b) \\ge \\theta`; ``"nli"``
         bidirectional entailment ("strict" mode of
         :class:`~confroute.estimators.equivalence.NLIEquivalence`) of
-        "question + short answer" statements.
+        "question + short answer" statements. With every backend, two short
+        answers that both hold a number are compared as numbers.
     threshold : float in [-1, 1], optional
         Cosine threshold :math:`\\theta` of the ``"embedding"`` backend (default
         0.8, not tuned); must be None for the other backends.
@@ -529,6 +530,13 @@ class CloudAgreementLabeler(AnswerLabeler):
         out = np.where([bool(s) for s in sc], 0.0, np.nan)
         ok = [i for i in range(len(edge)) if se[i] and sc[i]]
         reasons = {"cloud_empty": int(np.isnan(out).sum())} if np.isnan(out).any() else {}
+        # Embeddings and NLI models blur numbers ("41" ~ "42"): two numeric answers
+        # are compared as numbers, like the "exact" backend does.
+        numeric = [i for i in ok if extract_number(se[i]) is not None
+                   and extract_number(sc[i]) is not None]
+        for i in numeric:
+            out[i] = float(answers_agree(se[i], sc[i]))
+        ok = [i for i in ok if i not in set(numeric)]
         if ok:
             if self.backend == "nli":
                 qs = [prompt_text(prompts[i]) for i in ok]
@@ -711,6 +719,8 @@ class SEPreferenceLabeler(Labeler):
         Ties become NaN (left out of a fit), 1, or 0.
     equivalence : {"embedding", "nli", "exact"} or Equivalence, default "embedding"
     temperature : float > 0, default 0.7
+        Both models are sampled at this temperature, without top-p / top-k
+        truncation.
     max_new_tokens : int >= 1, default 64
     seed : int, optional
     """

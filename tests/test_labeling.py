@@ -135,8 +135,9 @@ def test_cloud_agreement_nli_runs_a_local_model(tmp_path) -> None:
 
     path = make_nli_model(tmp_path / "nli")
     lab = CloudAgreementLabeler(CLOUD, backend="nli", model_path=path)
-    y = lab.label(PROMPTS, edge_samples(["Paris", "8", "x y", "12"]))
+    y = lab.label(PROMPTS, edge_samples(["Paris", "8", "x y", "41"]))
     assert y[0] == 1.0  # identical short answers need no model call
+    assert y[3] == 0.0  # numbers are compared as numbers, not by the model
     assert set(np.unique(y)) <= {0.0, 1.0}
 
 
