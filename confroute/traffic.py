@@ -952,12 +952,18 @@ def _fit_policy(new: Router, log: DecisionLog, names: Sequence[str], x: np.ndarr
     from confroute.policies import RiskControlPolicy
 
     if isinstance(new.policy, RiskControlPolicy):
-        new.policy.fit(new.calibrator.predict_proba(x if x.shape[1] > 1 else x[:, 0]),
-                       y.astype(int))
+        new.policy.fit(_p_good(new.calibrator, x), y.astype(int))
         return
     rows = log.rows(last=window)
     mat = np.array([[r["scores"].get(n, math.nan) for n in names] for r in rows], dtype=float)
-    mat = mat.reshape(-1, len(names))
-    p = new.calibrator.predict_proba(mat if mat.shape[1] > 1 else mat[:, 0])
-    new.policy.fit(p)
+    new.policy.fit(_p_good(new.calibrator, mat.reshape(-1, len(names))))
+
+
+def _p_good(calibrator: Any, x: np.ndarray) -> np.ndarray:
+    """P(good) of shape (n,) from scores (n, k), whether the calibrator's
+    ``predict_proba`` gives (n,) or the scikit-learn (n, 2) with a ``p_good`` method."""
+    scores = x if x.shape[1] > 1 else x[:, 0]
+    fn = getattr(calibrator, "p_good", None)
+    p = np.asarray(fn(scores) if callable(fn) else calibrator.predict_proba(scores), dtype=float)
+    return p[:, 1] if p.ndim == 2 else p
 
