@@ -63,6 +63,14 @@ _LAZY: dict[str, str] = {
     "CostAwarePolicy": "confroute.policies",
     "RiskControlPolicy": "confroute.policies",
     "Router": "confroute.router",
+    # calibration on your own traffic
+    "CloudAgreementLabeler": "confroute.labeling",
+    "JudgeLabeler": "confroute.labeling",
+    "SEPreferenceLabeler": "confroute.labeling",
+    "DecisionLog": "confroute.traffic",
+    "DriftMonitor": "confroute.traffic",
+    "ShadowSampler": "confroute.traffic",
+    "recalibrate": "confroute.traffic",
     # pre-generation (query-only) routing
     "QueryRouterEstimator": "confroute.predictive",
     "SWRankingRouter": "confroute.predictive",
