@@ -7,14 +7,15 @@ can be rebuilt, so a saved file can never make the loader run arbitrary code.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from confroute._registry import Registry
-from confroute.errors import SerializationError
+from confroute.errors import SerializationError, describe
 
-__all__ = ["part_from_spec", "part_to_spec"]
+__all__ = ["check_policy_state", "part_from_spec", "part_to_spec"]
 
 
 def part_to_spec(obj: Any, where: str = "part") -> dict[str, Any]:
@@ -54,20 +55,66 @@ def _value_to_json(value: Any, where: str) -> Any:
     )
 
 
-def _value_from_json(value: Any) -> Any:
+def _value_from_json(value: Any, where: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        # Every numeric parameter check refuses NaN and infinities: refuse them at load.
+        raise SerializationError(f"Saved parameter {where} is {value!r}; expected a finite value.")
     if isinstance(value, dict):
-        if "__seq__" in value:
-            items = [_value_from_json(v) for v in value["__seq__"]]
-            return tuple(items) if value.get("tuple") else items
-        if "__dict__" in value:
-            return {k: _value_from_json(v) for k, v in value["__dict__"].items()}
-        if "__part__" in value:
+        if set(value) <= {"__seq__", "tuple"} and isinstance(value.get("__seq__"), list):
+            items = [_value_from_json(v, f"{where}[{i}]") for i, v in enumerate(value["__seq__"])]
+            return tuple(items) if value.get("tuple") is True else items
+        if set(value) == {"__dict__"} and isinstance(value["__dict__"], dict):
+            return {k: _value_from_json(v, f"{where}.{k}") for k, v in value["__dict__"].items()}
+        if set(value) == {"__part__"}:
             return part_from_spec(value["__part__"])
-        raise SerializationError(f"Unexpected object in saved parameters: keys {sorted(value)}.")
+        raise SerializationError(
+            f"Unexpected object in saved parameter {where}: keys {sorted(value)[:10]}."
+        )
     return value
 
 
+def check_policy_state(state: Any, where: str) -> None:
+    """Range-check a saved policy's learned state before it is restored.
+
+    Every policy's learned values live on the probability scale (thresholds on
+    ``p_good``, fractions, error bounds) or are counts, so, generically: each
+    float and each array element must be finite and in [0, 1], each int >= 0.
+
+    Raises
+    ------
+    SerializationError
+        Naming the first bad key.
+    """
+    if not isinstance(state, dict):
+        raise SerializationError(f"Saved state of {where} is not a mapping.")
+    for key, value in state.items():
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        if isinstance(value, int):
+            ok = value >= 0
+        elif isinstance(value, (float, np.ndarray)):
+            arr = np.asarray(value)
+            ok = arr.dtype.kind in "biuf" and bool(
+                np.all(np.isfinite(arr)) and np.all((arr >= 0) & (arr <= 1))
+            )
+        else:
+            ok = True  # left to the policy's own set_state checks
+        if not ok:
+            raise SerializationError(
+                f"Saved state of {where} has {key!r} = {describe(value)}; a policy's learned "
+                "values must be finite probabilities in [0, 1] or counts >= 0."
+            )
+
+
 def part_from_spec(spec: Any, expected_kind: str | None = None) -> Any:
+    """Rebuild a registered part from :func:`part_to_spec`'s output, validating everything.
+
+    Raises
+    ------
+    SerializationError
+        Unknown class, parameters that do not fit, non-finite parameters, or an
+        invalid learned state.
+    """
     if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or not isinstance(
         spec.get("name"), str
     ):
@@ -82,16 +129,20 @@ def part_from_spec(spec: Any, expected_kind: str | None = None) -> Any:
     params = spec.get("params", {})
     if not isinstance(params, dict):
         raise SerializationError(f"Saved parameters of {kind} {name!r} are not a mapping.")
-    kwargs = {k: _value_from_json(v) for k, v in params.items()}
+    kwargs = {k: _value_from_json(v, f"{kind} {name!r}.{k}") for k, v in params.items()}
     try:
         obj = cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise SerializationError(f"Saved parameters do not fit {kind} {name!r}: {exc}") from None
     if "state" in spec:
         if not hasattr(obj, "set_state"):
             raise SerializationError(f"Saved {kind} {name!r} has state but cannot take it.")
+        if kind == "policy":
+            check_policy_state(spec["state"], f"{kind} {name!r}")
         try:
             obj.set_state(spec["state"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except SerializationError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as exc:
             raise SerializationError(f"Saved state of {kind} {name!r} is invalid: {exc}") from None
     return obj

@@ -6,7 +6,9 @@ Messages follow one pattern: ``The 'name' parameter of Owner must be EXPECTED. G
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, Union, overload
 
 import numpy as np
@@ -17,9 +19,12 @@ __all__ = [
     "check_array",
     "check_bool",
     "check_choice",
+    "check_existing_dir",
     "check_float",
     "check_int",
     "check_labels",
+    "check_path",
+    "check_path_within",
     "check_prompts",
     "check_same_length",
     "param_error",
@@ -287,3 +292,44 @@ def check_same_length(owner: str, **arrays: Any) -> int:
         desc = ", ".join(f"'{k}' has {n}" for k, n in lengths.items())
         raise InvalidParameterError(f"The inputs of {owner} must have the same length: {desc}.")
     return next(iter(lengths.values()))
+
+
+def check_path(value: Any, owner: str, name: str = "path") -> Path:
+    """A file path argument: a non-empty str or path-like that is not a directory."""
+    fs = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(fs, str):
+        raise param_error(name, owner, "a str or path-like file path", value, type_error=True)
+    if not fs or "\x00" in fs:
+        raise param_error(name, owner, "a non-empty file path without NUL characters", value)
+    p = Path(fs)
+    if p.is_dir():
+        raise param_error(name, owner, "a file path, not a directory", fs)
+    return p
+
+
+def check_path_within(value: Any, base: Any, name: str, owner: str) -> Path:
+    """A relative file name that stays inside the folder ``base`` once resolved.
+
+    Symbolic links and ``..`` components are resolved first, so neither can
+    lead outside ``base``. Returns the resolved path.
+    """
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise param_error(name, owner, "a non-empty file name", value,
+                          type_error=not isinstance(value, str))
+    root = Path(base).resolve()
+    target = (root / value).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise param_error(name, owner, f"a file inside the model folder {str(root)!r}", value)
+    return target
+
+
+def check_existing_dir(value: Any, name: str, owner: str) -> Path:
+    """A path-like naming an existing directory; ``..`` and links are resolved first."""
+    fs = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(fs, str) or not fs or "\x00" in fs:
+        raise param_error(name, owner, "a path to an existing directory", value,
+                          type_error=not isinstance(fs, str))
+    resolved = Path(fs).expanduser().resolve()
+    if not resolved.is_dir():
+        raise param_error(name, owner, "a path to an existing directory", fs)
+    return resolved

@@ -40,7 +40,7 @@ from confroute._validation import (
     check_same_length,
     param_error,
 )
-from confroute.errors import InvalidParameterError, NotFittedError, SerializationError
+from confroute.errors import InvalidParameterError, NotFittedError, SerializationError, describe
 
 __all__ = [
     "Calibrator",
@@ -64,7 +64,12 @@ def _validate_params(obj: Any, table: Mapping[str, ParamCheck]) -> dict[str, Any
 def _read_state(
     state: Any, spec: Mapping[str, str], owner: str
 ) -> dict[str, Any]:
-    """Check a ``get_state`` dict against ``spec`` (key -> "float" | "int" | "bool" | "array").
+    """Check a ``get_state`` dict against ``spec`` (key -> kind).
+
+    Kinds: ``"float"`` (finite), ``"unit"`` (finite, in [0, 1]), ``"int"`` (a count,
+    >= 0), ``"bool"``, ``"array"`` (1-D, finite) and ``"unit_array"`` (1-D, in [0, 1]).
+    Parts call it from ``set_state``; their own cross-checks (monotone knots,
+    positive scales...) run afterwards.
 
     Raises :class:`~confroute.errors.SerializationError` naming the bad key, since a
     bad state almost always comes from a corrupted or foreign save file.
@@ -80,33 +85,90 @@ def _read_state(
             raise SerializationError(
                 f"The 'state' parameter of {owner}.set_state is missing the key {key!r}."
             )
-        value = state[key]
         try:
-            if kind == "array":
-                arr = np.array(value, dtype=np.float64)
-                if arr.ndim != 1:
-                    raise ValueError("not 1-D")
-                out[key] = arr
-            elif kind == "float":
-                if isinstance(value, (bool, str)):
-                    raise ValueError("not a number")
-                out[key] = float(value)
-            elif kind == "int":
-                if isinstance(value, bool) or int(value) != value:
-                    raise ValueError("not an int")
-                out[key] = int(value)
-            elif kind == "bool":
-                if not isinstance(value, (bool, np.bool_)):
-                    raise ValueError("not a bool")
-                out[key] = bool(value)
-            else:  # pragma: no cover - programming error in a spec table
-                raise AssertionError(kind)
-        except (TypeError, ValueError):
+            out[key] = _state_value(state[key], kind)
+        except (TypeError, ValueError, OverflowError) as exc:
             raise SerializationError(
                 f"The 'state' parameter of {owner}.set_state has a bad value for {key!r}: "
-                f"expected {kind}, got {type(value).__name__}."
+                f"expected {_STATE_KINDS[kind]}, got {_describe_state(state[key])} ({exc})."
             ) from None
     return out
+
+
+_STATE_KINDS = {
+    "float": "a finite float", "unit": "a float in [0, 1]", "int": "an int >= 0",
+    "bool": "a bool", "array": "a 1-D array of finite floats",
+    "unit_array": "a 1-D array of floats in [0, 1]",
+}
+
+
+def _describe_state(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}"
+    return describe(value)
+
+
+def _state_value(value: Any, kind: str) -> Any:
+    """One state value converted to ``kind``; raises ValueError/TypeError when it does not fit."""
+    if kind in ("array", "unit_array"):
+        if isinstance(value, (str, bytes, Mapping)):
+            raise TypeError("not an array")
+        arr = np.array(value, dtype=np.float64)
+        if arr.ndim != 1:
+            raise ValueError("not 1-D")
+        if not np.isfinite(arr).all():
+            raise ValueError("non-finite values")
+        if kind == "unit_array" and ((arr < 0) | (arr > 1)).any():
+            raise ValueError("values outside [0, 1]")
+        return arr
+    if kind in ("float", "unit"):
+        if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.number)):
+            raise TypeError("not a number")
+        v = float(value)
+        if not np.isfinite(v) or (kind == "unit" and not 0.0 <= v <= 1.0):
+            raise ValueError("out of range")
+        return v
+    if kind == "int":
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+            raise TypeError("not an int")
+        if not np.isfinite(value) or int(value) != value or value < 0:
+            raise ValueError("not a count")
+        return int(value)
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError("not a bool")
+        return bool(value)
+    raise AssertionError(kind)  # pragma: no cover - programming error in a spec table
+
+
+#: Standardised scores are clipped to +-_Z_MAX so products with coefficients stay finite.
+_Z_MAX = 1e150
+
+
+def _mean_and_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and standard deviation without overflow for scores near +-1.8e308.
+
+    Computed on ``x / max|x|`` (values in [-1, 1]) and scaled back; a zero
+    deviation becomes 1 (constant columns are only centred).
+    """
+    top = np.abs(x).max(axis=0)
+    top[top == 0] = 1.0
+    unit = x / top
+    mean = unit.mean(axis=0) * top
+    scale = unit.std(axis=0) * top
+    scale[scale == 0] = 1.0
+    return mean, scale
+
+
+def _standardized(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``(x - mean) / scale`` computed as ``x / scale - mean / scale`` and clipped.
+
+    The difference ``x - mean`` can overflow for extreme scores; the quotients
+    cannot exceed what the clip bounds, so logits stay finite.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = x / scale - mean / scale
+    return np.nan_to_num(np.clip(z, -_Z_MAX, _Z_MAX), nan=0.0)
 
 
 def _check_positive_float(value: Any, name: str, owner: str) -> float:
@@ -364,7 +426,7 @@ class IsotonicCalibrator(Calibrator):
     _state_spec: ClassVar[Mapping[str, str]] = {
         "increasing_": "bool",
         "X_thresholds_": "array",
-        "y_thresholds_": "array",
+        "y_thresholds_": "unit_array",
     }
     _max_features: ClassVar[int | None] = 1
 
@@ -408,6 +470,13 @@ class IsotonicCalibrator(Calibrator):
             raise SerializationError(
                 "The 'state' parameter of IsotonicCalibrator.set_state must hold non-empty "
                 "X_thresholds_ (increasing) and y_thresholds_ of the same length."
+            )
+        steps = np.diff(ys) if values["increasing_"] else -np.diff(ys)
+        if np.any((ys < 0) | (ys > 1)) or np.any(steps < 0):
+            raise SerializationError(
+                "The 'state' parameter of IsotonicCalibrator.set_state must hold y_thresholds_ "
+                "in [0, 1], monotone in the direction of increasing_ "
+                f"({'non-decreasing' if values['increasing_'] else 'non-increasing'})."
             )
         if values["n_features_in_"] != 1:
             raise SerializationError(
@@ -490,12 +559,10 @@ class PlattCalibrator(Calibrator):
 
         k = x.shape[1]
         if params["standardize"]:
-            mean = x.mean(axis=0)
-            scale = x.std(axis=0)
-            scale[scale == 0] = 1.0
+            mean, scale = _mean_and_scale(x)
         else:
             mean, scale = np.zeros(k), np.ones(k)
-        z = (x - mean) / scale
+        z = _standardized(x, mean, scale)
         if params["smooth_targets"]:
             n_pos = int(y.sum())
             n_neg = int(y.size - n_pos)
@@ -527,6 +594,11 @@ class PlattCalibrator(Calibrator):
                 RuntimeWarning,
                 stacklevel=3,
             )
+        if not np.all(np.isfinite(res.x)):
+            raise InvalidParameterError(
+                "The 'scores' parameter of PlattCalibrator.fit must have a range a logistic fit "
+                "can handle: the fit diverged to non-finite coefficients. Rescale the scores."
+            )
         self.coef_ = np.asarray(res.x[:k], dtype=np.float64)
         self.intercept_ = float(res.x[k])
         self.mean_ = np.asarray(mean, dtype=np.float64)
@@ -535,7 +607,8 @@ class PlattCalibrator(Calibrator):
     def _predict(self, x: np.ndarray) -> np.ndarray:
         from scipy.special import expit
 
-        return np.asarray(expit(((x - self.mean_) / self.scale_) @ self.coef_ + self.intercept_))
+        z = _standardized(x, self.mean_, self.scale_)
+        return np.asarray(expit(z @ self.coef_ + self.intercept_))
 
     def _check_state(self, values: dict[str, Any]) -> None:
         k = values["n_features_in_"]
