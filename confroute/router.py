@@ -468,7 +468,7 @@ class Router:
             )
         except SerializationError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise SerializationError(
                 f"Saved router at {str(path)!r} is incomplete: {exc}"
             ) from None

@@ -91,7 +91,7 @@ def test_verbalized_asks_followup_and_parses_only_the_reply(lm) -> None:  # type
     assert len(counting.calls) == 2  # greedy answer, then one batched follow-up
     for s, score, parsed in zip(out.samples, out.scores, out.details["parsed"]):
         reply = s.extra[v.extra_key].text
-        conf = parse_confidence(reply)
+        conf = parse_confidence(reply, s.greedy.text)
         assert parsed == (conf is not None)
         assert (math.isnan(score) and conf is None) or score == pytest.approx(1 - conf / 100)
         # the question itself says "0 to 100"; it is never what gets parsed

@@ -201,12 +201,17 @@ def test_self_consistency_number(measure: str, expected: float) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("85", 85.0), ("85%", 85.0), ("Confidence: 0.85", 85.0), ("I am 90 percent sure", 90.0),
-        ("80-90", 85.0), ("80 \u2013 90%", 85.0), ("eighty", 80.0), ("ninety-five", 95.0),
-        ("one hundred", 100.0), ("1.0", 100.0), ("0", 0.0), ("100", 100.0),
-        ("On a scale from 0 to 100, I would say 85.", 85.0), ("85/100", 85.0),
-        ("My answer mentions 3 cities. Confidence: 70", 70.0),
-        ("150", None), ("-5", None), ("no idea", None), ("", None),
+        ("Confidence: 85", 85.0), ("confidence: 85%", 85.0), ("CONFIDENCE:7", 7.0),
+        ("Confidence: 0", 0.0), ("Confidence: 100 %", 100.0),
+        ("I double-checked the capital.\nConfidence: 90\n\n", 90.0),
+        ("My answer mentions 3 cities.\nConfidence: 70", 70.0),
+        # the strict format only (issue 13): nothing else is read as a confidence
+        ("85", None), ("85%", None), ("Confidence: 0.85", None), ("I am 90 percent sure", None),
+        ("eighty", None), ("Confidence: 101", None), ("Confidence: -5", None),
+        ("Confidence: 85\nThat is my answer.", None), ("no idea", None), ("", None),
+        ("I'm not confident. 100% of experts would disagree.", None),
+        ("Not sure at all. The answer is 100.", None), ("Confidence: 50-150", None),
+        ("A spider has 8 legs.", None), ("Confidence: 1e9", None),
     ],
 )
 def test_parse_confidence(text: str, expected: float | None) -> None:
@@ -216,7 +221,8 @@ def test_parse_confidence(text: str, expected: float | None) -> None:
 def test_verbalized_scores_reply_and_counts_unparsed() -> None:
     v = VerbalizedConfidence()
     samples = [
-        Samples(prompt="q1", greedy=Sample("Paris"), extra={v.extra_key: Sample("90")}),
+        Samples(prompt="q1", greedy=Sample("Paris"),
+                extra={v.extra_key: Sample("Confidence: 90")}),
         Samples(prompt="q2", greedy=Sample("Rome"), extra={v.extra_key: Sample("dunno")}),
     ]
     est = v.estimate(["q1", "q2"], samples=samples)

@@ -80,7 +80,7 @@ def complete_samples(est: UncertaintyEstimator, prompt: str, confident: bool) ->
         lp = -0.01 if confident else -2.5
         draws[cfg.sampling_key()] = tuple(sample(t, logprob=lp) for t in texts)
     extra = {
-        v.extra_key: Sample(text="95" if confident else "Confidence: 20%")
+        v.extra_key: Sample(text="Confidence: 95" if confident else "Confidence: 20%")
         for v in _verbalized_members(est)
     }
     return Samples(prompt=prompt, greedy=greedy, draws=draws, extra=extra)

@@ -24,109 +24,97 @@ from confroute.estimators.base import UncertaintyEstimator, estimator_registry
 from confroute.models.base import LanguageModel, SampleRequest
 from confroute.types import GenerationConfig, Message, Prompt, Sample, Samples
 
-__all__ = ["VerbalizedConfidence", "parse_confidence"]
+__all__ = ["VerbalizedConfidence", "copies_answer", "parse_confidence"]
 
 DEFAULT_QUESTION = (
-    "How confident are you that your answer is correct? Reply with a number from 0 to 100."
+    "How confident are you that your answer is correct? Do not repeat your answer. End your "
+    "reply with one line of the form 'Confidence: N', where N is a whole number from 0 to 100."
 )
 
-_NUM = re.compile(
-    r"(?<![\d.])(?P<sign>-\s?)?(?P<a>\d+(?:\.\d+)?|\.\d+)"
-    r"(?:\s*%?\s*(?:-|\u2013|\u2014)\s*(?P<b>\d+(?:\.\d+)?))?"
-    r"\s*(?P<pct>%|percent\b|per\s+cent\b)?",
-    re.IGNORECASE,
-)
-_SCALE = re.compile(
-    r"(?:(?:on\s+a\s+scale\s+)?from\s+)?\b0\s*(?:to|-|\u2013)\s*100\b(?!\s*%)", re.IGNORECASE
-)
-_KEYWORD = re.compile(r"confiden|certain|sure|probability|likel", re.IGNORECASE)
-
-_UNITS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
-    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13,
-    "fourteen": 14, "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18,
-    "nineteen": 19,
-}
-_TENS = {
-    "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70,
-    "eighty": 80, "ninety": 90,
-}
-_WORDS = re.compile(
-    r"\b(?P<hundred>(?:one\s+|a\s+)?hundred)\b|\b(?P<tens>" + "|".join(_TENS) +
-    r")(?:[\s-]+(?P<unit>" + "|".join(k for k, v in _UNITS.items() if 0 < v < 10) + r"))?\b"
-    r"|\b(?P<small>" + "|".join(_UNITS) + r")\b",
-    re.IGNORECASE,
-)
+# The whole last non-empty line: "Confidence: N" with N an integer 0-100, optional "%".
+_FINAL = re.compile(r"confidence\s*:\s*(?P<n>\d{1,3})\s*%?", re.IGNORECASE)
+_TOKEN = re.compile(r"\w+")
 
 
-def _value(m: re.Match[str]) -> float | None:
-    a = m.group("a")
-    if m.group("sign"):
-        return None
-    values = [a] if m.group("b") is None else [a, m.group("b")]
-    out = []
-    for v in values:
-        x = float(v)
-        # "0.85" is a probability; "85" or "85%" a percentage.
-        if "." in v and x <= 1.0 and m.group("pct") is None:
-            x *= 100.0
-        out.append(x)
-    x = sum(out) / len(out)
-    return x if 0.0 <= x <= 100.0 else None
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
-def parse_confidence(text: str) -> float | None:
-    """A confidence in [0, 100] from a model's free-text reply.
+def _tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text.casefold())
 
-    Accepted forms: ``"85"``, ``"85%"``, ``"85 percent"``, ``"Confidence: 0.85"``
-    (a number with a decimal point in [0, 1] and no percent sign is a
-    probability, multiplied by 100), ranges ``"80-90"`` (midpoint), and number
-    words ``"eighty"``, ``"ninety-five"``, ``"one hundred"`` when the reply has
-    no digits.
 
-    When several numbers appear, the first one next to a confidence word
-    (*confident*, *certain*, *sure*, *probability*, *likely*) wins, then the first
-    with a percent sign, then the first number.
+def _contains_run(haystack: list[str], needle: list[str]) -> bool:
+    n = len(needle)
+    return any(haystack[i:i + n] == needle for i in range(len(haystack) - n + 1))
+
+
+def copies_answer(reply: str, answer: str) -> bool:
+    """Whether a confidence ``reply`` repeats the ``answer`` it was asked about.
+
+    True when the answer's words (case-folded, punctuation ignored) appear as a
+    contiguous run in the reply's lines before the final ``Confidence: N`` line,
+    or when the answer itself carries the reply's final confidence line (a
+    prompt injection that makes the model echo a planted confidence).
+
+    Parameters
+    ----------
+    reply, answer : str
+
+    Returns
+    -------
+    bool
+    """
+    lines = [line.strip() for line in reply.splitlines() if line.strip()]
+    if not lines:
+        return False
+    words = _tokens(answer)
+    if words and _contains_run(_tokens("\n".join(lines[:-1])), words):
+        return True
+    final = _tokens(lines[-1])
+    return bool(final) and any(_tokens(a) == final for a in answer.splitlines())
+
+
+def parse_confidence(text: str, answer: str | None = None) -> float | None:
+    """The confidence in [0, 100] stated on the final line of a model's reply.
+
+    Only one form is accepted: the last non-empty line is exactly
+    ``Confidence: N`` (case-insensitive, optional ``%``) with ``N`` a whole
+    number from 0 to 100. Anything else (a number elsewhere in the text, a
+    decimal, a range, a word, scientific notation, a value above 100) is
+    unparsed, so no number is ever read from an answer or an explanation.
 
     Parameters
     ----------
     text : str
         The model's own reply (never the question that was asked).
+    answer : str or None, default None
+        The answer the confidence is about. When given, a reply that repeats it
+        (see :func:`copies_answer`) is unparsed: the model was steered into
+        echoing its answer rather than rating it.
 
     Returns
     -------
     float or None
-        Confidence in percent, or None when nothing usable is found or the number
-        chosen is negative or above 100.
+        Confidence in percent, or None when the reply does not end with a valid
+        ``Confidence: N`` line.
+
+    Examples
+    --------
+    >>> parse_confidence("I checked the sum.\nConfidence: 85%")
+    85.0
+    >>> parse_confidence("A spider has 8 legs.") is None
+    True
     """
-    # The scale the question names ("from 0 to 100") is not an answer.
-    text = _SCALE.sub(" ", text)
-    matches = list(_NUM.finditer(text))
-    if not matches:
-        return _parse_words(text)
-
-    def priority(m: re.Match[str]) -> int:
-        window = text[max(0, m.start() - 40): m.start()]
-        if _KEYWORD.search(window):
-            return 0
-        if m.group("pct"):
-            return 1
-        return 2
-
-    best = min(matches, key=priority)  # min keeps the first among equals
-    return _value(best)
-
-
-def _parse_words(text: str) -> float | None:
-    m = _WORDS.search(text)
-    if m is None:
+    if not isinstance(text, str):
         return None
-    if m.group("hundred"):
-        return 100.0
-    if m.group("tens"):
-        unit = m.group("unit")
-        return float(_TENS[m.group("tens").lower()] + (_UNITS[unit.lower()] if unit else 0))
-    return float(_UNITS[m.group("small").lower()])
+    m = _FINAL.fullmatch(_last_line(text))
+    if m is None or int(m.group("n")) > 100:
+        return None
+    if answer is not None and copies_answer(text, answer):
+        return None
+    return float(int(m.group("n")))
 
 
 @estimator_registry.register("verbalized")
@@ -140,7 +128,11 @@ class VerbalizedConfidence(UncertaintyEstimator):
 
     .. math:: u(x) = 1 - c(x) / 100, \\qquad c(x) \\in [0, 100].
 
-    An unparseable reply scores NaN (counted in :attr:`Estimate.n_unscored`);
+    The question asks for a final line ``Confidence: N`` (N a whole number from
+    0 to 100) and nothing else is read: a reply without that final line, or one
+    that repeats the answer (a sign the prompt steered the model, see
+    :func:`copies_answer`), is unparsed. An unparsed reply scores NaN (counted in
+    :attr:`Estimate.n_unscored`);
     ``details["parsed"]`` is 1 where a confidence was read, 0 elsewhere, and
     ``details["confidence"]`` holds :math:`c(x)`. The reply is kept in
     ``Samples.extra`` under :attr:`extra_key`, so given samples are reused
@@ -239,7 +231,7 @@ class VerbalizedConfidence(UncertaintyEstimator):
         for i, s in enumerate(samples):
             reply = s.extra[key]
             text = reply.text if isinstance(reply, Sample) else str(reply)
-            c = parse_confidence(text)
+            c = parse_confidence(text, s.greedy.text if s.greedy is not None else None)
             if c is not None:
                 conf[i] = c
                 parsed[i] = 1.0
