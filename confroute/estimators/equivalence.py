@@ -19,15 +19,23 @@ References
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from confroute._params import ParamsMixin
 from confroute._registry import Registry
-from confroute._validation import check_choice, check_float, check_int, param_error
+from confroute._validation import (
+    check_choice,
+    check_existing_dir,
+    check_float,
+    check_int,
+    param_error,
+)
 from confroute.errors import EstimationError, InvalidParameterError, ModelLoadError
 from confroute.estimators.answers import get_extractor, normalize_answer
 
@@ -410,6 +418,10 @@ class NLIEquivalence(Equivalence):
                 "model_path", owner, "the local directory of an NLI sequence-classification "
                 "model (nothing is downloaded)", None,
             )
+        folder = key
+        if isinstance(self.model_path, (str, os.PathLike)) and ".." in Path(self.model_path).parts:
+            # resolve "..": the result must be an existing local directory, named in errors
+            folder = str(check_existing_dir(self.model_path, "model_path", owner))
         try:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
         except ImportError as exc:  # pragma: no cover - transformers is a dependency
@@ -417,9 +429,9 @@ class NLIEquivalence(Equivalence):
 
             raise MissingDependencyError("NLIEquivalence needs transformers and torch.") from exc
         try:
-            tok = AutoTokenizer.from_pretrained(key, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model = AutoModelForSequenceClassification.from_pretrained(
-                key, local_files_only=True
+                folder, local_files_only=True
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"Could not load an NLI model from {key!r}: {exc}") from exc

@@ -22,6 +22,7 @@ from confroute._validation import (
     check_bool,
     check_choice,
     check_int,
+    check_path_within,
     check_prompts,
     check_same_length,
     param_error,
@@ -223,9 +224,9 @@ class HFLanguageModel:
 
         if isinstance(model, (str, Path)):
             source = str(model)
-            if self.gguf_file is not None and not isinstance(self.gguf_file, str):
-                raise param_error("gguf_file", _OWNER, "a file name or None", self.gguf_file,
-                                  type_error=True)
+            if self.gguf_file is not None:
+                # resolved (links, "..") and refused when it leaves the model folder
+                check_path_within(self.gguf_file, source, "gguf_file", _OWNER)
             from transformers import AutoModelForCausalLM
 
             if self._dtype is not None:
@@ -277,7 +278,9 @@ class HFLanguageModel:
             from transformers import AutoTokenizer
 
             kwargs: dict[str, Any] = {"local_files_only": True}
-            if self.gguf_file is not None and Path(tokenizer, self.gguf_file).exists():
+            if self.gguf_file is not None and check_path_within(
+                self.gguf_file, tokenizer, "gguf_file", _OWNER
+            ).exists():
                 kwargs["gguf_file"] = self.gguf_file
             try:
                 return AutoTokenizer.from_pretrained(str(tokenizer), **kwargs)
