@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from confroute._serialization import write_atomic
 from confroute.cli._common import (
     add_policy_options,
     build_policy,
@@ -267,7 +268,7 @@ def cmd_route_two_stage(args: argparse.Namespace) -> int:
             row["id"] = src["id"]
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
     if args.output:
-        Path(args.output).write_text(lines, encoding="utf-8")
+        write_atomic(args.output, lines, owner="confroute predictive route")
     else:
         sys.stdout.write(lines)
     print(json.dumps({"stats": ts.stats.as_dict()}), file=sys.stderr)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
+from confroute._serialization import write_atomic
 from confroute._validation import check_float
 from confroute.cli._common import default_router_path, load_router, prompts_from
 from confroute.errors import InvalidParameterError
@@ -119,9 +119,8 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def _emit(args: argparse.Namespace, out_rows: list[dict[str, Any]]) -> None:
     if args.output:
-        Path(args.output).write_text(
-            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in out_rows),
-            encoding="utf-8")
+        write_atomic(args.output, "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                          for row in out_rows), owner="confroute route")
         n_cloud = sum(r["source"] == "cloud" for r in out_rows)
         print(f"wrote {len(out_rows)} decisions to {args.output} "
               f"({n_cloud} escalated, {len(out_rows) - n_cloud} kept on edge)")

@@ -67,6 +67,7 @@ from typing import Any
 
 import numpy as np
 
+from confroute._serialization import write_atomic
 from confroute.errors import InvalidParameterError
 from confroute.evaluation import metrics as M
 from confroute.evaluation.datasets import Example, split
@@ -781,9 +782,10 @@ def write_report(report: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
     """Write ``report.json`` (NaN as null), ``report.md`` and ``records.jsonl`` to ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2), encoding="utf-8")
-    (out / "report.md").write_text(markdown_report(report), encoding="utf-8")
-    with open(out / "records.jsonl", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(_jsonable(r), ensure_ascii=False) + "\n")
+    owner = "write_report"
+    write_atomic(out / "records.jsonl", "".join(
+        json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in records), owner=owner)
+    write_atomic(out / "report.md", markdown_report(report), owner=owner)
+    # the report last: its presence means the whole run was written
+    write_atomic(out / "report.json", json.dumps(_jsonable(report), indent=2), owner=owner)
     return out

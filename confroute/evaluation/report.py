@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from confroute._serialization import write_atomic
+
 __all__ = ["SUITE_DEFAULTS", "embedded_edge_model", "results_markdown", "run_results_suite"]
 
 SUITE_DEFAULTS = {"nq": 150, "trivia": 150, "arith": 105, "n_samples": 5,
@@ -122,7 +124,7 @@ def run_results_suite(
                "sizes": {"nq": n_nq, "trivia": n_trivia, "arith": n_arith,
                          "n_samples": n_samples, "max_new_tokens": max_new_tokens}}
     if results is not None:
-        Path(results).write_text(results_markdown(summary), encoding="utf-8")
+        write_atomic(results, results_markdown(summary), owner="suite")
     print(f"[suite] done in {wall:.1f} s ({history[-1]['model_calls']} edge model calls)",
           file=sys.stderr)
     return summary
@@ -135,7 +137,7 @@ def _record_run(hist_path: Path, model: Any, wall: float,
     history.append({"wall_seconds": wall, "model_calls": getattr(model, "n_model_calls", None),
                     "edge_model_loaded": loaded, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "load_start": load_start, "load_end": _load_avg()})
-    hist_path.write_text(json.dumps(history, indent=2))
+    write_atomic(hist_path, json.dumps(history, indent=2), owner="suite")
     return history
 
 

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from confroute._serialization import write_atomic
 from confroute._validation import (
     check_array,
     check_bool,
@@ -376,9 +377,7 @@ def write_labels_jsonl(
             fh.flush()
             os.fsync(fh.fileno())
     else:
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(lines, encoding="utf-8")
-        os.replace(tmp, p)
+        write_atomic(p, lines, owner="write_labels_jsonl")
     return p
 
 
