@@ -234,6 +234,8 @@ def write_atomic(
         The file cannot be written there (unwritable or uncreatable parent, disk full...).
     """
     p = check_path(path, owner)
+    if not isinstance(data, (str, bytes, bytearray)):
+        raise param_error("data", owner, "a str or bytes", data, type_error=True)
     blob = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
