@@ -4,6 +4,7 @@ and a verbalized-confidence parser that only reads a strict final line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -183,7 +184,7 @@ def test_write_failure_removes_the_temporary(tmp_path: Path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full_disk)
-    with pytest.raises(SerializationError, match="'path'.*No space left on device"):
+    with pytest.raises(SerializationError, match=r"'path'.*No space left on device"):
         write_atomic(tmp_path / "z.json", "new")
     monkeypatch.undo()
     assert _temps(tmp_path) == [] and not (tmp_path / "y.json").exists()
@@ -217,7 +218,7 @@ def test_save_into_a_read_only_directory(tmp_path: Path) -> None:
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        with pytest.raises(SerializationError, match="'path' parameter.*writable"):
+        with pytest.raises(SerializationError, match=r"'path' parameter.*writable"):
             _fitted().save(ro / "router.json")
     finally:
         ro.chmod(0o700)
@@ -231,7 +232,7 @@ def test_load_refuses_a_non_path(bad: Any) -> None:
 
 
 def test_load_refuses_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(InvalidParameterError, match="'path'.*not a directory"):
+    with pytest.raises(InvalidParameterError, match=r"'path'.*not a directory"):
         Router.load(tmp_path)
 
 
@@ -378,7 +379,7 @@ def test_platt_on_extreme_scores_stays_finite(standardize: bool) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # L-BFGS may not fully converge
         cal = PlattCalibrator(standardize=standardize).fit(scores, labels)
-    p = cal.predict_proba(scores + [1.79e308, -1.79e308])
+    p = cal.predict_proba([*scores, 1.79e308, -1.79e308])
     assert np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()
     assert np.isfinite(cal.coef_).all() and math.isfinite(cal.intercept_)
 
@@ -436,7 +437,7 @@ def test_gguf_file_cannot_leave_the_model_folder(tmp_path: Path) -> None:
         with pytest.raises(InvalidParameterError, match="'gguf_file' parameter of HFLanguage"):
             HFLanguageModel(folder, gguf_file=name, device="cpu")
     (folder / "link.gguf").symlink_to(tmp_path / "outside.gguf")
-    with pytest.raises(InvalidParameterError, match="'gguf_file'.*inside the model folder"):
+    with pytest.raises(InvalidParameterError, match=r"'gguf_file'.*inside the model folder"):
         HFLanguageModel(folder, gguf_file="link.gguf", device="cpu")
 
 
@@ -534,7 +535,5 @@ def test_mutated_router_files_load_or_raise_a_typed_error(
         except (KeyError, IndexError, TypeError):
             continue  # an earlier mutation removed this path
     path = _forge(tmp_path / "fuzz.json", doc)
-    try:
+    with contextlib.suppress(ConfrouteError):  # a typed error or success, nothing else
         Router.load(path)
-    except ConfrouteError:
-        pass
