@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from confroute._serialization import write_atomic
 from confroute.evaluation import metrics as M
 
 __all__ = ["plot_reliability", "plot_routing_curves"]
@@ -33,10 +35,12 @@ def _save(plt: Any, fig: Any, path: str | Path) -> Path:
     """Lay out, write (creating the folder) and close ``fig``; return its path."""
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=110, format=out.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
+    return write_atomic(out, buf.getvalue(), owner="plot")
 
 
 def plot_routing_curves(
