@@ -537,3 +537,20 @@ def test_mutated_router_files_load_or_raise_a_typed_error(
     path = _forge(tmp_path / "fuzz.json", doc)
     with contextlib.suppress(ConfrouteError):  # a typed error or success, nothing else
         Router.load(path)
+
+
+@settings(max_examples=60, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 10**9), flips=st.lists(st.tuples(st.integers(0, 10**9),
+                                                           st.integers(0, 255)), max_size=4))
+def test_truncated_or_flipped_bytes_raise_a_typed_error(
+    tmp_path: Path, saved_doc: dict[str, Any], cut: int, flips: list[tuple[int, int]]
+) -> None:
+    blob = bytearray(json.dumps(saved_doc).encode())
+    for pos, byte in flips:
+        blob[pos % len(blob)] = byte
+    blob = blob[: len(blob) - cut % 50] if cut % 3 else blob
+    path = tmp_path / "bytes.json"
+    path.write_bytes(bytes(blob))
+    with contextlib.suppress(ConfrouteError):
+        Router.load(path)
