@@ -441,6 +441,15 @@ def test_gguf_file_cannot_leave_the_model_folder(tmp_path: Path) -> None:
         HFLanguageModel(folder, gguf_file="link.gguf", device="cpu")
 
 
+def test_names_inside_the_folder_are_accepted(tmp_path: Path) -> None:
+    from confroute._validation import check_path_within
+
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    got = check_path_within("sub/../sub/m.gguf", folder, "gguf_file", "HFLanguageModel")
+    assert got == (folder / "sub" / "m.gguf").resolve()
+
+
 def test_nli_model_path_with_dotdot_is_resolved_and_checked(tmp_path: Path) -> None:
     from confroute.errors import ModelLoadError
     from confroute.estimators.equivalence import NLIEquivalence
