@@ -103,7 +103,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -114,6 +113,7 @@ import numpy as np
 
 from confroute._params import ParamsMixin
 from confroute._registry import Registry
+from confroute._serialization import write_atomic
 from confroute._validation import (
     check_array,
     check_choice,
@@ -839,8 +839,9 @@ def write_labels_jsonl(
 
     The header is ``{"confroute_labels": 1, "meta": meta}``; each row is
     ``{"prompt": ..., "label": 1 | 0 | null}`` (null = unknown). Everything is
-    validated first and the file is replaced atomically (a temporary file in the
-    same directory, then :func:`os.replace`), so a crash never leaves half a file.
+    validated first and the file is replaced atomically (the package's one
+    durable write: a unique temporary file in the same directory, fsync, then
+    ``os.replace``), so a crash never leaves half a file.
 
     Parameters
     ----------
@@ -870,19 +871,7 @@ def write_labels_jsonl(
                     "label": None if math.isnan(v) else int(v)}, ensure_ascii=False)
         for p, v in zip(plist, y)
     ]
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_atomic(path, "\n".join(lines) + "\n", owner=owner)
 
 
 def read_labels_jsonl(

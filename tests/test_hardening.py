@@ -369,7 +369,7 @@ def test_platt_state_must_be_finite() -> None:
     with pytest.raises(SerializationError, match="coef_"):
         PlattCalibrator().set_state(state)
     iso = IsotonicCalibrator().fit([0.1, 0.5, 0.9, 0.2], [1, 0, 0, 1])
-    assert IsotonicCalibrator().set_state(iso.get_state()).predict_proba([0.3]).shape == (1,)
+    assert IsotonicCalibrator().set_state(iso.get_state()).p_good([0.3]).shape == (1,)
 
 
 @pytest.mark.parametrize("standardize", [True, False])
@@ -379,7 +379,7 @@ def test_platt_on_extreme_scores_stays_finite(standardize: bool) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # L-BFGS may not fully converge
         cal = PlattCalibrator(standardize=standardize).fit(scores, labels)
-    p = cal.predict_proba([*scores, 1.79e308, -1.79e308])
+    p = cal.p_good([*scores, 1.79e308, -1.79e308])
     assert np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()
     assert np.isfinite(cal.coef_).all() and math.isfinite(cal.intercept_)
 
