@@ -15,7 +15,7 @@ import pytest
 from confroute.cache import CachedModel, GenerationCache
 from confroute.evaluation import metrics as M
 from confroute.evaluation.datasets import Example, load_nq_open
-from confroute.evaluation.graders import Grader
+from confroute.grading import BaseGrader
 from confroute.evaluation.harness import evaluate
 from confroute.types import GenerationConfig, Prompt, Sample
 
@@ -33,7 +33,7 @@ def _nq_rows(n: int = 30) -> list[dict[str, Any]]:
             for i, (q, a) in enumerate(QUESTIONS[k % len(QUESTIONS)] for k in range(n))]
 
 
-class ParityGrader(Grader):
+class ParityGrader(BaseGrader):
     """Deterministic stand-in for correctness on a random tiny model (both classes occur)."""
 
     def grade(self, prediction: str, example: Example) -> float:

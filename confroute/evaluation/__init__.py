@@ -27,12 +27,15 @@ _LAZY: dict[str, str] = {
     # recorded models
     "RecordedModel": "confroute.evaluation.recorded",
     "RecordedAnswerMissing": "confroute.evaluation.recorded",
-    # graders
-    "Grader": "confroute.evaluation.graders",
-    "ExactMatchGrader": "confroute.evaluation.graders",
-    "NumericGrader": "confroute.evaluation.graders",
-    "ChoiceGrader": "confroute.evaluation.graders",
-    "get_grader": "confroute.evaluation.graders",
+    # graders: one grading module, shared with Router.calibrate
+    "BaseGrader": "confroute.grading",
+    "ExactMatchGrader": "confroute.grading",
+    "NumericGrader": "confroute.grading",
+    "ChoiceGrader": "confroute.grading",
+    "Grader": "confroute.grading",
+    "get_grader": "confroute.grading",
+    "resolve_grader": "confroute.grading",
+    "grade_answers": "confroute.evaluation.harness",
     # judge
     "BestOfKJudge": "confroute.evaluation.judge",
     "BestOfKResult": "confroute.evaluation.judge",
@@ -61,11 +64,15 @@ _LAZY: dict[str, str] = {
 __all__ = sorted(_LAZY)
 
 
+# public names kept from before graders moved to confroute.grading
+_RENAMED = {"Grader": "BaseGrader"}
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'confroute.evaluation' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), _RENAMED.get(name, name))
     globals()[name] = value
     return value
 

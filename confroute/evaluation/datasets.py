@@ -6,21 +6,21 @@ accepted gold answers, and, when the file holds model outputs, those outputs as
 ``recorded`` answers keyed by model name (replay them with
 :class:`~confroute.evaluation.RecordedModel`).
 
-Question kinds and how they are graded (see :mod:`confroute.evaluation.graders`):
+Question kinds and how they are graded (``Example.grader``, a name resolved by
+:func:`confroute.grading.resolve_grader`, the graders ``Router.calibrate`` uses):
 
-* ``"short"``: short free-text answer, normalised exact match against any alias
-  (Natural Questions, TriviaQA);
-* ``"number"``: a final number (GSM8K);
-* ``"choice"``: one option letter; ``gold`` holds the correct letter(s)
-  (MMLU, ARC);
-* ``"open"``: open-ended answer scored by an LLM judge (MT-Bench).
+* ``"short"``: short free-text answer, graded ``"contains"`` (a normalised
+  alias occurs in the answer as whole words; Natural Questions, TriviaQA);
+* ``"number"``: a final number, graded ``"number"`` (GSM8K, arithmetic);
+* ``"choice"``: one option letter, graded ``"choice"``; ``gold`` holds the
+  correct letter(s) (MMLU, ARC);
+* ``"open"``: open-ended answer scored by an LLM judge (MT-Bench); no grader.
 """
 
 from __future__ import annotations
 
 import ast
 import csv
-import hashlib
 import io
 import json
 import re
@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confroute._validation import check_choice, check_float, check_int, param_error
+from confroute._stats import id_split
+from confroute._validation import check_choice, param_error
 from confroute.errors import ConfrouteError, InvalidParameterError
+from confroute.grading import BaseGrader, GraderLike, grader_for_kind, resolve_grader
 
 __all__ = [
     "DatasetFormatError",
@@ -78,6 +80,9 @@ class Example:
         Stored answers of named models for this question.
     meta : mapping
         Everything else the source file holds (subject, annotations, turns, ...).
+    grader : str or None
+        Name of the grader of this question (:func:`confroute.grading.resolve_grader`);
+        default: the kind's (:data:`confroute.grading.KIND_GRADERS`), None for ``"open"``.
     """
 
     id: str
@@ -87,6 +92,7 @@ class Example:
     choices: tuple[str, ...] = ()
     recorded: Mapping[str, str] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    grader: str | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.kind, "kind", "Example", KINDS)
@@ -94,6 +100,45 @@ class Example:
             raise param_error("id", "Example", "a non-empty string", self.id, type_error=True)
         object.__setattr__(self, "gold", tuple(self.gold))
         object.__setattr__(self, "choices", tuple(self.choices))
+        if self.grader is None:
+            if self.kind != "open":
+                object.__setattr__(self, "grader", grader_for_kind(self.kind, "Example"))
+        elif not isinstance(self.grader, str):
+            raise param_error("grader", "Example", "a grader name", self.grader,
+                              type_error=True)
+        else:
+            resolve_grader(self.grader, "Example")
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """The accepted answers a grader compares an answer with (``gold``)."""
+        return self.gold
+
+    def grade(self, answer: str, grader: GraderLike | None = None) -> float:
+        """Quality in [0, 1] of ``answer``: ``grader(answer, self.references)``.
+
+        Parameters
+        ----------
+        answer : str
+        grader : str or callable, optional
+            Default: this example's :attr:`grader`. A
+            :class:`~confroute.grading.BaseGrader` grades through its ``grade``
+            (a choice grader then also matches this example's option texts).
+
+        Returns
+        -------
+        float in [0, 1]
+        """
+        if grader is None:
+            if self.grader is None:
+                grader_for_kind(self.kind, "Example.grade")  # raises: "open" needs a judge
+            grader = self.grader
+        g = resolve_grader(grader, "Example.grade")  # type: ignore[arg-type]
+        if not isinstance(answer, str):
+            raise param_error("answer", "Example.grade", "a str", answer, type_error=True)
+        if isinstance(g, BaseGrader):
+            return g.grade(answer, self)
+        return float(g(answer, list(self.references)))
 
     @property
     def letters(self) -> str:
@@ -275,7 +320,7 @@ def load_gsm8k(path: str | Path) -> list[Example]:
             raise DatasetFormatError(f"{p}: {where} answer has no '#### <number>' line.")
         out.append(Example(
             id=f"gsm8k-{i}", prompt=format_number_prompt(q), gold=(_clean_number(m.group(1)),),
-            kind="number", meta={"question": q, "solution": ans},
+            kind="number", meta={"question": q, "solution": ans}, grader="number",
         ))
     return out
 
@@ -312,7 +357,7 @@ def load_gsm8k_solutions(path: str | Path) -> list[Example]:
             correct[model] = bool(_field(entry, "is_correct", p, f"{where}.{model}", bool))
         out.append(Example(
             id=f"gsm8k-{i}", prompt=format_number_prompt(q), gold=(_clean_number(m.group(1)),),
-            kind="number", recorded=recorded,
+            kind="number", recorded=recorded, grader="number",
             meta={"question": q, "solution": gt, "is_correct": correct},
         ))
     return out
@@ -343,7 +388,7 @@ def load_nq_open(path: str | Path) -> list[Example]:
         meta = {k: v for k, v in row.items() if k not in ("question",)}
         out.append(Example(
             id=f"{p.stem}-{i}", prompt=format_short_prompt(q), gold=_unique(gold), kind="short",
-            meta={"question": q, **meta},
+            meta={"question": q, **meta}, grader="contains",
         ))
     return out
 
@@ -410,7 +455,7 @@ def load_triviaqa(path: str | Path) -> list[Example]:
         qid = row.get("question_id", row.get("QuestionId"))
         out.append(Example(
             id=str(qid) if qid else f"{p.stem}-{i}", prompt=format_short_prompt(q), gold=gold,
-            kind="short", meta={"question": q},
+            kind="short", meta={"question": q}, grader="contains",
         ))
     return out
 
@@ -618,7 +663,7 @@ def load_mmlu_redux(dir_or_file: str | Path, label: str = "original") -> list[Ex
             q = row["question"]
             out.append(Example(
                 id=f"mmlu_redux/{subject}-{i}", prompt=format_choice_prompt(q, choices),
-                gold=gold, kind="choice", choices=choices,
+                gold=gold, kind="choice", choices=choices, grader="choice",
                 meta={"subject": subject, "question": q, **meta},
             ))
     return out
@@ -699,7 +744,7 @@ def load_helm_mmlu(dir: str | Path, models: Sequence[str] | None = None) -> list
                 pred = str(completions[0].get("text", "")).strip()
                 if pred:
                     examples[key]["recorded"][model] = pred
-    return [Example(kind="choice", **e) for e in examples.values()]
+    return [Example(kind="choice", grader="choice", **e) for e in examples.values()]
 
 
 def load_helm_combined(
@@ -753,7 +798,7 @@ def load_helm_combined(
             }
             out.append(Example(
                 id=ex.id, prompt=ex.prompt, gold=ex.gold, kind="choice", choices=ex.choices,
-                recorded={**ex.recorded, **recorded}, meta=ex.meta,
+                recorded={**ex.recorded, **recorded}, meta=ex.meta, grader="choice",
             ))
     return out
 
@@ -795,17 +840,12 @@ def load_arc(path: str | Path) -> list[Example]:
             raise DatasetFormatError(f"{p}: {where} gold index {gold_idx} is out of range.")
         out.append(Example(
             id=ex_id, prompt=format_choice_prompt(q, choices), gold=(LETTERS[gold_idx],),
-            kind="choice", choices=choices, meta={"question": q},
+            kind="choice", choices=choices, meta={"question": q}, grader="choice",
         ))
     return out
 
 
 # ---------------------------------------------------------------- split / registry
-
-
-def _unit_hash(seed: int, key: str) -> float:
-    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def split(
@@ -830,19 +870,15 @@ def split(
     (dev, test) : tuple of lists, each in input order
     """
     owner = "split"
-    frac = check_float(fraction, "fraction", owner, min_value=0.0, max_value=1.0)
-    s = check_int(seed, "seed", owner, min_value=0)
-    assert frac is not None and s is not None
     ids = [e.id for e in examples]
+    mask = id_split(ids, fraction, seed, owner=owner)
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise InvalidParameterError(
             f"The 'examples' parameter of {owner} must have unique ids. Got {dup!r} twice."
         )
-    dev: list[Example] = []
-    test: list[Example] = []
-    for e in examples:
-        (dev if _unit_hash(s, e.id) < frac else test).append(e)
+    dev = [e for e, m in zip(examples, mask) if m]
+    test = [e for e, m in zip(examples, mask) if not m]
     return dev, test
 
 

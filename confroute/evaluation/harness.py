@@ -5,7 +5,9 @@ Two modes.
 **Live edge model** (:func:`evaluate`). The edge model answers every question
 once (greedy) and every estimator scores from one shared generation
 (:func:`~confroute.estimators.estimate_many`; verbalized confidence adds its
-follow-up question). Edge answers are graded by the example kind's grader. The
+follow-up question). Edge answers are graded by each example's grader
+(:mod:`confroute.grading`, the graders ``Router.calibrate`` uses: ``"contains"``
+for short free-text answers, ``"number"``, ``"choice"``). The
 examples are split by id (:func:`~confroute.evaluation.datasets.split`) into a
 calibration part, on which isotonic and Platt calibrators are fitted per
 estimator, and a test part, on which everything is measured:
@@ -62,16 +64,18 @@ import random
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from confroute._serialization import write_atomic
+from confroute._validation import check_same_length
 from confroute.errors import InvalidParameterError
 from confroute.evaluation import metrics as M
 from confroute.evaluation.datasets import Example, split
-from confroute.evaluation.graders import Grader, get_grader
+from confroute.grading import GraderLike, get_grader
 from confroute.models.base import SampleRequest, collect_samples
 from confroute.types import GenerationConfig, Samples
 
@@ -82,6 +86,7 @@ __all__ = [
     "default_estimators",
     "evaluate",
     "evaluate_pair",
+    "grade_answers",
     "subsample",
     "write_report",
 ]
@@ -216,14 +221,6 @@ def _resolve_estimators(estimators: Any, kind: str, **kwargs: Any) -> list[Any]:
     if not out:
         raise InvalidParameterError("The 'estimators' parameter of evaluate is empty.")
     return out
-
-
-def _grade(grader: Grader | None, answers: Sequence[str], examples: Sequence[Example]
-           ) -> np.ndarray:
-    if grader is not None:
-        return grader.grade_many(list(answers), list(examples))
-    return np.array([get_grader(ex.kind).grade(a, ex) for a, ex in zip(answers, examples)],
-                    dtype=float)
 
 
 def _ci(fn: Callable[..., float], *arrays: Any, n_boot: int, seed: int) -> dict[str, float]:
@@ -375,6 +372,218 @@ def _cached_equivalence(equivalence: Any, model: Any) -> Any:
     return EmbeddingEquivalence(embedder=QueryEmbedder(cache_path=f"{path}.embeddings.sqlite"))
 
 
+def grade_answers(answers: Sequence[str], examples: Sequence[Example],
+                  grader: GraderLike | None = None) -> np.ndarray:
+    """Grade each answer against its example: the evaluation's per-example grading path.
+
+    Parameters
+    ----------
+    answers : sequence of str, shape (n,)
+    examples : sequence of Example, shape (n,)
+    grader : str or callable, optional
+        One grader for every example (a grader name, a question kind, or a
+        callable, see :func:`confroute.grading.get_grader`); default: each
+        example's own :attr:`~confroute.evaluation.Example.grader`.
+
+    Returns
+    -------
+    ndarray of shape (n,)
+        Qualities in [0, 1].
+    """
+    check_same_length("grade_answers", answers=answers, examples=examples)
+    g = get_grader(grader) if grader is not None else None
+    return np.array([ex.grade(a, g) for a, ex in zip(answers, examples)], dtype=float)
+
+
+def _grader_label(grader: GraderLike | None, exs: Sequence[Example]) -> str:
+    if grader is not None:
+        return repr(get_grader(grader))
+    return f"by example kind ({', '.join(sorted({str(ex.grader) for ex in exs}))})"
+
+
+def _with_cloud(examples: Sequence[Example], cloud: Any) -> tuple[list[Example], int]:
+    """The examples to evaluate and how many were dropped for a missing cloud answer."""
+    exs = list(examples)
+    if not exs:
+        raise InvalidParameterError("The 'examples' parameter of evaluate is empty.")
+    if cloud == ASSUME_CORRECT:
+        return exs, 0
+    if not isinstance(cloud, str):
+        raise InvalidParameterError(
+            f"The 'cloud' parameter of evaluate must be {ASSUME_CORRECT!r} or the name of "
+            f"a recorded model. Got {cloud!r}."
+        )
+    kept = [ex for ex in exs if cloud in ex.recorded]
+    if not kept:
+        raise InvalidParameterError(f"No example has a recorded answer of {cloud!r}.")
+    return kept, len(exs) - len(kept)
+
+
+@dataclass
+class _Generation:
+    """The edge model's shared generation and every estimator's scores."""
+
+    samples: list[Samples]
+    stages: dict[str, float]
+    charged: dict[str, list[str]]
+    estimates: dict[str, Any]
+    scoring_seconds: dict[str, float]
+
+
+def _run_estimators(exs: Sequence[Example], model: Any, ests: Sequence[Any]) -> _Generation:
+    from confroute.estimators import estimate_many
+
+    prompts: list[Any] = [ex.prompt for ex in exs]
+    samples, stages, charged = _generate_stages(model, prompts, ests)
+    scoring_seconds: dict[str, float] = {}
+    estimates: dict[str, Any] = {}
+    for e in ests:
+        t0 = time.perf_counter()
+        got = estimate_many([e], prompts, model, samples=samples)
+        scoring_seconds[e.name] = (time.perf_counter() - t0) / len(exs)
+        estimates.update(got)
+    return _Generation(samples, stages, charged, estimates, scoring_seconds)
+
+
+@dataclass
+class _Parts:
+    """Graded qualities and the calibration/test split of a live evaluation."""
+
+    edge_answers: list[str]
+    edge_q: np.ndarray
+    cloud_answers: list[str | None]
+    cloud_q: np.ndarray
+    is_cal: np.ndarray
+    ti: np.ndarray
+    ci: np.ndarray
+    y_all: np.ndarray
+
+
+def _grade_and_split(exs: Sequence[Example], gen: _Generation, cloud: Any,
+                     grader: GraderLike | None, fraction: float, seed: int) -> _Parts:
+    n = len(exs)
+    edge_answers = [s.greedy.text if s.greedy is not None else "" for s in gen.samples]
+    edge_q = grade_answers(edge_answers, exs, grader)
+    if cloud == ASSUME_CORRECT:
+        cloud_answers: list[str | None] = [None] * n
+        cloud_q = np.ones(n)
+    else:
+        cloud_answers = [ex.recorded[cloud] for ex in exs]
+        cloud_q = grade_answers([a or "" for a in cloud_answers], exs, grader)
+    cal, _ = split(exs, fraction, seed=seed)
+    cal_ids = {ex.id for ex in cal}
+    is_cal = np.array([ex.id in cal_ids for ex in exs])
+    return _Parts(edge_answers, edge_q, cloud_answers, cloud_q, is_cal,
+                  np.flatnonzero(~is_cal), np.flatnonzero(is_cal), (edge_q >= 0.5).astype(int))
+
+
+def _calibrated_probs(scores: np.ndarray, parts: _Parts) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Isotonic and Platt P(good) for every prompt, fitted on the calibration part."""
+    from confroute.calibration import IsotonicCalibrator, PlattCalibrator
+
+    n = len(scores)
+    ci = parts.ci
+    fit_ok = np.isfinite(scores[ci])
+    yc = parts.y_all[ci][fit_ok]
+    if fit_ok.sum() >= 2 and 0 < yc.sum() < len(yc):
+        p_iso = IsotonicCalibrator().fit(scores[ci][fit_ok], yc).p_good(scores)
+        p_platt = PlattCalibrator().fit(scores[ci][fit_ok], yc).p_good(scores)
+        return p_iso, p_platt, True
+    return np.full(n, np.nan), np.full(n, np.nan), False
+
+
+def _naive_probs(conf_all: np.ndarray, ti: np.ndarray) -> np.ndarray:
+    """Min-max scaled confidence over the scored test prompts; NaN elsewhere."""
+    p_naive = np.full(len(conf_all), np.nan)
+    scored_t = ~np.isnan(conf_all[ti])
+    if scored_t.any():
+        tmp = np.full(len(ti), np.nan)
+        tmp[scored_t] = _naive_prob(conf_all[ti][scored_t])
+        p_naive[ti] = tmp
+    return p_naive
+
+
+def _test_metrics(conf_all: np.ndarray, probs: Mapping[str, np.ndarray], parts: _Parts,
+                  n_boot: int) -> dict[str, Any]:
+    ti = parts.ti
+    conf_t = _fill_nan_conf(conf_all[ti])
+    y_t, e_t, c_t = parts.y_all[ti], parts.edge_q[ti], parts.cloud_q[ti]
+    m: dict[str, Any] = {}
+    m["auroc"] = _ci(M.auroc, conf_t, y_t, n_boot=n_boot, seed=0)
+    m["prr"] = _ci(M.prr, conf_t, e_t, n_boot=n_boot, seed=0)
+    for label in ("naive", "isotonic", "platt"):
+        p = probs[label]
+        m[f"ece_{label}"] = _ci(_prob_metric("ece"), p[ti], y_t, n_boot=n_boot, seed=0)
+        m[f"brier_{label}"] = _ci(_prob_metric("brier"), p[ti], y_t, n_boot=n_boot, seed=0)
+    for which in ("cpt50", "cpt80", "apgr", "gain_captured"):
+        m[which] = _ci(_curve_metric(which), conf_t, e_t, c_t, n_boot=n_boot, seed=0)
+    return m
+
+
+def _estimator_entry(name: str, gen: _Generation, parts: _Parts, n_boot: int
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One estimator's report entry and its naive/isotonic/Platt probabilities."""
+    scores = gen.estimates[name].scores
+    conf_all = -scores
+    entry: dict[str, Any] = {
+        "n_unscored": int(np.isnan(scores).sum()),
+        "n_unscored_test": int(np.isnan(scores[parts.ti]).sum()),
+        "edge_seconds_per_query": float(
+            sum(gen.stages[s] for s in gen.charged[name]) + gen.scoring_seconds[name]),
+        "generation_stages": gen.charged[name],
+        "scoring_seconds_per_query": gen.scoring_seconds[name],
+    }
+    p_iso, p_platt, fitted = _calibrated_probs(scores, parts)
+    entry["calibrated"] = fitted
+    if not fitted:
+        entry["calibration_note"] = (
+            "calibration part has a single class or too few scored prompts; "
+            "calibrators not fitted")
+    probs = {"naive": _naive_probs(conf_all, parts.ti), "isotonic": p_iso, "platt": p_platt}
+    entry["metrics"] = _test_metrics(conf_all, probs, parts, n_boot)
+    return entry, probs
+
+
+def _oracle_summary(parts: _Parts) -> dict[str, Any]:
+    e_t, c_t = parts.edge_q[parts.ti], parts.cloud_q[parts.ti]
+    fo, qo = M.oracle_curve(e_t, c_t)
+    w, s = float(e_t.mean()), float(c_t.mean())
+    return {"oracle_apgr": M.apgr(fo, qo, w, s) if w != s else math.nan,
+            "oracle_cpt50": M.cpt(fo, qo, w, s, 50.0) if w != s else math.nan}
+
+
+def _live_records(exs: Sequence[Example], gen: _Generation, parts: _Parts,
+                  probs: Mapping[str, Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
+    names = list(gen.estimates)
+    return [
+        {
+            "id": ex.id, "part": "calibration" if parts.is_cal[i] else "test",
+            "edge_answer": parts.edge_answers[i], "edge_quality": float(parts.edge_q[i]),
+            "cloud_answer": parts.cloud_answers[i], "cloud_quality": float(parts.cloud_q[i]),
+            "scores": {k: _num(gen.estimates[k].scores[i]) for k in names},
+            "p_isotonic": {k: _num(probs[k]["isotonic"][i]) for k in names},
+            "p_platt": {k: _num(probs[k]["platt"][i]) for k in names},
+        }
+        for i, ex in enumerate(exs)
+    ]
+
+
+def _live_plots(gen: _Generation, parts: _Parts, probs: Mapping[str, Mapping[str, np.ndarray]],
+                out_dir: str | Path, dataset: str) -> None:
+    from confroute.evaluation.plots import plot_reliability, plot_routing_curves
+
+    ti = parts.ti
+    e_t, c_t = parts.edge_q[ti], parts.cloud_q[ti]
+    curves = {name: M.quality_vs_cloud_fraction(_fill_nan_conf(-est.scores[ti]), e_t, c_t)
+              for name, est in gen.estimates.items()}
+    plot_routing_curves(curves, M.oracle_curve(e_t, c_t), M.random_curve(e_t, c_t),
+                        Path(out_dir) / "routing.png",
+                        title=f"{dataset}: quality vs cloud-call fraction (test part)")
+    rel = {name: (p["isotonic"][ti], p["naive"][ti], parts.y_all[ti])
+           for name, p in probs.items()}
+    plot_reliability(rel, Path(out_dir) / "reliability.png", title=dataset)
+
+
 def evaluate(
     examples: Sequence[Example],
     model: Any,
@@ -383,7 +592,7 @@ def evaluate(
     cloud: Any = ASSUME_CORRECT,
     calibration_fraction: float = 0.5,
     split_seed: int = 0,
-    grader: str | Grader | None = None,
+    grader: GraderLike | None = None,
     n_boot: int = 1000,
     n_samples: int = 5,
     max_new_tokens: int = 32,
@@ -411,8 +620,11 @@ def evaluate(
     calibration_fraction : float in (0, 1)
         Expected share of examples (by id hash) used to fit the calibrators.
     split_seed : int
-    grader : str or Grader or None
-        Grader for every example; None picks one per example kind.
+    grader : str or callable or None
+        Grader for every example (see :func:`grade_answers`); None grades each
+        example with its own grader (its dataset's kind: ``"contains"`` for short
+        free-text answers, ``"number"``, ``"choice"``), as ``Router.calibrate``
+        would with the same grader.
     n_boot : int
         Bootstrap resamples for the 95% intervals.
     n_samples, max_new_tokens, equivalence, sampling_seed
@@ -429,112 +641,21 @@ def evaluate(
     dict
         The report (also written to ``out_dir/report.json``).
     """
-    from confroute.calibration import IsotonicCalibrator, PlattCalibrator
-    from confroute.estimators import estimate_many
-
     t_start = time.perf_counter()
-    exs = list(examples)
-    if not exs:
-        raise InvalidParameterError("The 'examples' parameter of evaluate is empty.")
-    n_dropped = 0
-    if cloud != ASSUME_CORRECT:
-        if not isinstance(cloud, str):
-            raise InvalidParameterError(
-                f"The 'cloud' parameter of evaluate must be {ASSUME_CORRECT!r} or the name of "
-                f"a recorded model. Got {cloud!r}."
-            )
-        kept = [ex for ex in exs if cloud in ex.recorded]
-        n_dropped = len(exs) - len(kept)
-        exs = kept
-        if not exs:
-            raise InvalidParameterError(f"No example has a recorded answer of {cloud!r}.")
+    exs, n_dropped = _with_cloud(examples, cloud)
     kinds = sorted({ex.kind for ex in exs})
     ests = _resolve_estimators(
         estimators, kinds[0] if len(kinds) == 1 else "short", n_samples=n_samples,
         max_new_tokens=max_new_tokens, equivalence=_cached_equivalence(equivalence, model),
         seed=sampling_seed,
     )
-    prompts: list[Any] = [ex.prompt for ex in exs]
-    n = len(exs)
-
-    samples, stages, charged = _generate_stages(model, prompts, ests)
-    scoring_seconds: dict[str, float] = {}
-    estimates: dict[str, Any] = {}
-    for e in ests:
-        t0 = time.perf_counter()
-        got = estimate_many([e], prompts, model, samples=samples)
-        scoring_seconds[e.name] = (time.perf_counter() - t0) / n
-        estimates.update(got)
-    names = list(estimates)
-
-    grader_obj = get_grader(grader) if grader is not None else None
-    edge_answers = [s.greedy.text if s.greedy is not None else "" for s in samples]
-    edge_q = _grade(grader_obj, edge_answers, exs)
-    if cloud == ASSUME_CORRECT:
-        cloud_answers: list[str | None] = [None] * n
-        cloud_q = np.ones(n)
-    else:
-        cloud_answers = [ex.recorded[cloud] for ex in exs]
-        cloud_q = _grade(grader_obj, [a or "" for a in cloud_answers], exs)
-
-    cal, _ = split(exs, calibration_fraction, seed=split_seed)
-    cal_ids = {ex.id for ex in cal}
-    is_cal = np.array([ex.id in cal_ids for ex in exs])
-    ti = np.flatnonzero(~is_cal)
-    ci = np.flatnonzero(is_cal)
-    y_all = (edge_q >= 0.5).astype(int)
-
+    gen = _run_estimators(exs, model, ests)
+    parts = _grade_and_split(exs, gen, cloud, grader, calibration_fraction, split_seed)
     per_est: dict[str, Any] = {}
     probs: dict[str, dict[str, np.ndarray]] = {}
-    for name in names:
-        scores = estimates[name].scores
-        conf_all = -scores
-        entry: dict[str, Any] = {
-            "n_unscored": int(np.isnan(scores).sum()),
-            "n_unscored_test": int(np.isnan(scores[ti]).sum()),
-            "edge_seconds_per_query": float(
-                sum(stages[s] for s in charged[name]) + scoring_seconds[name]),
-            "generation_stages": charged[name],
-            "scoring_seconds_per_query": scoring_seconds[name],
-        }
-        p_iso = np.full(n, np.nan)
-        p_platt = np.full(n, np.nan)
-        fit_ok = np.isfinite(scores[ci])
-        yc = y_all[ci][fit_ok]
-        if fit_ok.sum() >= 2 and 0 < yc.sum() < len(yc):
-            p_iso = IsotonicCalibrator().fit(scores[ci][fit_ok], yc).p_good(scores)
-            p_platt = PlattCalibrator().fit(scores[ci][fit_ok], yc).p_good(scores)
-            entry["calibrated"] = True
-        else:
-            entry["calibrated"] = False
-            entry["calibration_note"] = (
-                "calibration part has a single class or too few scored prompts; "
-                "calibrators not fitted")
-        conf_t = _fill_nan_conf(conf_all[ti])
-        p_naive = np.full(n, np.nan)
-        scored_t = ~np.isnan(conf_all[ti])
-        if scored_t.any():
-            tmp = np.full(len(ti), np.nan)
-            tmp[scored_t] = _naive_prob(conf_all[ti][scored_t])
-            p_naive[ti] = tmp
-        y_t, e_t, c_t = y_all[ti], edge_q[ti], cloud_q[ti]
-        m: dict[str, Any] = {}
-        m["auroc"] = _ci(M.auroc, conf_t, y_t, n_boot=n_boot, seed=0)
-        m["prr"] = _ci(M.prr, conf_t, e_t, n_boot=n_boot, seed=0)
-        for label, p in (("naive", p_naive), ("isotonic", p_iso), ("platt", p_platt)):
-            m[f"ece_{label}"] = _ci(_prob_metric("ece"), p[ti], y_t, n_boot=n_boot, seed=0)
-            m[f"brier_{label}"] = _ci(_prob_metric("brier"), p[ti], y_t, n_boot=n_boot, seed=0)
-        for which in ("cpt50", "cpt80", "apgr", "gain_captured"):
-            m[which] = _ci(_curve_metric(which), conf_t, e_t, c_t, n_boot=n_boot, seed=0)
-        entry["metrics"] = m
-        per_est[name] = entry
-        probs[name] = {"naive": p_naive, "isotonic": p_iso, "platt": p_platt}
-
-    e_t, c_t = edge_q[ti], cloud_q[ti]
-    fo, qo = M.oracle_curve(e_t, c_t)
-    fr, qr = M.random_curve(e_t, c_t)
-    oracle_apgr = (M.apgr(fo, qo, float(e_t.mean()), float(c_t.mean()))
-                   if e_t.mean() != c_t.mean() else math.nan)
+    for name in gen.estimates:
+        per_est[name], probs[name] = _estimator_entry(name, gen, parts, n_boot)
+    e_t, c_t = parts.edge_q[parts.ti], parts.cloud_q[parts.ti]
     report: dict[str, Any] = {
         "mode": "live",
         "dataset": dataset,
@@ -543,57 +664,35 @@ def evaluate(
         "cloud_note": (
             "assume-correct: cloud quality is 1 for every query (selective-prediction view)"
             if cloud == ASSUME_CORRECT else f"recorded answers of {cloud}, graded like the edge"),
-        "grader": repr(grader_obj) if grader_obj is not None else "by example kind",
-        "n": n,
+        "grader": _grader_label(grader, exs),
+        "n": len(exs),
         "n_dropped_no_cloud_answer": n_dropped,
-        "n_calibration": int(is_cal.sum()),
-        "n_test": len(ti),
+        "n_calibration": int(parts.is_cal.sum()),
+        "n_test": len(parts.ti),
         "calibration_fraction": calibration_fraction,
         "split_seed": split_seed,
         "n_boot": n_boot,
         "settings": {"n_samples": n_samples, "max_new_tokens": max_new_tokens,
                      "equivalence": str(equivalence), "sampling_seed": sampling_seed},
         "edge_accuracy_test": _ci(np.mean, e_t, n_boot=n_boot, seed=0),
-        "edge_accuracy_all": float(edge_q.mean()),
+        "edge_accuracy_all": float(parts.edge_q.mean()),
         "cloud_quality_test": _ci(np.mean, c_t, n_boot=n_boot, seed=0),
-        "oracle_apgr": oracle_apgr,
-        "oracle_cpt50": (M.cpt(fo, qo, float(e_t.mean()), float(c_t.mean()), 50.0)
-                         if e_t.mean() != c_t.mean() else math.nan),
-        "generation_seconds_per_query": stages,
+        **_oracle_summary(parts),
+        "generation_seconds_per_query": gen.stages,
         "estimators": per_est,
         "machine": machine_info(),
         "wall_seconds": time.perf_counter() - t_start,
     }
-    records = []
-    for i, ex in enumerate(exs):
-        rec: dict[str, Any] = {
-            "id": ex.id, "part": "calibration" if is_cal[i] else "test",
-            "edge_answer": edge_answers[i], "edge_quality": float(edge_q[i]),
-            "cloud_answer": cloud_answers[i], "cloud_quality": float(cloud_q[i]),
-            "scores": {k: _num(estimates[k].scores[i]) for k in names},
-            "p_isotonic": {k: _num(probs[k]["isotonic"][i]) for k in names},
-            "p_platt": {k: _num(probs[k]["platt"][i]) for k in names},
-        }
-        records.append(rec)
-    curves = {name: M.quality_vs_cloud_fraction(_fill_nan_conf(-estimates[name].scores[ti]),
-                                                e_t, c_t) for name in names}
     if out_dir is not None:
-        write_report(report, records, out_dir)
+        write_report(report, _live_records(exs, gen, parts, probs), out_dir)
         if plots:
-            from confroute.evaluation.plots import plot_reliability, plot_routing_curves
-
-            plot_routing_curves(curves, (fo, qo), (fr, qr), Path(out_dir) / "routing.png",
-                                title=f"{dataset}: quality vs cloud-call fraction (test part)")
-            rel = {name: (probs[name]["isotonic"][ti], probs[name]["naive"][ti], y_all[ti])
-                   for name in names}
-            plot_reliability(rel, Path(out_dir) / "reliability.png", title=dataset)
+            _live_plots(gen, parts, probs, out_dir, dataset)
     return report
 
 
 def _num(x: Any) -> float | None:
     v = float(x)
     return None if math.isnan(v) else v
-
 
 # ---------------------------------------------------------------- recorded pair
 
@@ -603,7 +702,7 @@ def evaluate_pair(
     edge: str,
     cloud: str,
     *,
-    grader: str | Grader | None = None,
+    grader: GraderLike | None = None,
     n_boot: int = 1000,
     dataset: str = "dataset",
     out_dir: str | Path | None = None,
@@ -629,9 +728,8 @@ def evaluate_pair(
     if not exs:
         raise InvalidParameterError(
             f"No example has recorded answers of both {edge!r} and {cloud!r}.")
-    g = get_grader(grader) if grader is not None else None
-    e = _grade(g, [ex.recorded[edge] for ex in exs], exs)
-    c = _grade(g, [ex.recorded[cloud] for ex in exs], exs)
+    e = grade_answers([ex.recorded[edge] for ex in exs], exs, grader)
+    c = grade_answers([ex.recorded[cloud] for ex in exs], exs, grader)
     fo, qo = M.oracle_curve(e, c)
     fr, qr = M.random_curve(e, c)
     w, s = float(e.mean()), float(c.mean())

@@ -1,4 +1,9 @@
-"""Metrics for confidence estimators and routers (pure numpy).
+"""Metrics for confidence estimators and routers.
+
+AUROC, AUPRC and the Brier score are scikit-learn's (``sklearn.metrics``);
+the bootstrap is scipy's (through :func:`confroute._stats.bootstrap_ci`); the
+routing-specific metrics (PRR, ECE and its reliability bins, routing curves,
+CPT, APGR) are written here.
 
 Sign convention: every function here takes **confidences** ``p_good`` (higher =
 the edge answer is more likely good), the opposite of the estimator scores
@@ -32,8 +37,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
+from confroute._stats import bootstrap_ci as stats_bootstrap_ci
 from confroute._validation import (
     check_array,
     check_choice,
@@ -100,7 +105,8 @@ def auroc(scores: Any, labels: Any) -> float:
 
         \mathrm{AUROC} = \frac{\sum_{i: y_i=1} R_i - n_1 (n_1 + 1)/2}{n_1 n_0}
 
-    where :math:`R_i` is the (average) rank of :math:`s_i` among all scores.
+    where :math:`R_i` is the (average) rank of :math:`s_i` among all scores
+    (``sklearn.metrics.roc_auc_score``, the same area).
 
     Parameters
     ----------
@@ -112,12 +118,11 @@ def auroc(scores: Any, labels: Any) -> float:
     -------
     float in [0, 1]; 0.5 is chance.
     """
+    from sklearn.metrics import roc_auc_score
+
     s, y = _scores_labels(scores, labels, "auroc")
     _require_both_classes(y, "auroc")
-    ranks = rankdata(s, method="average")
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+    return float(roc_auc_score(y, s))
 
 
 def auprc(scores: Any, labels: Any) -> float:
@@ -131,8 +136,7 @@ def auprc(scores: Any, labels: Any) -> float:
         \mathrm{AP} = \sum_k (R_k - R_{k-1})\, P_k
 
     with precision :math:`P_k` and recall :math:`R_k` at the k-th threshold,
-    :math:`R_0 = 0` (the definition used by scikit-learn's
-    ``average_precision_score``).
+    :math:`R_0 = 0` (scikit-learn's ``average_precision_score``).
 
     Parameters
     ----------
@@ -151,16 +155,9 @@ def auprc(scores: Any, labels: Any) -> float:
             "The 'labels' parameter of auprc must contain at least one positive (1) label. "
             f"Got {len(y)} negatives."
         )
-    order = np.argsort(-s, kind="stable")
-    s_sorted = s[order]
-    y_sorted = y[order]
-    # last index of each group of tied scores
-    ends = np.r_[np.flatnonzero(np.diff(s_sorted) != 0), len(s_sorted) - 1]
-    tp = np.cumsum(y_sorted)[ends].astype(float)
-    fp = (ends + 1) - tp
-    precision = tp / (tp + fp)
-    recall = tp / y.sum()
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(y, s))
 
 
 def _retained_mean_curve(order: np.ndarray, quality: np.ndarray) -> np.ndarray:
@@ -233,6 +230,12 @@ def reliability_curve(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reliability diagram data: per non-empty bin, mean confidence and accuracy.
 
+    Bins are ``[e_i, e_{i+1})``, the last one closed. Not
+    ``sklearn.calibration.calibration_curve``: that puts a value lying on an
+    edge in the lower bin, stretches quantile edges to the data's range instead
+    of [0, 1] and returns no counts, which :func:`ece` needs; keeping this
+    binning keeps published ECE figures.
+
     Parameters
     ----------
     p : array-like of shape (n,)
@@ -294,16 +297,20 @@ def ece(p: Any, labels: Any, n_bins: int = 10, strategy: str = "uniform") -> flo
 def brier(p: Any, labels: Any) -> float:
     r"""Brier score :math:`\frac{1}{n}\sum_i (p_i - y_i)^2` (lower is better).
 
+    ``sklearn.metrics.brier_score_loss`` with label 1 the positive class.
+
     Parameters
     ----------
     p : array-like of shape (n,)
         Predicted P(good) in [0, 1].
     labels : array-like of shape (n,)
     """
+    from sklearn.metrics import brier_score_loss
+
     arr = _probabilities(p, "brier")
     y = check_labels(labels, "labels", "brier", require_both=False)
     check_same_length("brier", p=arr, labels=y)
-    return float(np.mean((arr - y) ** 2))
+    return float(brier_score_loss(y, arr, labels=[0, 1], pos_label=1))
 
 
 # ---------------------------------------------------------------- routing curves
@@ -555,14 +562,18 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    method: str = "percentile",
 ) -> tuple[float, float, float]:
-    r"""Percentile bootstrap confidence interval of a metric (Efron & Tibshirani, 1993).
+    r"""Bootstrap confidence interval of a metric (Efron & Tibshirani, 1993).
 
     The rows of all ``arrays`` are resampled jointly with replacement ``n_boot``
-    times; the interval is the :math:`(\alpha/2, 1-\alpha/2)` quantiles of the
-    resampled metric. Resamples on which the metric is undefined (it raises
+    times (``scipy.stats.bootstrap`` through :func:`confroute._stats.bootstrap_ci`).
+    With ``method="percentile"`` (default) the interval is the
+    :math:`(\alpha/2, 1-\alpha/2)` quantiles of the resampled metric; resamples
+    on which the metric is undefined (it raises
     :class:`~confroute.errors.InvalidParameterError`, e.g. a single class for
     AUROC) are skipped; if more than half are, the error is raised.
+    ``method="BCa"`` gives the bias-corrected and accelerated interval.
 
     Parameters
     ----------
@@ -573,6 +584,7 @@ def bootstrap_ci(
     n_boot : int, default 1000
     seed : int, default 0
     alpha : float in (0, 1), default 0.05
+    method : {"percentile", "BCa"}, default "percentile"
 
     Returns
     -------
@@ -584,34 +596,15 @@ def bootstrap_ci(
         from confroute._validation import param_error
 
         raise param_error("metric_fn", owner, "a callable", metric_fn, type_error=True)
+    check_int(n_boot, "n_boot", owner, min_value=1)
+    check_int(seed, "seed", owner, min_value=0)
+    a = check_float(alpha, "alpha", owner, min_value=0.0, max_value=1.0,
+                    min_inclusive=False, max_inclusive=False)
     if not arrays:
         raise InvalidParameterError(
             f"The 'arrays' parameter of {owner} must hold at least one array. Got none."
         )
-    n_boot_v = int(check_int(n_boot, "n_boot", owner, min_value=1) or 1)
-    seed_v = int(check_int(seed, "seed", owner, min_value=0) or 0)
-    a = float(check_float(alpha, "alpha", owner, min_value=0.0, max_value=1.0,
-                          min_inclusive=False, max_inclusive=False) or 0.05)
     arrs = [np.asarray(x) for x in arrays]
     check_same_length(owner, **{f"arrays[{i}]": x for i, x in enumerate(arrs)})
-    n = len(arrs[0])
-    estimate = float(metric_fn(*arrs))
-    rng = np.random.default_rng(seed_v)
-    values: list[float] = []
-    failures = 0
-    last_error: InvalidParameterError | None = None
-    for _ in range(n_boot_v):
-        idx = rng.integers(0, n, size=n)
-        try:
-            values.append(float(metric_fn(*(x[idx] for x in arrs))))
-        except InvalidParameterError as err:
-            failures += 1
-            last_error = err
-    if failures * 2 > n_boot_v:
-        assert last_error is not None
-        raise InvalidParameterError(
-            f"The metric of {owner} was undefined on {failures} of {n_boot_v} resamples; "
-            f"last error: {last_error}"
-        )
-    lo, hi = np.quantile(np.asarray(values), [a / 2.0, 1.0 - a / 2.0])
-    return estimate, float(lo), float(hi)
+    return stats_bootstrap_ci(metric_fn, *arrs, method=method, n_resamples=n_boot, seed=seed,
+                               confidence=1.0 - a)
