@@ -142,6 +142,8 @@ def budget_allowance(budget: float | Fraction, n: int) -> int:
     int in [0, n]
     """
     owner = "budget_allowance"
+    if not isinstance(budget, Fraction):
+        check_float(budget, "budget", owner, min_value=0.0, max_value=1.0)
     b = exact_fraction(budget)
     if not 0 <= b <= 1:
         raise param_error("budget", owner, "a float in [0, 1]", float(b))

@@ -15,8 +15,8 @@ import pytest
 from confroute.cache import CachedModel, GenerationCache
 from confroute.evaluation import metrics as M
 from confroute.evaluation.datasets import Example, load_nq_open
-from confroute.grading import BaseGrader
 from confroute.evaluation.harness import evaluate
+from confroute.grading import BaseGrader
 from confroute.types import GenerationConfig, Prompt, Sample
 
 QUESTIONS = [

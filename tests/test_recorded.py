@@ -4,8 +4,8 @@ import pytest
 
 from confroute.errors import ConfrouteError, InvalidParameterError, InvalidTypeError
 from confroute.evaluation.datasets import Example
-from confroute.grading import NumericGrader
 from confroute.evaluation.recorded import RecordedAnswerMissing, RecordedModel
+from confroute.grading import NumericGrader
 from confroute.models.base import LanguageModel, SampleRequest, collect_samples
 from confroute.types import GenerationConfig
 

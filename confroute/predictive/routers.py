@@ -41,6 +41,7 @@ from sklearn.base import ClassifierMixin
 from confroute._params import ParamsMixin
 from confroute._registry import Registry
 from confroute._serialization import read_file, write_file
+from confroute._stats import budget_allowance, clopper_pearson
 from confroute._validation import check_array, check_float, check_int, param_error
 from confroute.errors import (
     InvalidParameterError,
@@ -909,8 +910,8 @@ def threshold_for_cloud_share(
     uniq = np.unique(s)  # ascending
     # number of scores strictly above each unique value
     above = n - np.searchsorted(np.sort(s), uniq, side="right")
-    # allowed count; the small tolerance keeps e.g. 0.3 * 10 from rounding to 2.9999
-    allowed = np.floor(target * n + 1e-9)
+    # floor(target * n) in exact rational arithmetic (0.3 * 10 is 3, not 2.9999...)
+    allowed = budget_allowance(target, n)
     if n <= allowed:
         threshold = -np.inf
         k = n
@@ -918,9 +919,4 @@ def threshold_for_cloud_share(
         j = int(np.flatnonzero(above <= allowed)[0])  # exists: above[-1] == 0
         threshold = float(uniq[j])
         k = int(above[j])
-    from scipy.stats import beta
-
-    alpha = 1.0 - conf
-    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
-    return float(threshold), (lo, hi)
+    return float(threshold), clopper_pearson(k, n, conf)
