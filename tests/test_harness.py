@@ -61,6 +61,42 @@ def lm(tiny_llama):  # type: ignore[no-untyped-def]
     return HFLanguageModel(model, tok, device="cpu", name="tiny-llama")
 
 
+REFERENCE = Path(__file__).parent / "data" / "harness_tiny_reference.json"
+TIMING = ("machine", "wall_seconds", "generation_seconds_per_query")
+
+
+def _summary(x: Any) -> Any:
+    """The report without timings and machine facts, NaN as None (as in report.json)."""
+    if isinstance(x, dict):
+        return {k: _summary(v) for k, v in x.items() if k not in TIMING and "seconds" not in k}
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+def _assert_matches_reference(report: dict[str, Any]) -> None:
+    """Same keys (in order) and values as the pre-split harness gave on this run.
+
+    ``data/harness_tiny_reference.json`` was written by ``evaluate`` before it was
+    split into small functions (same tiny model, rows, grader and settings as
+    :func:`_run`, no cache). A change of the tiny model's generations also fails here.
+    """
+    ref = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    got = _summary(report)
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict):
+            assert list(a) == list(b), path
+            for k in a:
+                walk(a[k], b[k], f"{path}/{k}")
+        elif isinstance(a, float) and b is not None:
+            assert b == pytest.approx(a, rel=1e-9, abs=1e-12), path
+        else:
+            assert a == b, path
+
+    walk(ref, got, "")
+
+
 def _run(lm: Any, data: Path, out: Path, cache: Path) -> tuple[dict[str, Any], Counting, float]:
     counting = Counting(lm)
     model = CachedModel(counting, GenerationCache(cache))
@@ -79,6 +115,7 @@ def test_end_to_end_report_matches_records_and_cache(lm, tmp_path: Path) -> None
     out = tmp_path / "run1"
     report, counting, t_first = _run(lm, data, out, tmp_path / "cache.sqlite")
     assert counting.n_calls > 0
+    _assert_matches_reference(report)
     for f in ("report.json", "report.md", "records.jsonl", "routing.png", "reliability.png"):
         assert (out / f).stat().st_size > 0
     saved = json.loads((out / "report.json").read_text())
@@ -125,6 +162,7 @@ def test_end_to_end_report_matches_records_and_cache(lm, tmp_path: Path) -> None
     report2, counting2, t_second = _run(lm, data, tmp_path / "run2", tmp_path / "cache.sqlite")
     assert counting2.n_calls == 0
     assert t_second < t_first
+    _assert_matches_reference(report2)
     for name in saved["estimators"]:
         a = report["estimators"][name]["metrics"]["apgr"]["value"]
         b = report2["estimators"][name]["metrics"]["apgr"]["value"]
@@ -182,3 +220,41 @@ def test_cli_rejects_bad_cloud(tmp_path: Path) -> None:
     rc = main(["evaluate", "--dataset", "arithmetic", "--limit", "7", "--edge",
                "recorded:x", "--cloud", "gpt", "--out", str(tmp_path)])
     assert rc == 2
+
+
+# ---------------------------------------------------------------- default grading
+
+
+def test_cli_evaluate_without_grader_grades_short_answers_by_containment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``confroute evaluate`` on NQ-open without --grader uses each example's grader,
+    "contains" for short answers: the same verdicts as Router.calibrate's default and
+    as evaluate-report (which graded NQ with "contains"), not exact match."""
+    from confroute.cli import main
+    from confroute.grading import resolve_grader
+    from tests.fault_server import FaultServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    # the server answers every question "The answer is 0": a sentence holding the alias
+    # "answer" (containment, not exact match), or not holding "Paris"
+    rows = [{"question": f"question {i}", "answer": ["answer"] if i % 3 else ["Paris"]}
+            for i in range(12)]
+    data = tmp_path / "nq_excerpt.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    acc: dict[str | None, float] = {}
+    with FaultServer() as srv:
+        for grader in (None, "contains", "exact"):
+            out = tmp_path / str(grader)
+            extra = [] if grader is None else ["--grader", grader]
+            assert main(["evaluate", "--dataset", "nq_open", "--path", str(data), "--edge",
+                         f"openai:test-model@{srv.base_url}", "--estimators", "sequence_logprob",
+                         "--max-new-tokens", "8", "--n-boot", "10", "--no-plots",
+                         "--out", str(out), *extra]) == 0
+            acc[grader] = json.loads((out / "report.json").read_text())["edge_accuracy_all"]
+    records = [json.loads(x) for x in (tmp_path / "None" / "records.jsonl").read_text()
+               .splitlines()]
+    calibrate_grade = resolve_grader("contains", "Router.calibrate")
+    by_calibrate = np.mean([calibrate_grade(r["edge_answer"], rows[i]["answer"])
+                            for i, r in enumerate(records)])
+    assert acc[None] == acc["contains"] == pytest.approx(by_calibrate) == pytest.approx(8 / 12)
+    assert acc["exact"] == 0.0

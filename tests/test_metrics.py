@@ -211,3 +211,38 @@ def test_bootstrap_ci_contains_estimate_and_is_seeded():
 def test_bad_inputs_raise_typed_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ---------------------------------------------------------------- figures do not move
+# The hand-written formulas these metrics used before delegating to scikit-learn.
+
+
+def _old_auroc(s: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s, method="average")
+    n1 = int(y.sum())
+    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * (len(y) - n1)))
+
+
+def _old_auprc(s: np.ndarray, y: np.ndarray) -> float:
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    ends = np.r_[np.flatnonzero(np.diff(s_sorted) != 0), len(s_sorted) - 1]
+    tp = np.cumsum(y_sorted)[ends].astype(float)
+    precision = tp / (ends + 1)
+    return float(np.sum(np.diff(np.r_[0.0, tp / y.sum()]) * precision))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sklearn_backed_metrics_equal_the_old_formulas(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 300))
+    s = np.round(rng.normal(size=n), 1)  # rounding makes ties
+    y = (rng.random(n) < rng.uniform(0.1, 0.9)).astype(int)
+    y[:2] = [0, 1]
+    p = rng.random(n)
+    assert M.auroc(s, y) == pytest.approx(_old_auroc(s, y), abs=1e-12)
+    assert M.auprc(s, y) == pytest.approx(_old_auprc(s, y), abs=1e-12)
+    assert M.brier(p, y) == pytest.approx(float(np.mean((p - y) ** 2)), abs=1e-12)
+    assert M.brier(p, np.zeros(n, dtype=int)) == pytest.approx(float(np.mean(p**2)), abs=1e-12)
