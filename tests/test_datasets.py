@@ -10,6 +10,9 @@ from confroute.evaluation import datasets as D
 
 DATA = Path("/work/shared/data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data directory is absent")
+KIND_GRADER = {"gsm8k": "number", "gsm8k_solutions": "number", "nq_open": "contains",
+               "triviaqa": "contains", "mt_bench": None, "mmlu_redux": "choice",
+               "helm_mmlu": "choice", "helm_combined": "choice", "arc": "choice"}
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -34,6 +37,8 @@ def test_gsm8k_and_solutions_join_on_id(tmp_path):
     assert sol[0].id == ex[0].id and sol[0].gold == ("7",)
     assert sol[0].recorded == {"6b_finetuning": "3+3=6\nA: 6", "175b_finetuning": "3+4=7\nA: 7"}
     assert sol[0].meta["is_correct"] == {"6b_finetuning": False, "175b_finetuning": True}
+    assert {e.grader for e in [*ex, *sol]} == {"number"}
+    assert sol[0].grade(sol[0].recorded["175b_finetuning"]) == 1.0
 
 
 def test_nq_open_plain_and_efficientqa(tmp_path):
@@ -47,6 +52,9 @@ def test_nq_open_plain_and_efficientqa(tmp_path):
     assert "who wrote hamlet" in a.prompt
     b = D.load_nq_open(eqa)[0]
     assert b.gold == ("Nine", "9") and b.meta["answer"] == ["Nine"]
+    # short free text is graded by alias containment, the library's one default
+    assert a.grader == b.grader == "contains" and a.references == a.gold
+    assert a.grade("It was William Shakespeare.") == 1.0
 
 
 @pytest.mark.parametrize(
@@ -64,6 +72,7 @@ def test_triviaqa_formats(tmp_path, row, expected_gold):
     ex = D.load_triviaqa(_jsonl(tmp_path / "t.jsonl", [row]))[0]
     assert ex.gold == expected_gold
     assert ex.meta["question"] == "Which vegetable?"
+    assert ex.grader == "contains"
 
 
 def test_triviaqa_official_json(tmp_path):
@@ -91,6 +100,7 @@ def test_mt_bench_questions_references_and_answers(tmp_path):
     assert ex[0].gold == ("R1", "R2") and ex[1].gold == ("r1", "r2")
     assert ex[0].recorded == {"small": "a"} and ex[0].meta["answers"]["small"] == ("a", "b")
     assert ex[1].recorded == {} and ex[0].kind == "open"
+    assert ex[0].grader is None  # open answers need a judge
 
 
 REDUX_HEADER = ["question", "choices", "answer", "error_type", "source", "correct_answer",
@@ -135,6 +145,7 @@ def test_mmlu_redux_csv_quirks(tmp_path, delimiter, encoding):
     _write_csv(tmp_path / "mmlu_toy_subject.csv", header, rows, delimiter, encoding)
     orig = D.load_mmlu_redux(tmp_path, label="original")
     corr = D.load_mmlu_redux(tmp_path / "mmlu_toy_subject.csv", label="corrected")
+    assert {e.grader for e in [*orig, *corr]} == {"choice"}
     assert [e.gold for e in orig] == [("A",), ("B",), ("B",), ("A",), ("A",), ("A",), ("D",),
                                       ("C",)]
     assert [e.gold for e in corr] == [("A",), ("C",), ("C",), ("B", "D"), (), ("C",), ("D",),
@@ -176,6 +187,7 @@ def test_helm_mmlu(tmp_path):
     assert len(ex) == 1 and ex[0].id == "helm/virology/id7"
     assert ex[0].gold == ("A",) and ex[0].choices == ("100", "1")
     assert ex[0].recorded == {"m_big": "A", "m_small": "B"}
+    assert ex[0].grader == "choice" and ex[0].grade("The answer is (A).") == 1.0
     assert D.load_helm_mmlu(tmp_path, models=["m_small"])[0].recorded == {"m_small": "B"}
     with pytest.raises(InvalidParameterError, match=r"'models'.*m_big, m_small"):
         D.load_helm_mmlu(tmp_path, models=["gpt-9"])
@@ -194,6 +206,7 @@ def test_helm_combined_joins_on_stripped_question(tmp_path):
     ex = D.load_helm_combined(cdir, qdir, label="corrected")
     assert len(ex) == 1 and ex[0].id == "mmlu_redux/toy-1"
     assert ex[0].recorded == {"model_a": "B"} and ex[0].gold == ("C",)
+    assert ex[0].grader == "choice"
 
 
 @pytest.mark.parametrize(
@@ -206,6 +219,7 @@ def test_helm_combined_joins_on_stripped_question(tmp_path):
 def test_arc_formats(tmp_path, row, gold, qid):
     ex = D.load_arc(_jsonl(tmp_path / "arc.jsonl", [row]))[0]
     assert ex.gold == gold and ex.id == qid and ex.meta["question"] == "Why?"
+    assert ex.grader == "choice" and ex.grade(gold[0]) == 1.0
 
 
 def _toy(n: int) -> list[D.Example]:
@@ -284,6 +298,7 @@ def test_real_files_smoke(name, path, kwargs, n):
     else:
         assert 5000 < len(ex) <= 5700
     assert len({e.id for e in ex}) == len(ex)
+    assert {e.grader for e in ex} == {KIND_GRADER[name]}
     if name != "mt_bench":
         assert all(e.gold for e in ex if e.meta.get("label_source") != "no_listed_option")
 

@@ -110,7 +110,7 @@ def test_bca_is_offered_and_brackets_the_estimate():
 
 def test_bootstrap_of_one_row_is_the_row_and_mostly_undefined_raises():
     assert bootstrap_ci(np.mean, [3.0]) == (3.0, 3.0, 3.0)
-    with pytest.raises(InvalidParameterError, match="undefined on .* resamples"):
+    with pytest.raises(InvalidParameterError, match=r"undefined on .* resamples"):
         bootstrap_ci(M.auroc, [0.1, 0.9, 0.5], [1, 0, 0], n_resamples=20)
 
 
