@@ -584,6 +584,56 @@ def _live_plots(gen: _Generation, parts: _Parts, probs: Mapping[str, Mapping[str
     plot_reliability(rel, Path(out_dir) / "reliability.png", title=dataset)
 
 
+def _estimator_entries(gen: _Generation, parts: _Parts, n_boot: int
+                       ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    per_est: dict[str, Any] = {}
+    probs: dict[str, dict[str, np.ndarray]] = {}
+    for name in gen.estimates:
+        per_est[name], probs[name] = _estimator_entry(name, gen, parts, n_boot)
+    return per_est, probs
+
+
+def _live_header(*, dataset: str, model: Any, cloud: Any, grader: str, n_dropped: int,
+                 parts: _Parts, calibration_fraction: float, split_seed: int, n_boot: int,
+                 settings: dict[str, Any]) -> dict[str, Any]:
+    """What was evaluated, and how (the report's leading keys)."""
+    return {
+        "mode": "live",
+        "dataset": dataset,
+        "edge_model": str(getattr(model, "name", "?")),
+        "cloud": cloud,
+        "cloud_note": (
+            "assume-correct: cloud quality is 1 for every query (selective-prediction view)"
+            if cloud == ASSUME_CORRECT else f"recorded answers of {cloud}, graded like the edge"),
+        "grader": grader,
+        "n": len(parts.edge_q),
+        "n_dropped_no_cloud_answer": n_dropped,
+        "n_calibration": int(parts.is_cal.sum()),
+        "n_test": len(parts.ti),
+        "calibration_fraction": calibration_fraction,
+        "split_seed": split_seed,
+        "n_boot": n_boot,
+        "settings": settings,
+    }
+
+
+def _live_report(head: dict[str, Any], gen: _Generation, parts: _Parts,
+                 per_est: dict[str, Any], n_boot: int, t_start: float) -> dict[str, Any]:
+    """The header followed by the measured results."""
+    e_t, c_t = parts.edge_q[parts.ti], parts.cloud_q[parts.ti]
+    return {
+        **head,
+        "edge_accuracy_test": _ci(np.mean, e_t, n_boot=n_boot, seed=0),
+        "edge_accuracy_all": float(parts.edge_q.mean()),
+        "cloud_quality_test": _ci(np.mean, c_t, n_boot=n_boot, seed=0),
+        **_oracle_summary(parts),
+        "generation_seconds_per_query": gen.stages,
+        "estimators": per_est,
+        "machine": machine_info(),
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+
+
 def evaluate(
     examples: Sequence[Example],
     model: Any,
@@ -651,38 +701,14 @@ def evaluate(
     )
     gen = _run_estimators(exs, model, ests)
     parts = _grade_and_split(exs, gen, cloud, grader, calibration_fraction, split_seed)
-    per_est: dict[str, Any] = {}
-    probs: dict[str, dict[str, np.ndarray]] = {}
-    for name in gen.estimates:
-        per_est[name], probs[name] = _estimator_entry(name, gen, parts, n_boot)
-    e_t, c_t = parts.edge_q[parts.ti], parts.cloud_q[parts.ti]
-    report: dict[str, Any] = {
-        "mode": "live",
-        "dataset": dataset,
-        "edge_model": str(getattr(model, "name", "?")),
-        "cloud": cloud,
-        "cloud_note": (
-            "assume-correct: cloud quality is 1 for every query (selective-prediction view)"
-            if cloud == ASSUME_CORRECT else f"recorded answers of {cloud}, graded like the edge"),
-        "grader": _grader_label(grader, exs),
-        "n": len(exs),
-        "n_dropped_no_cloud_answer": n_dropped,
-        "n_calibration": int(parts.is_cal.sum()),
-        "n_test": len(parts.ti),
-        "calibration_fraction": calibration_fraction,
-        "split_seed": split_seed,
-        "n_boot": n_boot,
-        "settings": {"n_samples": n_samples, "max_new_tokens": max_new_tokens,
-                     "equivalence": str(equivalence), "sampling_seed": sampling_seed},
-        "edge_accuracy_test": _ci(np.mean, e_t, n_boot=n_boot, seed=0),
-        "edge_accuracy_all": float(parts.edge_q.mean()),
-        "cloud_quality_test": _ci(np.mean, c_t, n_boot=n_boot, seed=0),
-        **_oracle_summary(parts),
-        "generation_seconds_per_query": gen.stages,
-        "estimators": per_est,
-        "machine": machine_info(),
-        "wall_seconds": time.perf_counter() - t_start,
-    }
+    per_est, probs = _estimator_entries(gen, parts, n_boot)
+    head = _live_header(
+        dataset=dataset, model=model, cloud=cloud, grader=_grader_label(grader, exs),
+        n_dropped=n_dropped, parts=parts, calibration_fraction=calibration_fraction,
+        split_seed=split_seed, n_boot=n_boot,
+        settings={"n_samples": n_samples, "max_new_tokens": max_new_tokens,
+                  "equivalence": str(equivalence), "sampling_seed": sampling_seed})
+    report = _live_report(head, gen, parts, per_est, n_boot, t_start)
     if out_dir is not None:
         write_report(report, _live_records(exs, gen, parts, probs), out_dir)
         if plots:
