@@ -7,7 +7,6 @@ functions, so building the parser stays light.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -15,8 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from confroute._stats import id_split
 from confroute._validation import check_float, check_int
 from confroute.errors import InvalidParameterError
 from confroute.types import Prompt
@@ -169,18 +167,6 @@ def references(rows: Sequence[dict[str, Any]], path: str, hint: str) -> list[lis
             raise InvalidParameterError(f"{path}: row {i} has no 'answers' (or 'answer'){hint}")
         refs.append([ans] if isinstance(ans, str) else [str(a) for a in ans])
     return refs
-
-
-def id_split(ids: Sequence[Any], fraction: float, seed: int) -> np.ndarray:
-    """Held-out mask of shape (n,): True where ``sha256(seed, id) < fraction``.
-
-    Order-independent: a row's side depends only on its id and the seed.
-    """
-    out = np.zeros(len(ids), dtype=bool)
-    for i, rid in enumerate(ids):
-        digest = hashlib.sha256(f"{seed}\x00{rid}".encode()).digest()
-        out[i] = int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
-    return out
 
 
 # ----------------------------------------------------------------------------- parts
