@@ -28,6 +28,7 @@ from confroute._validation import (
     param_error,
 )
 from confroute.errors import ModelLoadError
+from confroute.models.device import resolve_device
 from confroute.types import GenerationConfig, Prompt, Sample
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,30 +52,6 @@ returned samples). Rows where the returned bool array is True stop generating an
 their sample ends with ``finish_reason="early_stop"``. Rows are in batch order
 (prompts may be regrouped by length), so a rule should act row by row on the values.
 """
-
-
-def resolve_device(device: Any, owner: str = _OWNER) -> torch.device:
-    """Turn ``"auto"``, a device string or a ``torch.device`` into a ``torch.device``.
-
-    ``"auto"`` selects ``cuda`` when ``torch.cuda.is_available()`` and ``cpu`` otherwise.
-    """
-    import torch
-
-    if isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
-        raise param_error(
-            "device", owner, "'auto' or a torch device string such as 'cpu' or 'cuda:0'",
-            device, type_error=True,
-        )
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, ValueError):
-        raise param_error(
-            "device", owner, "'auto' or a torch device string such as 'cpu' or 'cuda:0'", device
-        ) from None
 
 
 def resolve_dtype(dtype: Any, owner: str = _OWNER) -> torch.dtype | None:
@@ -109,7 +86,9 @@ class HFLanguageModel:
         The tokenizer, or where to load it from. None: the same location as
         ``model`` (required when ``model`` is an object not saved to disk).
     device : str or torch.device, default="auto"
-        ``"auto"`` picks CUDA when available, else CPU; or ``"cpu"``, ``"cuda:0"``...
+        ``"auto"`` picks CUDA when available, else CPU (see
+        :func:`~confroute.models.device.resolve_device`; MPS only when asked for by
+        name); or ``"cpu"``, ``"cuda:0"``, ``"mps"``...
     dtype : str or torch.dtype or None
         Weight dtype. None: float32 on CPU, the checkpoint's dtype on CUDA.
     system_prompt : str or None
@@ -202,7 +181,8 @@ class HFLanguageModel:
         self.use_chat_template = use_chat_template
         self.batch_size = batch_size
         self.gguf_file = gguf_file
-        self.device = resolve_device(device)
+        # MPS is not chosen by "auto": token statistics are validated on CUDA and CPU only.
+        self.device = resolve_device(device, _OWNER, mps=False)
         self._dtype = resolve_dtype(dtype)
         self.model, source = self._load_model(model)
         self.tokenizer = self._load_tokenizer(tokenizer, source)
