@@ -383,7 +383,7 @@ class _Record:
 
 def _finished(
     state: _Frontier, chosen: torch.Tensor, step: int, *, eos: torch.Tensor,
-    limits: torch.Tensor, record: _Record, stops: list[Sequence[str]], tokenizer: Any,
+    limits: torch.Tensor, record: _Record, stops: Sequence[Sequence[str]], tokenizer: Any,
 ) -> torch.Tensor:
     """Bool of shape (n_active,): the row ended (EOS, length limit, stop string)."""
     import torch
