@@ -510,17 +510,13 @@ def make_se_labels(
     from tqdm.auto import tqdm
 
     n_nan = 0
-    bar = tqdm(total=len(todo), desc="SE labels", unit="prompt", disable=not progress)
-    try:
-        for start in range(0, len(todo), bs):
-            idx = todo[start:start + bs]
+    with tqdm(total=len(todo), desc="SE labels", unit="prompt", disable=not progress) as bar:
+        for idx in (todo[start:start + bs] for start in range(0, len(todo), bs)):
             n_nan += _label_batch(
                 [id_list[i] for i in idx], [plist[i] for i in idx], (weak_model, strong_model),
                 estimator, tau_f, names, p,
             )
             bar.update(len(idx))
-    finally:
-        bar.close()
     if n_nan:
         warnings.warn(
             f"{owner}: {n_nan} prompt(s) got a NaN semantic entropy and were not labelled; "
