@@ -258,6 +258,28 @@ def test_collect_samples_fuses_configurations_missing_for_the_same_prompts(model
     assert [g.greedy.token_ids for g in again] == [g.greedy.token_ids for g in got]
 
 
+def test_merge_requests_keeps_the_longest_greedy_and_the_largest_n_per_key():
+    from confroute.models.base import SampleRequest, merge_requests
+
+    hot = GenerationConfig(max_new_tokens=8, temperature=1.0, n=3, seed=1)
+    hot_more = GenerationConfig(max_new_tokens=8, temperature=1.0, n=7, seed=1)
+    cool = GenerationConfig(max_new_tokens=8, temperature=0.5, n=2, seed=1)
+    merged = merge_requests([
+        SampleRequest(greedy=True, max_new_tokens=4, sampling=hot),
+        SampleRequest(greedy=False, sampling=cool),
+        SampleRequest(greedy=True, max_new_tokens=16, sampling=hot_more),
+    ])
+    assert merged == [
+        SampleRequest(greedy=True, max_new_tokens=16),
+        SampleRequest(greedy=False, sampling=hot_more),
+        SampleRequest(greedy=False, sampling=cool),
+    ]
+    assert merge_requests([SampleRequest(greedy=False, sampling=cool)]) == [
+        SampleRequest(greedy=False, sampling=cool)
+    ]
+    assert merge_requests([]) == []
+
+
 def test_cached_model_generates_configurations_together(tmp_path, model_tok):
     from confroute.cache import CachedModel, GenerationCache
 
