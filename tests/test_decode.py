@@ -17,7 +17,7 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 
 from confroute.errors import InvalidParameterError, InvalidTypeError
 from confroute.models import _decode
-from confroute.models._decode import _sample, filtered_distribution
+from confroute.models._decode import filtered_distribution, sample_inverse_cdf
 from confroute.models.hf import HFLanguageModel
 from confroute.types import GenerationConfig
 
@@ -94,12 +94,14 @@ def test_filtered_distribution_is_transformers_distribution(temperature, top_k, 
 def test_inverse_cdf_sampler_draws_the_distribution():
     probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).repeat(40_000, 1)
     u = torch.rand(40_000, generator=torch.Generator().manual_seed(1))
-    drawn = _sample(probs, None, u)
+    drawn = sample_inverse_cdf(probs, None, u)
     freq = torch.bincount(drawn, minlength=5).double() / len(drawn)
     torch.testing.assert_close(freq, probs[0].double(), atol=0.01, rtol=0.0)
     assert freq[1] == 0 and freq[4] == 0
     # u at the top edge never lands on the zero-probability tail; candidate ids map back.
-    edge = _sample(probs[:1], torch.tensor([[7, 8, 9, 10, 11]]), torch.tensor([1.0 - 1e-9]))
+    edge = sample_inverse_cdf(
+        probs[:1], torch.tensor([[7, 8, 9, 10, 11]]), torch.tensor([1.0 - 1e-9])
+    )
     assert edge.tolist() == [10]
 
 
@@ -205,7 +207,7 @@ def test_auto_falls_back_to_generate_when_the_cache_is_unsupported(model_tok, mo
     def unsupported(cache):
         raise _decode.UnsupportedModel("injected: no row selection")
 
-    monkeypatch.setattr(_decode, "_check_cache", unsupported)
+    monkeypatch.setattr(_decode, "check_cache", unsupported)
     auto = _lm(model_tok)
     reference = _lm(model_tok, decoding="transformers")
     _same_stats(auto.generate(PROMPTS, SAMPLING), reference.generate(PROMPTS, SAMPLING))
@@ -256,6 +258,28 @@ def test_collect_samples_fuses_configurations_missing_for_the_same_prompts(model
     assert [g.greedy.token_ids for g in again] == [g.greedy.token_ids for g in got]
 
 
+def test_merge_requests_keeps_the_longest_greedy_and_the_largest_n_per_key():
+    from confroute.models.base import SampleRequest, merge_requests
+
+    hot = GenerationConfig(max_new_tokens=8, temperature=1.0, n=3, seed=1)
+    hot_more = GenerationConfig(max_new_tokens=8, temperature=1.0, n=7, seed=1)
+    cool = GenerationConfig(max_new_tokens=8, temperature=0.5, n=2, seed=1)
+    merged = merge_requests([
+        SampleRequest(greedy=True, max_new_tokens=4, sampling=hot),
+        SampleRequest(greedy=False, sampling=cool),
+        SampleRequest(greedy=True, max_new_tokens=16, sampling=hot_more),
+    ])
+    assert merged == [
+        SampleRequest(greedy=True, max_new_tokens=16),
+        SampleRequest(greedy=False, sampling=hot_more),
+        SampleRequest(greedy=False, sampling=cool),
+    ]
+    assert merge_requests([SampleRequest(greedy=False, sampling=cool)]) == [
+        SampleRequest(greedy=False, sampling=cool)
+    ]
+    assert merge_requests([]) == []
+
+
 def test_cached_model_generates_configurations_together(tmp_path, model_tok):
     from confroute.cache import CachedModel, GenerationCache
 
@@ -286,9 +310,9 @@ def test_models_without_cache_or_positions_are_unsupported():
             return input_ids
 
     with pytest.raises(_decode.UnsupportedModel, match="no cache argument"):
-        _decode._forward_params(NoCache())
+        _decode.forward_params(NoCache())
     with pytest.raises(_decode.UnsupportedModel, match="no position_ids"):
-        _decode._forward_params(NoPositions())
+        _decode.forward_params(NoPositions())
 
 
 @pytest.mark.parametrize("shared", [True, False])

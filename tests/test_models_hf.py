@@ -401,3 +401,47 @@ def test_sampling_invariants(peaked, seed, temperature, top_k, n, max_new):
             if top_k == 1:
                 # Only the argmax can be drawn: its logprob is the max of the raw distribution.
                 assert np.all(s.token_logprobs >= -math.log(len(peaked.tokenizer)) - 1e-4)
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def test_resolve_device_parses_and_rejects() -> None:
+    from confroute.models.device import resolve_device
+
+    assert resolve_device("cpu", "X") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu"), "X") == torch.device("cpu")
+    assert resolve_device("cuda:1", "X") == torch.device("cuda", 1)
+    with pytest.raises(InvalidParameterError, match=r"'device' parameter of X.*Got 'gpu please'"):
+        resolve_device("gpu please", "X")
+    with pytest.raises(InvalidTypeError, match="'device' parameter of X"):
+        resolve_device(3, "X")
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "allow_mps", "expected"),
+    [
+        (True, True, True, "cuda"),
+        (False, True, True, "mps"),
+        (False, True, False, "cpu"),
+        (False, False, True, "cpu"),
+    ],
+)
+def test_resolve_device_auto_order(monkeypatch, cuda, mps, allow_mps, expected) -> None:
+    # The machine's accelerators are the environment, injected here: CUDA, then
+    # MPS when the caller allows it, else CPU.
+    from confroute.models import device as device_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(device_mod, "mps_available", lambda: mps)
+    got = device_mod.resolve_device("auto", "X", mps=allow_mps)
+    assert got == torch.device(expected)
+
+
+def test_auto_device_of_hf_model_never_picks_mps(monkeypatch, tiny_llama) -> None:
+    from confroute.models import device as device_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device_mod, "mps_available", lambda: True)
+    hf = HFLanguageModel(tiny_llama[0], tiny_llama[1], device="auto")
+    assert hf.device == torch.device("cpu")

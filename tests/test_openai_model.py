@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from confroute.errors import CloudError, InvalidParameterError, InvalidTypeError
 from confroute.models.base import LanguageModel
-from confroute.models.openai import OpenAIModel, _retry_after, approximate_entropy
+from confroute.models.openai import OpenAIModel, approximate_entropy
+from confroute.models.openai.retry import retry_after
 from confroute.types import GenerationConfig, Sample
 from tests.fault_server import DEFAULT_PROBS, FaultServer, Step
 
@@ -245,7 +246,7 @@ def test_retry_after_is_capped_by_backoff_max() -> None:
 def test_retry_after_header_forms(
     headers: dict[str, str], low: float | None, high: float | None
 ) -> None:
-    value = _retry_after(headers)
+    value = retry_after(headers)
     if low is None or high is None:
         assert value is None
     else:
@@ -254,7 +255,7 @@ def test_retry_after_header_forms(
 
 def test_retry_after_http_date() -> None:
     when = email.utils.formatdate(time.time() + 3, usegmt=True)
-    value = _retry_after({"retry-after": when})
+    value = retry_after({"retry-after": when})
     assert value is not None and 1.0 <= value <= 3.5
 
 
@@ -528,13 +529,37 @@ def test_protocol_name_and_lifecycle(server: FaultServer) -> None:
     model = fast_model(server, name="cloud")
     assert isinstance(model, LanguageModel)
     assert model.name == "cloud" and fast_model(server).name == "test-model"
-    assert model._client is None  # nothing opened at construction
+    assert server.requests == []  # nothing sent at construction
     model.generate(["q"], GREEDY)
     model.close()
-    assert model._client is None
     model.generate(["q"], GREEDY)  # reconnects on demand
     model.close()
     assert len(server.requests) == 2
+
+
+def test_client_pool_opens_lazily_and_closes(server: FaultServer) -> None:
+    from confroute.models.openai.client import ClientPool
+    from confroute.models.openai.retry import RetryState
+    from confroute.models.openai.wire import Settings
+
+    s = Settings(
+        model="test-model", url=server.base_url + "/chat/completions", endpoint="chat",
+        timeout=5.0, max_retries=0, backoff_base=0.0, backoff_max=0.0, max_retry_time=5.0,
+        max_concurrency=2, logprobs=False, top_logprobs=0, system_prompt=None, extra_body={},
+        api_key=None,
+    )
+    pool = ClientPool()
+    assert not pool.is_open
+    counts: list[dict[str, int]] = []
+    state = RetryState(s, jitter=lambda cap: 0.0, count=lambda **c: counts.append(c),
+                       redact=str)
+    body = {"model": s.model, "messages": [{"role": "user", "content": "q"}], "max_tokens": 2}
+    parsed = pool.post(s, body, state, lambda **c: counts.append(c))
+    assert pool.is_open and len(parsed.choices) == 1 and counts == [{"requests": 1}]
+    client, _ = pool.sync_client(s)
+    assert pool.sync_client(s)[0] is client  # one client, reused
+    pool.close()
+    assert not pool.is_open and client.is_closed
 
 
 def test_import_is_light_and_missing_httpx_is_reported() -> None:

@@ -351,18 +351,6 @@ class EmbeddingEquivalence(Equivalence):
         return np.asarray(cos >= thr - 1e-9, dtype=bool)
 
 
-def _auto_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 @equivalence_registry.register("nli")
 class NLIEquivalence(Equivalence):
     """Bidirectional entailment with a natural-language-inference classifier.
@@ -444,7 +432,9 @@ class NLIEquivalence(Equivalence):
                 f"'contradiction' label in config.id2label; its labels are "
                 f"{sorted(id2label.values())}."
             )
-        model.to(_auto_device(self.device))
+        from confroute.models.device import resolve_device
+
+        model.to(resolve_device(self.device, owner))
         model.eval()
         loaded = (model, tok, ent[0], con[0])
         self._loaded = (key, loaded)

@@ -14,6 +14,7 @@ from confroute.models.base import (
     ScoringLanguageModel,
     collect_samples,
     generate_configs,
+    merge_requests,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +38,7 @@ __all__ = [
     "generate_configs",
     "load_default_edge_model",
     "load_default_embedder",
+    "merge_requests",
 ]
 
 _LAZY = {

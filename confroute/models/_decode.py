@@ -54,7 +54,19 @@ from confroute.types import GenerationConfig
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["DecodedRow", "UnsupportedModel", "decode", "filtered_distribution", "left_pad"]
+__all__ = [
+    "DecodedRow",
+    "RowPlan",
+    "Uniforms",
+    "UnsupportedModel",
+    "cache_of",
+    "check_cache",
+    "decode",
+    "filtered_distribution",
+    "forward_params",
+    "left_pad",
+    "sample_inverse_cdf",
+]
 
 
 class UnsupportedModel(Exception):
@@ -111,7 +123,9 @@ def filtered_distribution(
     return probs, index
 
 
-def _sample(probs: torch.Tensor, index: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+def sample_inverse_cdf(
+    probs: torch.Tensor, index: torch.Tensor | None, u: torch.Tensor
+) -> torch.Tensor:
     """Inverse-CDF draw of one token per row, with uniforms ``u`` of shape (n_rows,)."""
     import torch
 
@@ -133,7 +147,7 @@ def _seed_for(seed: int, prompt_ids: Sequence[int], sample: int) -> int:
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def _forward_params(model: Any) -> tuple[str, bool]:
+def forward_params(model: Any) -> tuple[str, bool]:
     """Name of the cache argument of ``model.forward`` ('cache' in transformers 5), and
     whether it takes ``logits_to_keep``.
 
@@ -174,7 +188,7 @@ def cache_of(out: Any) -> Any:
     return out.past_key_values if cache is None else cache
 
 
-def _check_cache(cache: Any) -> None:
+def check_cache(cache: Any) -> None:
     try:
         from transformers import DynamicCache
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -184,6 +198,239 @@ def _check_cache(cache: Any) -> None:
     for layer in getattr(cache, "layers", []):
         if not callable(getattr(layer, "batch_select_indices", None)):
             raise UnsupportedModel(f"cache layer {type(layer).__name__} cannot select rows")
+
+
+@dataclass
+class RowPlan:
+    """Which prompt and configuration each row decodes: prompt-major, then
+    configuration, then sample.
+
+    Attributes
+    ----------
+    prompt, config : list of int, length n_rows
+        Prompt and configuration index of each row.
+    groups : list of (prompt, config, rows)
+        The rows of each (prompt, configuration) pair, in sample order.
+    """
+
+    prompt: list[int]
+    config: list[int]
+    groups: list[tuple[int, int, list[int]]]
+
+    @classmethod
+    def build(cls, n_prompts: int, configs: Sequence[GenerationConfig]) -> RowPlan:
+        plan = cls([], [], [])
+        for p in range(n_prompts):
+            for c, cfg in enumerate(configs):
+                rows = list(range(len(plan.prompt), len(plan.prompt) + cfg.n))
+                plan.prompt += [p] * cfg.n
+                plan.config += [c] * cfg.n
+                plan.groups.append((p, c, rows))
+        return plan
+
+
+@dataclass
+class Uniforms:
+    """Where each sampled row's uniforms come from: torch's global generator
+    (``global_rows``) or its own seeded one (``seeded``)."""
+
+    n_rows: int
+    global_rows: list[int]
+    seeded: list[tuple[int, torch.Generator]]
+
+    @classmethod
+    def build(
+        cls, plan: RowPlan, prompts: Sequence[Sequence[int]], configs: Sequence[GenerationConfig]
+    ) -> Uniforms:
+        import torch
+
+        out = cls(len(plan.prompt), [], [])
+        for p, c, rows in plan.groups:
+            seed = configs[c].seed
+            if configs[c].greedy:
+                continue
+            for j, r in enumerate(rows):
+                if seed is None:
+                    out.global_rows.append(r)
+                else:
+                    g = torch.Generator()
+                    g.manual_seed(_seed_for(seed, prompts[p], j))
+                    out.seeded.append((r, g))
+        return out
+
+    def draw(self) -> torch.Tensor:
+        """One uniform per sampled row (0 for greedy rows), shape (n_rows,).
+
+        Drawn for every row at every step, finished or not, so the streams stay
+        aligned when rows finish.
+        """
+        import torch
+
+        uniforms = torch.zeros(self.n_rows)
+        if self.global_rows:
+            uniforms[self.global_rows] = torch.rand(len(self.global_rows))
+        for r, g in self.seeded:
+            uniforms[r] = torch.rand((), generator=g)
+        return uniforms
+
+
+@dataclass
+class _Frontier:
+    """The decoding state. One cache row ("node") per distinct history; the
+    active rows point at their node.
+
+    Attributes
+    ----------
+    cache : DynamicCache with one row per node
+    logits : Tensor of shape (n_nodes, vocab)
+        Next-token logits of each node.
+    mask : Tensor of shape (n_nodes, width)
+    next_pos : Tensor of shape (n_nodes,)
+        Position id of each node's next token.
+    active : Tensor of shape (n_active,), CPU
+        Global ids of the rows still decoding.
+    row_node : Tensor of shape (n_active,), CPU
+        Node of each active row.
+    device : torch.device
+        The model's device.
+    """
+
+    cache: Any
+    logits: torch.Tensor
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    active: torch.Tensor
+    row_node: torch.Tensor
+    device: torch.device
+
+
+def _prefill(
+    model: Any, prompts: Sequence[Sequence[int]], plan: RowPlan, pad_id: int,
+    shared_prefill: bool, keeps_logits: bool,
+) -> _Frontier:
+    """Run the prompts (once each when shared, else once per row) and check the cache."""
+    import torch
+
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    select = torch.tensor(plan.prompt, dtype=torch.long)
+    n_rows = len(plan.prompt)
+    if shared_prefill:
+        first, mask = prompt_ids.to(device), prompt_mask.to(device)
+        row_node = select.clone()  # the rows of a prompt share its node
+    else:
+        first, mask = prompt_ids[select].to(device), prompt_mask[select].to(device)
+        row_node = torch.arange(n_rows)
+    position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    extra: dict[str, Any] = {"logits_to_keep": 1} if keeps_logits else {}
+    out = model(input_ids=first, attention_mask=mask, position_ids=position, use_cache=True,
+                **extra)
+    cache = cache_of(out)
+    check_cache(cache)
+    return _Frontier(cache, out.logits[:, -1, :], mask, mask.sum(-1), torch.arange(n_rows),
+                     row_node, device)
+
+
+def _choose(
+    state: _Frontier, configs: Sequence[GenerationConfig], row_config: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """Next token of each active row, shape (n_active,): the argmax for greedy rows,
+    an inverse-CDF draw from the processed distribution for sampled rows."""
+    import torch
+
+    logits, device = state.logits, state.device
+    node_of = state.row_node.to(device)
+    chosen = torch.empty(len(state.active), dtype=torch.long, device=device)
+    active_config = row_config[state.active]
+    for c, cfg in enumerate(configs):
+        sel = torch.nonzero(active_config == c).flatten()
+        if sel.numel() == 0:
+            continue
+        sel_dev = sel.to(device)
+        row_logits = logits[node_of[sel_dev]]
+        if cfg.greedy:
+            chosen[sel_dev] = row_logits.argmax(-1)
+        else:
+            probs, index = filtered_distribution(
+                row_logits, cfg.temperature, cfg.top_k, cfg.top_p
+            )
+            chosen[sel_dev] = sample_inverse_cdf(probs, index, uniforms[state.active[sel]])
+    return chosen
+
+
+@dataclass
+class _Record:
+    """What every row generated: tokens and their unprocessed statistics."""
+
+    tokens: list[list[int]]
+    logprobs: np.ndarray  # (n_rows, max_steps), float32
+    entropies: np.ndarray  # (n_rows, max_steps), float32
+
+    def add(self, state: _Frontier, chosen: torch.Tensor, step: int) -> None:
+        """Store the chosen tokens of ``step`` with log p and entropy of their node."""
+        import torch
+
+        logp = torch.log_softmax(state.logits.float(), dim=-1)
+        node_ent = torch.special.entr(logp.exp()).sum(-1)
+        node_of = state.row_node.to(state.device)
+        act = state.active.numpy()
+        self.logprobs[act, step] = logp[node_of, chosen].cpu().numpy()
+        self.entropies[act, step] = node_ent[node_of].cpu().numpy()
+        for r, tok in zip(act.tolist(), chosen.cpu().tolist()):
+            self.tokens[r].append(tok)
+
+
+def _finished(
+    state: _Frontier, chosen: torch.Tensor, step: int, *, eos: torch.Tensor,
+    limits: torch.Tensor, record: _Record, stops: Sequence[Sequence[str]], tokenizer: Any,
+) -> torch.Tensor:
+    """Bool of shape (n_active,): the row ended (EOS, length limit, stop string)."""
+    import torch
+
+    done = torch.isin(chosen, eos) | (step + 1 >= limits[state.active])
+    for i, r in enumerate(state.active.tolist()):
+        if stops[r] and not done[i]:
+            text = tokenizer.decode(record.tokens[r], skip_special_tokens=True)
+            if any(s in text for s in stops[r]):
+                done[i] = True
+    return done
+
+
+def _advance(
+    model: Any, state: _Frontier, keep: torch.Tensor, chosen: torch.Tensor, *,
+    shared_prefill: bool, cache_arg: str,
+) -> None:
+    """Keep the rows ``keep`` (CPU indices into the active rows), merge rows whose
+    histories are still identical into one node, and run one forward step."""
+    import torch
+
+    state.active = state.active[keep]
+    parent, new_tok = state.row_node[keep], chosen[keep]
+    if shared_prefill:
+        # Rows with the same parent node and the same token still share one
+        # history: they become one node.
+        vocab = state.logits.shape[-1]
+        keys, state.row_node = torch.unique(parent * vocab + new_tok, return_inverse=True)
+        parent, new_tok = keys // vocab, keys % vocab
+    else:
+        state.row_node = torch.arange(len(state.active))
+    device = state.device
+    if len(parent) != state.logits.shape[0] or not torch.equal(
+        parent, torch.arange(len(parent))
+    ):
+        parent_dev = parent.to(device)
+        state.cache.batch_select_indices(parent_dev)
+        state.mask = state.mask[parent_dev]
+        state.next_pos = state.next_pos[parent_dev]
+    state.mask = torch.cat([state.mask, state.mask.new_ones((len(parent), 1))], dim=-1)
+    out = model(input_ids=new_tok.to(device)[:, None], attention_mask=state.mask,
+                position_ids=state.next_pos[:, None], use_cache=True,
+                **{cache_arg: state.cache})
+    state.cache = cache_of(out)
+    state.logits = out.logits[:, -1, :]
+    del out
+    state.next_pos = state.next_pos + 1
 
 
 def decode(
@@ -226,137 +473,36 @@ def decode(
     """
     import torch
 
-    device = next(model.parameters()).device
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], dtype=torch.long)
-    # Row plan: prompt-major, then configuration, then sample.
-    row_prompt: list[int] = []
-    row_config: list[int] = []
-    groups: list[tuple[int, int, list[int]]] = []  # (prompt, config, rows)
-    for p in range(len(prompts)):
-        for c, cfg in enumerate(configs):
-            rows = list(range(len(row_prompt), len(row_prompt) + cfg.n))
-            row_prompt += [p] * cfg.n
-            row_config += [c] * cfg.n
-            groups.append((p, c, rows))
-    n_rows = len(row_prompt)
+    plan = RowPlan.build(len(prompts), configs)
+    n_rows = len(plan.prompt)
     max_steps = max(cfg.max_new_tokens for cfg in configs)
-    limits = torch.tensor([configs[c].max_new_tokens for c in row_config])
-    # Per sampled row: its own seeded generator, or None for the global one.
-    generators: dict[int, torch.Generator | None] = {}
-    for p, c, rows in groups:
-        seed = configs[c].seed
-        if configs[c].greedy:
-            continue
-        for j, r in enumerate(rows):
-            if seed is None:
-                generators[r] = None
-            else:
-                g = torch.Generator()
-                g.manual_seed(_seed_for(seed, prompts[p], j))
-                generators[r] = g
-    global_rows = [r for r, g in generators.items() if g is None]
-    seeded_rows = [(r, g) for r, g in generators.items() if g is not None]
-
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    select = torch.tensor(row_prompt, dtype=torch.long)
-    cache_arg, keeps_logits = _forward_params(model)
-    prefill_extra: dict[str, Any] = {"logits_to_keep": 1} if keeps_logits else {}
-
-    tokens: list[list[int]] = [[] for _ in range(n_rows)]
-    logprobs = np.zeros((n_rows, max_steps), dtype=np.float32)
-    entropies = np.zeros((n_rows, max_steps), dtype=np.float32)
-    stop_rows = {r for r in range(n_rows) if configs[row_config[r]].stop}
-
+    limits = torch.tensor([configs[c].max_new_tokens for c in plan.config])
+    uniforms = Uniforms.build(plan, prompts, configs)
+    cache_arg, keeps_logits = forward_params(model)
+    record = _Record([[] for _ in range(n_rows)],
+                     np.zeros((n_rows, max_steps), dtype=np.float32),
+                     np.zeros((n_rows, max_steps), dtype=np.float32))
+    stops = [configs[c].stop for c in plan.config]
+    row_config = torch.tensor(plan.config, dtype=torch.long)
     with torch.inference_mode():
-        if shared_prefill:
-            first, mask = prompt_ids.to(device), prompt_mask.to(device)
-            row_node = select.clone()  # the rows of a prompt share its node
-        else:
-            first, mask = prompt_ids[select].to(device), prompt_mask[select].to(device)
-            row_node = torch.arange(n_rows)
-        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        out = model(input_ids=first, attention_mask=mask, position_ids=position, use_cache=True,
-                    **prefill_extra)
-        cache = cache_of(out)
-        _check_cache(cache)
-        # One cache row ("node") per distinct history; rows point at their node.
-        logits = out.logits[:, -1, :]
-        del out
-        next_pos = mask.sum(-1)
-        active = torch.arange(n_rows)  # global row ids, on CPU
-        row_config_t = torch.tensor(row_config, dtype=torch.long)
+        state = _prefill(model, prompts, plan, pad_id, shared_prefill, keeps_logits)
         for step in range(max_steps):
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            node_ent = torch.special.entr(logp.exp()).sum(-1)
-            node_of = row_node.to(device)
-            chosen = torch.empty(len(active), dtype=torch.long, device=device)
-            active_config = row_config_t[active]
-            # One uniform per sampled row, drawn for every row at every step, so
-            # the streams stay aligned when rows finish.
-            uniforms = torch.zeros(n_rows)
-            if global_rows:
-                uniforms[global_rows] = torch.rand(len(global_rows))
-            for r, g in seeded_rows:
-                uniforms[r] = torch.rand((), generator=g)
-            for c, cfg in enumerate(configs):
-                sel = torch.nonzero(active_config == c).flatten()
-                if sel.numel() == 0:
-                    continue
-                sel_dev = sel.to(device)
-                row_logits = logits[node_of[sel_dev]]
-                if cfg.greedy:
-                    chosen[sel_dev] = row_logits.argmax(-1)
-                else:
-                    probs, index = filtered_distribution(
-                        row_logits, cfg.temperature, cfg.top_k, cfg.top_p
-                    )
-                    chosen[sel_dev] = _sample(probs, index, uniforms[active[sel]])
-            lp = logp[node_of, chosen]
-            act_np = active.numpy()
-            logprobs[act_np, step] = lp.cpu().numpy()
-            entropies[act_np, step] = node_ent[node_of].cpu().numpy()
+            chosen = _choose(state, configs, row_config, uniforms.draw())
+            record.add(state, chosen, step)
             chosen_cpu = chosen.cpu()
-            for r, tok in zip(act_np.tolist(), chosen_cpu.tolist()):
-                tokens[r].append(tok)
-            done = torch.isin(chosen_cpu, eos) | (step + 1 >= limits[active])
-            for i, r in enumerate(act_np.tolist()):
-                if r in stop_rows and not done[i]:
-                    text = tokenizer.decode(tokens[r], skip_special_tokens=True)
-                    if any(s in text for s in configs[row_config[r]].stop):
-                        done[i] = True
+            done = _finished(state, chosen_cpu, step, eos=eos, limits=limits, record=record,
+                             stops=stops, tokenizer=tokenizer)
             keep = torch.nonzero(~done).flatten()
             if keep.numel() == 0:
                 break
-            active = active[keep]
-            parent, new_tok = row_node[keep], chosen_cpu[keep]
-            if shared_prefill:
-                # Rows with the same parent node and the same token still share one
-                # history: they become one node.
-                vocab = logits.shape[-1]
-                keys, row_node = torch.unique(parent * vocab + new_tok, return_inverse=True)
-                parent, new_tok = keys // vocab, keys % vocab
-            else:
-                row_node = torch.arange(len(active))
-            if len(parent) != logits.shape[0] or not torch.equal(
-                parent, torch.arange(len(parent))
-            ):
-                parent_dev = parent.to(device)
-                cache.batch_select_indices(parent_dev)
-                mask = mask[parent_dev]
-                next_pos = next_pos[parent_dev]
-            mask = torch.cat([mask, mask.new_ones((len(parent), 1))], dim=-1)
-            out = model(input_ids=new_tok.to(device)[:, None], attention_mask=mask,
-                        position_ids=next_pos[:, None], use_cache=True,
-                        **{cache_arg: cache})
-            cache = cache_of(out)
-            logits = out.logits[:, -1, :]
-            del out
-            next_pos = next_pos + 1
+            _advance(model, state, keep, chosen_cpu, shared_prefill=shared_prefill,
+                     cache_arg=cache_arg)
 
     results: list[list[list[DecodedRow]]] = [[[] for _ in prompts] for _ in configs]
-    for r in range(n_rows):
-        length = len(tokens[r])
-        results[row_config[r]][row_prompt[r]].append(
-            DecodedRow(tokens[r], logprobs[r, :length].copy(), entropies[r, :length].copy())
-        )
+    for r, tokens in enumerate(record.tokens):
+        results[plan.config[r]][plan.prompt[r]].append(DecodedRow(
+            tokens, record.logprobs[r, :len(tokens)].copy(),
+            record.entropies[r, :len(tokens)].copy(),
+        ))
     return results

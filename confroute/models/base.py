@@ -17,6 +17,8 @@ __all__ = [
     "SampleRequest",
     "ScoringLanguageModel",
     "collect_samples",
+    "generate_configs",
+    "merge_requests",
 ]
 
 
@@ -104,6 +106,38 @@ class SampleRequest:
     sampling: GenerationConfig | None = None
 
 
+def merge_requests(requests: Sequence[SampleRequest]) -> list[SampleRequest]:
+    """The fewest requests that cover all of ``requests``.
+
+    One greedy request at the largest requested greedy length (when any request
+    needs the greedy answer), then one sampling request per distinct set of
+    sampling parameters (:meth:`GenerationConfig.sampling_key`, first-seen order)
+    with as many draws as the most demanding request asks for.
+
+    Parameters
+    ----------
+    requests : sequence of SampleRequest
+
+    Returns
+    -------
+    list of SampleRequest
+        Each either greedy-only (``sampling=None``) or sampling-only (``greedy=False``).
+    """
+    merged: list[SampleRequest] = []
+    if any(r.greedy for r in requests):
+        length = max(r.max_new_tokens for r in requests if r.greedy)
+        merged.append(SampleRequest(greedy=True, max_new_tokens=length))
+    by_key: dict[tuple[object, ...], GenerationConfig] = {}
+    for r in requests:
+        if r.sampling is None:
+            continue
+        k = r.sampling.sampling_key()
+        if k not in by_key or by_key[k].n < r.sampling.n:
+            by_key[k] = r.sampling
+    merged.extend(SampleRequest(greedy=False, sampling=cfg) for cfg in by_key.values())
+    return merged
+
+
 def collect_samples(
     model: LanguageModel | None,
     prompts: Sequence[Prompt],
@@ -113,13 +147,14 @@ def collect_samples(
 ) -> list[Samples]:
     """Generate, once, everything a set of estimators needs for a batch of prompts.
 
-    Requests are merged: one greedy generation at the largest requested length,
-    and one batched sampling call per distinct set of sampling parameters, with
-    as many draws as the most demanding estimator asks for. Configurations needed
-    for the same prompts go to ``model.generate_multi`` together when the model
-    has it (:class:`MultiConfigLanguageModel`), so a greedy answer and its samples
-    can share one decoding pass. What ``existing``
-    already holds is reused and only the missing part is generated.
+    Requests are merged by :func:`merge_requests`: one greedy generation at the
+    largest requested length, and one batched sampling call per distinct set of
+    sampling parameters, with as many draws as the most demanding estimator asks
+    for. Configurations needed for the same prompts go to
+    ``model.generate_multi`` together when the model has it
+    (:class:`MultiConfigLanguageModel`), so a greedy answer and its samples can
+    share one decoding pass. What ``existing`` already holds is reused and only
+    the missing part is generated.
 
     Raises
     ------
@@ -136,28 +171,9 @@ def collect_samples(
     current: list[Samples] = (
         list(existing) if existing is not None else [Samples(prompt=p) for p in prompts]
     )
-    need_greedy = any(r.greedy for r in requests)
-    greedy_len = max((r.max_new_tokens for r in requests if r.greedy), default=0)
-    by_key: dict[tuple[object, ...], GenerationConfig] = {}
-    for r in requests:
-        if r.sampling is None:
-            continue
-        k = r.sampling.sampling_key()
-        if k not in by_key or by_key[k].n < r.sampling.n:
-            by_key[k] = r.sampling
-
-    # (config, prompts still missing it); configurations missing for the same
-    # prompts are generated together (one decoding pass where the model allows).
-    jobs: list[tuple[GenerationConfig, list[int], tuple[object, ...] | None]] = []
-    if need_greedy:
-        missing = [i for i, s in enumerate(current) if s.greedy is None]
-        if missing:
-            cfg = GenerationConfig(max_new_tokens=greedy_len, temperature=0.0, n=1)
-            jobs.append((cfg, missing, None))
-    for key, cfg in by_key.items():
-        missing = [i for i, s in enumerate(current) if len(s.draws.get(key, ())) < cfg.n]
-        if missing:
-            jobs.append((cfg, missing, key))
+    jobs = _missing_jobs(current, merge_requests(requests))
+    # Configurations missing for the same prompts are generated together (one
+    # decoding pass where the model allows).
     together: dict[tuple[int, ...], list[int]] = {}
     for j, (_, missing, _) in enumerate(jobs):
         together.setdefault(tuple(missing), []).append(j)
@@ -168,15 +184,38 @@ def collect_samples(
         outs = generate_configs(model, [prompts[i] for i in missing],
                                 [jobs[j][0] for j in job_ids])
         for j, per_config in zip(job_ids, outs):
-            draw_key = jobs[j][2]
             for i, out in zip(missing, per_config):
-                if draw_key is None:
-                    current[i] = replace(current[i], greedy=out[0])
-                else:
-                    draws = dict(current[i].draws)
-                    draws[draw_key] = tuple(out)
-                    current[i] = replace(current[i], draws=draws)
+                current[i] = _with_generation(current[i], jobs[j][2], out)
     return current
+
+
+_Job = tuple[GenerationConfig, list[int], tuple[object, ...] | None]
+
+
+def _missing_jobs(current: list[Samples], merged: list[SampleRequest]) -> list[_Job]:
+    """(config, prompts still missing it, draw key or None for greedy) per merged request."""
+    jobs: list[_Job] = []
+    for r in merged:
+        if r.sampling is None:
+            missing = [i for i, s in enumerate(current) if s.greedy is None]
+            cfg = GenerationConfig(max_new_tokens=r.max_new_tokens, temperature=0.0, n=1)
+            key = None
+        else:
+            cfg, key = r.sampling, r.sampling.sampling_key()
+            missing = [i for i, s in enumerate(current) if len(s.draws.get(key, ())) < cfg.n]
+        if missing:
+            jobs.append((cfg, missing, key))
+    return jobs
+
+
+def _with_generation(
+    samples: Samples, draw_key: tuple[object, ...] | None, out: list[Sample]
+) -> Samples:
+    if draw_key is None:
+        return replace(samples, greedy=out[0])
+    draws = dict(samples.draws)
+    draws[draw_key] = tuple(out)
+    return replace(samples, draws=draws)
 
 
 def _require_model(model: LanguageModel | None) -> None:

@@ -29,7 +29,8 @@ import numpy as np
 from confroute._cache_dir import cache_dir as _cache_root
 from confroute._validation import check_int, param_error
 from confroute.errors import MissingDependencyError, ModelLoadError
-from confroute.models.hf import HFLanguageModel, resolve_device
+from confroute.models.device import resolve_device
+from confroute.models.hf import HFLanguageModel
 
 __all__ = [
     "DEFAULT_EDGE_SYSTEM_PROMPT",
@@ -308,7 +309,8 @@ class Embedder:
             raise param_error("name", owner, "a string or None", name, type_error=True)
         if path is not None and not isinstance(path, (str, Path)):
             raise param_error("path", owner, "a local directory or None", path, type_error=True)
-        self.device = resolve_device(device, owner)
+        # "auto" keeps to CUDA or CPU, as for the edge model.
+        self.device = resolve_device(device, owner, mps=False)
         source = default_embedder_path() if path is None else Path(path)
         self.name: str = name or (EMBEDDER_NAME if path is None else str(path))
 

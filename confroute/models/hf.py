@@ -1,10 +1,14 @@
 """A local Hugging Face transformers causal language model as a confroute LanguageModel.
 
-Generation is batched over prompts, and all ``n`` samples of a prompt come from a
-single ``generate`` call (``num_return_sequences``). For every generated token the
-model reports the log-probability of the chosen token and the entropy of the
-*unprocessed* next-token distribution (raw logits, before temperature, top-p or
-top-k), which is what logprob- and entropy-based uncertainty estimators need.
+This module loads the model and tokenizer, renders and tokenises prompts (chat
+template, system prompt) and dispatches generation, batched over prompts, to one
+of two back-ends: confroute's own decoding loop (:mod:`confroute.models._decode`,
+turned into samples by :mod:`confroute.models._hf_samples`) or ``model.generate``
+(:mod:`confroute.models._hf_generate`). Teacher-forced scoring lives in
+:mod:`confroute.models._hf_score`. For every generated token the model reports the
+log-probability of the chosen token and the entropy of the *unprocessed*
+next-token distribution (raw logits, before temperature, top-p or top-k), which is
+what logprob- and entropy-based uncertainty estimators need.
 
 This module imports torch and transformers; import it only when a local model is
 used (``confroute.HFLanguageModel`` does so lazily).
@@ -12,7 +16,7 @@ used (``confroute.HFLanguageModel`` does so lazily).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +32,8 @@ from confroute._validation import (
     param_error,
 )
 from confroute.errors import ModelLoadError
+from confroute.models._hf_generate import EarlyStopRule
+from confroute.models.device import resolve_device
 from confroute.types import GenerationConfig, Prompt, Sample
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,45 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["EarlyStopRule", "HFLanguageModel", "resolve_device", "resolve_dtype"]
 
 _OWNER = "HFLanguageModel"
-# Upper bound on float32 elements materialised at once when turning logits into
-# per-token statistics (64 Mi floats = 256 MiB), so memory stays bounded for long
-# generations with large vocabularies.
-_MAX_STAT_ELEMENTS = 1 << 26
-
-EarlyStopRule = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
-"""``rule(n_tokens, sum_nll, sum_entropy) -> stop``, called after every greedy step.
-
-``n_tokens`` is the number of tokens generated so far (the same for every row);
-``sum_nll`` and ``sum_entropy`` of shape (n_rows,) are the running sums of
-:math:`-\\log p_t` and :math:`H_t` (float64, from the unprocessed logits, as in the
-returned samples). Rows where the returned bool array is True stop generating and
-their sample ends with ``finish_reason="early_stop"``. Rows are in batch order
-(prompts may be regrouped by length), so a rule should act row by row on the values.
-"""
-
-
-def resolve_device(device: Any, owner: str = _OWNER) -> torch.device:
-    """Turn ``"auto"``, a device string or a ``torch.device`` into a ``torch.device``.
-
-    ``"auto"`` selects ``cuda`` when ``torch.cuda.is_available()`` and ``cpu`` otherwise.
-    """
-    import torch
-
-    if isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
-        raise param_error(
-            "device", owner, "'auto' or a torch device string such as 'cpu' or 'cuda:0'",
-            device, type_error=True,
-        )
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, ValueError):
-        raise param_error(
-            "device", owner, "'auto' or a torch device string such as 'cpu' or 'cuda:0'", device
-        ) from None
 
 
 def resolve_dtype(dtype: Any, owner: str = _OWNER) -> torch.dtype | None:
@@ -94,6 +61,105 @@ def resolve_dtype(dtype: Any, owner: str = _OWNER) -> torch.dtype | None:
     raise param_error("dtype", owner, expected, dtype, type_error=True)
 
 
+def _load_model(
+    model: Any, device: torch.device, dtype: torch.dtype | None, gguf_file: Any
+) -> tuple[Any, str | None]:
+    """The causal LM on ``device`` in eval mode, and the path it was loaded from."""
+    import torch
+
+    if isinstance(model, (str, Path)):
+        source = str(model)
+        if gguf_file is not None:
+            # resolved (links, "..") and refused when it leaves the model folder
+            check_path_within(gguf_file, source, "gguf_file", _OWNER)
+        from transformers import AutoModelForCausalLM
+
+        load_dtype: Any = dtype
+        if dtype is None:
+            load_dtype = torch.float32 if device.type == "cpu" else "auto"
+        kwargs: dict[str, Any] = {"local_files_only": True, "dtype": load_dtype}
+        if gguf_file is not None:
+            kwargs["gguf_file"] = gguf_file
+        try:
+            loaded: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(
+                f"Could not load a causal LM from {source!r} (local files only): {exc}"
+            ) from exc
+    elif isinstance(model, torch.nn.Module) and hasattr(model, "generate"):
+        source = None
+        loaded = model
+        if dtype is not None:
+            loaded = loaded.to(dtype)
+        elif device.type == "cpu" and next(loaded.parameters()).dtype in (
+            torch.float16, torch.bfloat16
+        ):
+            # Half precision on CPU is slow and inaccurate for log-probabilities.
+            loaded = loaded.to(torch.float32)
+    else:
+        raise param_error(
+            "model", _OWNER, "a transformers causal LM or a local path", model,
+            type_error=True,
+        )
+    loaded = loaded.to(device)
+    loaded.eval()
+    return loaded, source
+
+
+def _load_tokenizer(tokenizer: Any, source: str | None, model: Any, gguf_file: Any) -> Any:
+    """The tokenizer object, or loaded from ``tokenizer``, ``source`` or the model's config."""
+    if tokenizer is None:
+        if source is None:
+            cfg_path = getattr(getattr(model, "config", None), "_name_or_path", "")
+            if cfg_path and Path(cfg_path).is_dir():
+                source = cfg_path
+            else:
+                raise param_error(
+                    "tokenizer", _OWNER,
+                    "given when 'model' is an object not loaded from a local directory",
+                    tokenizer,
+                )
+        tokenizer = source
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if gguf_file is not None and check_path_within(
+            gguf_file, tokenizer, "gguf_file", _OWNER
+        ).exists():
+            kwargs["gguf_file"] = gguf_file
+        try:
+            return AutoTokenizer.from_pretrained(str(tokenizer), **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(
+                f"Could not load a tokenizer from {str(tokenizer)!r} (local files only): {exc}"
+            ) from exc
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise param_error("tokenizer", _OWNER, "a transformers tokenizer, a path or None",
+                          tokenizer, type_error=True)
+    return tokenizer
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids of the generation config and of the tokenizer, sorted."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, (list, tuple)):
+        ids.update(int(i) for i in gen_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def _default_name(model: Any, source: str | None) -> str:
+    if source is not None:
+        return source
+    cfg_name = getattr(getattr(model, "config", None), "_name_or_path", "")
+    return str(cfg_name) if cfg_name else type(model).__name__
+
+
 class HFLanguageModel:
     """A local transformers causal LM that generates and scores text.
 
@@ -109,7 +175,9 @@ class HFLanguageModel:
         The tokenizer, or where to load it from. None: the same location as
         ``model`` (required when ``model`` is an object not saved to disk).
     device : str or torch.device, default="auto"
-        ``"auto"`` picks CUDA when available, else CPU; or ``"cpu"``, ``"cuda:0"``...
+        ``"auto"`` picks CUDA when available, else CPU (see
+        :func:`~confroute.models.device.resolve_device`; MPS only when asked for by
+        name); or ``"cpu"``, ``"cuda:0"``, ``"mps"``...
     dtype : str or torch.dtype or None
         Weight dtype. None: float32 on CPU, the checkpoint's dtype on CUDA.
     system_prompt : str or None
@@ -202,13 +270,14 @@ class HFLanguageModel:
         self.use_chat_template = use_chat_template
         self.batch_size = batch_size
         self.gguf_file = gguf_file
-        self.device = resolve_device(device)
+        # MPS is not chosen by "auto": token statistics are validated on CUDA and CPU only.
+        self.device = resolve_device(device, _OWNER, mps=False)
         self._dtype = resolve_dtype(dtype)
-        self.model, source = self._load_model(model)
-        self.tokenizer = self._load_tokenizer(tokenizer, source)
+        self.model, source = _load_model(model, self.device, self._dtype, gguf_file)
+        self.tokenizer = _load_tokenizer(tokenizer, source, self.model, gguf_file)
         if name is not None and not isinstance(name, str):
             raise param_error("name", _OWNER, "a string or None", name, type_error=True)
-        self.name: str = name or self._default_name(source)
+        self.name: str = name or _default_name(self.model, source)
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise ModelLoadError(
@@ -217,87 +286,6 @@ class HFLanguageModel:
                 )
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-
-    # ------------------------------------------------------------------ loading
-    def _load_model(self, model: Any) -> tuple[Any, str | None]:
-        import torch
-
-        if isinstance(model, (str, Path)):
-            source = str(model)
-            if self.gguf_file is not None:
-                # resolved (links, "..") and refused when it leaves the model folder
-                check_path_within(self.gguf_file, source, "gguf_file", _OWNER)
-            from transformers import AutoModelForCausalLM
-
-            if self._dtype is not None:
-                dtype: Any = self._dtype
-            else:
-                dtype = torch.float32 if self.device.type == "cpu" else "auto"
-            kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
-            if self.gguf_file is not None:
-                kwargs["gguf_file"] = self.gguf_file
-            try:
-                loaded: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelLoadError(
-                    f"Could not load a causal LM from {source!r} (local files only): {exc}"
-                ) from exc
-        elif isinstance(model, torch.nn.Module) and hasattr(model, "generate"):
-            source = None
-            loaded = model
-            if self._dtype is not None:
-                loaded = loaded.to(self._dtype)
-            elif self.device.type == "cpu" and next(loaded.parameters()).dtype in (
-                torch.float16, torch.bfloat16
-            ):
-                # Half precision on CPU is slow and inaccurate for log-probabilities.
-                loaded = loaded.to(torch.float32)
-        else:
-            raise param_error(
-                "model", _OWNER, "a transformers causal LM or a local path", model,
-                type_error=True,
-            )
-        loaded = loaded.to(self.device)
-        loaded.eval()
-        return loaded, source
-
-    def _load_tokenizer(self, tokenizer: Any, source: str | None) -> Any:
-        if tokenizer is None:
-            if source is None:
-                cfg_path = getattr(getattr(self.model, "config", None), "_name_or_path", "")
-                if cfg_path and Path(cfg_path).is_dir():
-                    source = cfg_path
-                else:
-                    raise param_error(
-                        "tokenizer", _OWNER,
-                        "given when 'model' is an object not loaded from a local directory",
-                        tokenizer,
-                    )
-            tokenizer = source
-        if isinstance(tokenizer, (str, Path)):
-            from transformers import AutoTokenizer
-
-            kwargs: dict[str, Any] = {"local_files_only": True}
-            if self.gguf_file is not None and check_path_within(
-                self.gguf_file, tokenizer, "gguf_file", _OWNER
-            ).exists():
-                kwargs["gguf_file"] = self.gguf_file
-            try:
-                return AutoTokenizer.from_pretrained(str(tokenizer), **kwargs)
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelLoadError(
-                    f"Could not load a tokenizer from {str(tokenizer)!r} (local files only): {exc}"
-                ) from exc
-        if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
-            raise param_error("tokenizer", _OWNER, "a transformers tokenizer, a path or None",
-                              tokenizer, type_error=True)
-        return tokenizer
-
-    def _default_name(self, source: str | None) -> str:
-        if source is not None:
-            return source
-        cfg_name = getattr(getattr(self.model, "config", None), "_name_or_path", "")
-        return str(cfg_name) if cfg_name else type(self.model).__name__
 
     def __repr__(self) -> str:
         return f"HFLanguageModel(name={self.name!r}, device='{self.device}')"
@@ -364,17 +352,6 @@ class HFLanguageModel:
         # A chat template already writes its own special tokens (BOS, role markers).
         enc = self.tokenizer(texts, add_special_tokens=not self.templated)
         return [list(ids) for ids in enc["input_ids"]]
-
-    def _eos_ids(self) -> list[int]:
-        ids: set[int] = set()
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if isinstance(gen_eos, int):
-            ids.add(gen_eos)
-        elif isinstance(gen_eos, (list, tuple)):
-            ids.update(int(i) for i in gen_eos)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return sorted(ids)
 
     # --------------------------------------------------------------- generation
     def generate(
@@ -480,42 +457,26 @@ class HFLanguageModel:
     def _generate_own(
         self, checked: Sequence[Prompt], configs: list[GenerationConfig]
     ) -> list[list[list[Sample]]] | None:
-        """The own decoding loop; None when the model does not support it (``"auto"``)."""
-        from confroute.models._decode import UnsupportedModel, decode
+        """The own decoding loop (:mod:`confroute.models._decode`); None when the model
+        does not support it and ``decoding="auto"``."""
+        from confroute.models._decode import UnsupportedModel
+        from confroute.models._hf_samples import decode_samples
 
-        if self._own_unsupported is not None:
-            if self.decoding == "confroute":
-                self._raise_unsupported(self._own_unsupported)
-            return None
-        encoded = self._encode_prompts(checked)
-        eos_ids = self._eos_ids()
-        eos_set = set(eos_ids)
-        pad_id = int(self.tokenizer.pad_token_id)
-        results: list[list[list[Sample]]] = [[[] for _ in encoded] for _ in configs]
-        for idx in self._batches(encoded):
-            batch = [encoded[i] for i in idx]
+        if self._own_unsupported is None:
+            encoded = self._encode_prompts(checked)
             try:
-                rows = decode(
-                    self.model, batch, configs, pad_id=pad_id, eos_ids=eos_ids,
-                    tokenizer=self.tokenizer, shared_prefill=self.shared_prefill is not False,
+                return decode_samples(
+                    self.model, self.tokenizer, encoded, self._batches(encoded), configs,
+                    eos_ids=_eos_ids(self.model, self.tokenizer),
+                    shared_prefill=self.shared_prefill is not False,
                 )
             except UnsupportedModel as exc:
                 self._own_unsupported = str(exc)
-                if self.decoding == "confroute":
-                    self._raise_unsupported(str(exc))
-                return None
-            for c, cfg in enumerate(configs):
-                for i, per_prompt in zip(idx, rows[c]):
-                    results[c][i] = [
-                        self._make_sample(
-                            row.token_ids, row.logprobs, row.entropies, cfg, eos_set, pad_id,
-                            len(encoded[i]), padded=False,
-                        )
-                        for row in per_prompt
-                    ]
-        return results
+        if self.decoding == "confroute":
+            self._raise_unsupported(self._own_unsupported)
+        return None
 
-    def _raise_unsupported(self, why: str) -> None:
+    def _raise_unsupported(self, why: str | None) -> None:
         raise param_error(
             "decoding", _OWNER, "'auto' or 'transformers' for a model the own decoding loop "
             f"cannot decode ({why})", self.decoding,
@@ -525,169 +486,15 @@ class HFLanguageModel:
         self, checked: Sequence[Prompt], config: GenerationConfig,
         early_stop: EarlyStopRule | None,
     ) -> list[list[Sample]]:
-        import torch
+        """The ``model.generate`` back-end (:mod:`confroute.models._hf_generate`)."""
+        from confroute.models._hf_generate import generate_all
 
         encoded = self._encode_prompts(checked)
-        fork_devices: list[int] = []
-        if self.device.type == "cuda":
-            index = self.device.index
-            fork_devices = [torch.cuda.current_device() if index is None else index]
-        results: list[list[Sample]] = [[] for _ in encoded]
-        with torch.random.fork_rng(devices=fork_devices, enabled=config.seed is not None):
-            if config.seed is not None:
-                torch.manual_seed(config.seed)
-            for idx in self._batches(encoded):
-                got = self._generate_batch([encoded[i] for i in idx], config, early_stop)
-                for i, samples in zip(idx, got):
-                    results[i] = samples
-        return results
-
-    def _pad_left(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        from confroute.models._decode import left_pad
-
-        input_ids, mask = left_pad(batch, int(self.tokenizer.pad_token_id))
-        return input_ids.to(self.device), mask.to(self.device)
-
-    def _generate_batch(
-        self,
-        batch: list[list[int]],
-        config: GenerationConfig,
-        early_stop: EarlyStopRule | None = None,
-    ) -> list[list[Sample]]:
-        import torch
-
-        input_ids, mask = self._pad_left(batch)
-        prompt_len = input_ids.shape[1]
-        eos_ids = self._eos_ids()
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": config.max_new_tokens,
-            "num_return_sequences": config.n,
-            "return_dict_in_generate": True,
-            "output_logits": True,
-            "pad_token_id": int(self.tokenizer.pad_token_id),
-            "eos_token_id": eos_ids or None,
-            # Neutralise checkpoint defaults that would change the distribution we
-            # claim to sample from (the GenerationConfig fields are the contract).
-            "repetition_penalty": 1.0,
-            "no_repeat_ngram_size": 0,
-            "min_length": 0,
-        }
-        if config.greedy:
-            kwargs["do_sample"] = False
-        else:
-            kwargs.update(
-                do_sample=True, temperature=config.temperature, top_p=config.top_p,
-                top_k=config.top_k, typical_p=1.0,
-            )
-        if config.stop:
-            kwargs["stop_strings"] = list(config.stop)
-            kwargs["tokenizer"] = self.tokenizer
-        hook = None
-        if early_stop is not None:
-            hook = _early_stop_hook(early_stop, eos_ids)
-            kwargs["logits_processor"] = [hook[0]]
-            kwargs["stopping_criteria"] = [hook[1]]
-        with torch.inference_mode():
-            if config.n > 1 and prompt_len > 1 and self.shared_prefill in ("auto", True):
-                # generate() expands the inputs to the n rows but not a given cache.
-                cache = self._prefill_cache(input_ids[:, :-1], mask[:, :-1])
-                cache.batch_repeat_interleave(config.n)
-                kwargs["cache"] = cache
-            out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        generated = out.sequences[:, prompt_len:]
-        logprobs, entropies = _token_stats(out.logits, generated)
-        del out
-        gen_np = generated.cpu().numpy()
-        n_prompt_tokens = [len(ids) for ids in batch]
-        eos_set = set(eos_ids)
-        pad_id = int(self.tokenizer.pad_token_id)
-        stopped = hook[1].stopped_at if hook is not None else {}
-        samples: list[list[Sample]] = []
-        for r in range(gen_np.shape[0]):
-            if r % config.n == 0:
-                samples.append([])
-            row = gen_np[r].tolist()
-            samples[-1].append(
-                self._make_sample(
-                    row, logprobs[r], entropies[r], config, eos_set, pad_id,
-                    n_prompt_tokens[r // config.n], stopped.get(r),
-                )
-            )
-        return samples
-
-    def _prefill_cache(self, prefix: torch.Tensor, mask: torch.Tensor) -> Any:
-        """Key/value cache of the left-padded ``prefix`` (positions as ``generate`` sets them)."""
-        position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        from confroute.models._decode import cache_of
-
-        out = self.model(input_ids=prefix, attention_mask=mask, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=1)
-        return cache_of(out)
-
-    def _make_sample(
-        self,
-        row: list[int],
-        logprobs: np.ndarray,
-        entropies: np.ndarray,
-        config: GenerationConfig,
-        eos_set: set[int],
-        pad_id: int,
-        prompt_tokens: int,
-        stopped_at: int | None = None,
-        *,
-        padded: bool = True,
-    ) -> Sample:
-        length = len(row)
-        finish = "length"
-        # After an early stop the row holds padding, which may be the EOS id.
-        limit = length if stopped_at is None else stopped_at
-        for t, tok in enumerate(row[:limit]):
-            if tok in eos_set:
-                length, finish = t + 1, "stop"
-                break
-        else:
-            if stopped_at is not None and stopped_at < config.max_new_tokens:
-                length, finish = stopped_at, "early_stop"
-            if config.stop and stopped_at is None and padded:
-                # A row stopped by a stop string is padded while others continue.
-                while length > 0 and row[length - 1] == pad_id:
-                    length -= 1
-        ids = row[:length]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        cut = _first_stop(text, config.stop)
-        if cut is not None:
-            keep = self._tokens_covering(ids, text[:cut])
-            ids, text, finish = ids[:keep], text[:cut], "stop"
-            length = keep
-        return Sample(
-            text=text,
-            token_ids=tuple(int(i) for i in ids),
-            token_logprobs=logprobs[:length].copy(),
-            token_entropies=entropies[:length].copy(),
-            finish_reason=finish,  # type: ignore[arg-type]
-            prompt_tokens=prompt_tokens,
+        return generate_all(
+            self.model, self.tokenizer, encoded, self._batches(encoded), config,
+            device=self.device, eos_ids=_eos_ids(self.model, self.tokenizer),
+            shared_prefill=self.shared_prefill is not False, early_stop=early_stop,
         )
-
-    def _tokens_covering(self, ids: list[int], text: str) -> int:
-        """Smallest k such that the first k tokens decode to a text starting with ``text``.
-
-        A byte-level token can end inside a multi-byte character, which decodes as a
-        replacement character until the next token completes it; such a k is not
-        enough even though its text is long enough.
-        """
-        def decoded(k: int) -> str:
-            return str(self.tokenizer.decode(ids[:k], skip_special_tokens=True))
-
-        lo, hi = 0, len(ids)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(decoded(mid)) >= len(text):
-                hi = mid
-            else:
-                lo = mid + 1
-        while lo < len(ids) and not decoded(lo).startswith(text):
-            lo += 1
-        return lo
 
     # ------------------------------------------------------------------ scoring
     def score(
@@ -715,163 +522,15 @@ class HFLanguageModel:
                               continuations, type_error=True)
         check_same_length(owner, prompts=checked, continuations=continuations)
         self._check_runtime_params()
-        cont_ids = [self._continuation_ids(c, i, owner) for i, c in enumerate(continuations)]
+        from confroute.models._hf_score import continuation_ids, score_batch
+
+        cont_ids = [continuation_ids(self.tokenizer, self.model, c, f"continuations[{i}]", owner)
+                    for i, c in enumerate(continuations)]
         prompt_ids = self._encode_prompts(checked)
         out: list[np.ndarray] = []
+        pad_id = int(self.tokenizer.pad_token_id)
         for start in range(0, len(prompt_ids), self.batch_size):
             stop = start + self.batch_size
-            out.extend(self._score_batch(prompt_ids[start:stop], cont_ids[start:stop]))
+            out.extend(score_batch(self.model, prompt_ids[start:stop], cont_ids[start:stop],
+                                   pad_id=pad_id, device=self.device))
         return out
-
-    def _continuation_ids(self, cont: Any, i: int, owner: str) -> list[int]:
-        if isinstance(cont, str):
-            return list(self.tokenizer(cont, add_special_tokens=False)["input_ids"])
-        if (
-            isinstance(cont, (Sequence, np.ndarray))
-            and not isinstance(cont, (bytes, Mapping))
-            and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in cont)
-        ):
-            vocab = len(self.tokenizer)
-            ids = [int(t) for t in cont]
-            if any(t < 0 or t >= max(vocab, self._vocab_size()) for t in ids):
-                raise param_error(f"continuations[{i}]", owner, "token ids inside the vocabulary",
-                                  cont)
-            return ids
-        raise param_error(f"continuations[{i}]", owner, "a string or a list of token ids", cont,
-                          type_error=True)
-
-    def _vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
-
-    def _score_batch(self, prompts: list[list[int]], conts: list[list[int]]) -> list[np.ndarray]:
-        import torch
-
-        seqs = [p + c for p, c in zip(prompts, conts)]
-        width = max(len(s) for s in seqs)
-        pad = int(self.tokenizer.pad_token_id)
-        # Right padding keeps the default position ids of real tokens correct.
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            input_ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[r, : len(s)] = 1
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
-            ).logits
-            results: list[np.ndarray] = []
-            for r, (p, c) in enumerate(zip(prompts, conts)):
-                if not c:
-                    results.append(np.zeros(0, dtype=np.float32))
-                    continue
-                # Logits at position t predict token t + 1.
-                rows = logits[r, len(p) - 1 : len(p) - 1 + len(c)].float()
-                logp = torch.log_softmax(rows, dim=-1)
-                target = torch.tensor(c, dtype=torch.long, device=logp.device)
-                chosen = logp.gather(-1, target[:, None]).squeeze(-1)
-                results.append(chosen.cpu().numpy().astype(np.float32))
-        return results
-
-
-def _early_stop_hook(rule: EarlyStopRule, eos_ids: Sequence[int]) -> tuple[Any, Any]:
-    """A logits processor that keeps the step's raw log-softmax, and a stopping
-    criterion that adds the chosen token's statistics and asks ``rule``.
-
-    The processor is the only one in greedy decoding with the neutral settings of
-    :meth:`HFLanguageModel._generate_batch`, so it sees the unprocessed logits.
-    """
-    import torch
-    from transformers import LogitsProcessor, StoppingCriteria
-
-    eos = torch.tensor(sorted(set(eos_ids)) or [-1], dtype=torch.long)
-
-    class _Keep(LogitsProcessor):
-        def __init__(self) -> None:
-            self.logp: torch.Tensor | None = None
-
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            self.logp = torch.log_softmax(scores.float(), dim=-1)
-            return scores
-
-    class _Stop(StoppingCriteria):
-        def __init__(self, keep: _Keep) -> None:
-            self.keep = keep
-            self.stopped_at: dict[int, int] = {}
-            self.sum_nll: np.ndarray | None = None
-            self.sum_ent: np.ndarray | None = None
-            self.done: torch.Tensor | None = None
-            self.n_tokens = 0
-
-        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            logp = self.keep.logp
-            assert logp is not None
-            tok = input_ids[:, -1]
-            nll = -logp.gather(-1, tok[:, None].to(logp.device)).squeeze(-1)
-            ent = torch.special.entr(logp.exp()).sum(dim=-1)
-            n_rows = input_ids.shape[0]
-            if self.sum_nll is None or self.sum_ent is None or self.done is None:
-                self.sum_nll = np.zeros(n_rows, dtype=np.float64)
-                self.sum_ent = np.zeros(n_rows, dtype=np.float64)
-                self.done = torch.zeros(n_rows, dtype=torch.bool)
-            self.n_tokens += 1
-            # float32 per token, summed in float64: the samples' own arithmetic.
-            self.sum_nll += nll.cpu().numpy().astype(np.float32).astype(np.float64)
-            self.sum_ent += ent.cpu().numpy().astype(np.float32).astype(np.float64)
-            ended = torch.isin(tok.cpu(), eos)
-            stop = torch.as_tensor(
-                np.asarray(rule(self.n_tokens, self.sum_nll.copy(), self.sum_ent.copy()),
-                           dtype=bool).reshape(n_rows)
-            )
-            new = stop & ~ended & ~self.done
-            for r in torch.nonzero(new).flatten().tolist():
-                self.stopped_at[int(r)] = self.n_tokens
-            self.done |= ended | stop
-            # generate() keeps a row finished once it is, so ``stop`` alone suffices.
-            return stop.to(input_ids.device)
-
-    keep = _Keep()
-    return keep, _Stop(keep)
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    positions = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(positions) if positions else None
-
-
-def _token_stats(
-    step_logits: Sequence[torch.Tensor], tokens: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray]:
-    """Chosen-token log-probabilities and entropies from raw per-step logits.
-
-    Parameters
-    ----------
-    step_logits : sequence of length n_steps of Tensor of shape (n_rows, vocab)
-        Unprocessed logits of each generation step.
-    tokens : Tensor of shape (n_rows, n_steps)
-        The token chosen at each step.
-
-    Returns
-    -------
-    logprobs, entropies : ndarray of shape (n_rows, n_steps), float32
-    """
-    import torch
-
-    n_steps = len(step_logits)
-    if n_steps == 0:
-        empty = np.zeros((tokens.shape[0], 0), dtype=np.float32)
-        return empty, empty.copy()
-    n_rows, vocab = step_logits[0].shape
-    chunk = max(1, _MAX_STAT_ELEMENTS // max(1, n_rows * vocab))
-    logprobs = np.empty((n_rows, n_steps), dtype=np.float32)
-    entropies = np.empty((n_rows, n_steps), dtype=np.float32)
-    for s0 in range(0, n_steps, chunk):
-        s1 = min(s0 + chunk, n_steps)
-        block = torch.stack([step_logits[s].float() for s in range(s0, s1)], dim=1)
-        logp = torch.log_softmax(block, dim=-1)
-        del block
-        chosen = logp.gather(-1, tokens[:, s0:s1, None].to(logp.device)).squeeze(-1)
-        # entr(p) = -p log p, with entr(0) = 0 so masked (-inf) logits add nothing.
-        ent = torch.special.entr(logp.exp_()).sum(dim=-1)
-        logprobs[:, s0:s1] = chosen.cpu().numpy()
-        entropies[:, s0:s1] = ent.cpu().numpy()
-    return logprobs, entropies

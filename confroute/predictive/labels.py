@@ -497,6 +497,41 @@ def make_se_labels(
         On bad inputs, duplicate ids, or an existing file made with other models.
     """
     owner = "make_se_labels"
+    plist, id_list = _check_prompts_and_ids(prompts, ids, owner)
+    tau_f = check_float(tau, "tau", owner, min_value=0.0)
+    bs = check_int(batch_size, "batch_size", owner, min_value=1)
+    check_bool(progress, "progress", owner)
+    assert tau_f is not None and bs is not None
+    names = (_model_name(strong_model), _model_name(weak_model))
+    p = Path(out_path)
+    done = _labelled_ids(p, names, owner)
+    todo = [i for i, r in enumerate(id_list) if _id_key(r) not in done]
+
+    from tqdm.auto import tqdm
+
+    n_nan = 0
+    with tqdm(total=len(todo), desc="SE labels", unit="prompt", disable=not progress) as bar:
+        for idx in (todo[start:start + bs] for start in range(0, len(todo), bs)):
+            n_nan += _label_batch(
+                [id_list[i] for i in idx], [plist[i] for i in idx], (weak_model, strong_model),
+                estimator, tau_f, names, p,
+            )
+            bar.update(len(idx))
+    if n_nan:
+        warnings.warn(
+            f"{owner}: {n_nan} prompt(s) got a NaN semantic entropy and were not labelled; "
+            "re-running retries them.", stacklevel=2,
+        )
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+    return read_labels_jsonl(p)
+
+
+def _check_prompts_and_ids(
+    prompts: Sequence[Prompt], ids: Sequence[str | int], owner: str
+) -> tuple[list[Prompt], list[str | int]]:
+    """Checked prompts and ids (same length, each id a str or an int, unique)."""
     from confroute._validation import check_prompts
 
     plist = check_prompts(prompts, owner)
@@ -508,62 +543,73 @@ def make_se_labels(
                 f"The 'ids[{i}]' parameter of {owner} must be a str or an int. "
                 f"Got {describe(rid)}."
             )
-    if len({(type(r).__name__, r) for r in id_list}) != len(id_list):
+    if len({_id_key(r) for r in id_list}) != len(id_list):
         raise InvalidParameterError(f"The 'ids' parameter of {owner} must be unique.")
-    tau_f = check_float(tau, "tau", owner, min_value=0.0)
-    bs = check_int(batch_size, "batch_size", owner, min_value=1)
-    check_bool(progress, "progress", owner)
-    assert tau_f is not None and bs is not None
-    strong_name = str(getattr(strong_model, "name", type(strong_model).__name__))
-    weak_name = str(getattr(weak_model, "name", type(weak_model).__name__))
+    return plist, id_list
 
-    p = Path(out_path)
+
+def _id_key(rid: Any) -> tuple[str, Any]:
+    # 1 and "1" are different ids.
+    return type(rid).__name__, rid
+
+
+def _model_name(model: Any) -> str:
+    return str(getattr(model, "name", type(model).__name__))
+
+
+def _labelled_ids(p: Path, names: tuple[str, str], owner: str) -> set[tuple[str, Any]]:
+    """Ids already labelled in ``p`` (after repairing a truncated tail).
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``p`` holds rows made with other models than ``names`` (strong, weak).
+    """
     done: set[tuple[str, Any]] = set()
-    if p.exists():
-        _repair_tail(p)
-        for r in read_labels_jsonl(p):
-            if (r["model_a"], r["model_b"]) != (strong_name, weak_name):
-                raise InvalidParameterError(
-                    f"The 'out_path' parameter of {owner} points to labels made with "
-                    f"model_a={r['model_a']!r}, model_b={r['model_b']!r}, not "
-                    f"{strong_name!r} / {weak_name!r}; use another file."
-                )
-            done.add((type(r["id"]).__name__, r["id"]))
-    todo = [i for i, r in enumerate(id_list) if (type(r).__name__, r) not in done]
-
-    from tqdm.auto import tqdm
-
-    n_nan = 0
-    bar = tqdm(total=len(todo), desc="SE labels", unit="prompt", disable=not progress)
-    try:
-        for start in range(0, len(todo), bs):
-            idx = todo[start:start + bs]
-            batch = [plist[i] for i in idx]
-            se_s = _scores(estimator.estimate(batch, strong_model), len(batch), "strong_model")
-            se_w = _scores(estimator.estimate(batch, weak_model), len(batch), "weak_model")
-            ok = np.isfinite(se_s) & np.isfinite(se_w)
-            n_nan += int((~ok).sum())
-            keep = np.flatnonzero(ok)
-            if keep.size:
-                labels = preference_labels(se_s[keep], se_w[keep], tau_f)
-                rows = preference_rows(
-                    [id_list[idx[k]] for k in keep], [batch[k] for k in keep], labels,
-                    strong_name=strong_name, weak_name=weak_name,
-                    se_strong=se_s[keep], se_weak=se_w[keep],
-                )
-                write_labels_jsonl(rows, p, append=True)
-            bar.update(len(idx))
-    finally:
-        bar.close()
-    if n_nan:
-        warnings.warn(
-            f"{owner}: {n_nan} prompt(s) got a NaN semantic entropy and were not labelled; "
-            "re-running retries them.", stacklevel=2,
-        )
     if not p.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.touch()
-    return read_labels_jsonl(p)
+        return done
+    _repair_tail(p)
+    for r in read_labels_jsonl(p):
+        if (r["model_a"], r["model_b"]) != names:
+            raise InvalidParameterError(
+                f"The 'out_path' parameter of {owner} points to labels made with "
+                f"model_a={r['model_a']!r}, model_b={r['model_b']!r}, not "
+                f"{names[0]!r} / {names[1]!r}; use another file."
+            )
+        done.add(_id_key(r["id"]))
+    return done
+
+
+def _label_batch(
+    batch_ids: list[str | int],
+    batch: list[Prompt],
+    models: tuple[Any, Any],
+    estimator: Any,
+    tau: float,
+    names: tuple[str, str],
+    p: Path,
+) -> int:
+    """Score one batch with both models (weak, strong), append its rows to ``p``.
+
+    Returns
+    -------
+    int
+        The number of prompts left unlabelled because an SE was NaN.
+    """
+    weak_model, strong_model = models
+    se_s = _scores(estimator.estimate(batch, strong_model), len(batch), "strong_model")
+    se_w = _scores(estimator.estimate(batch, weak_model), len(batch), "weak_model")
+    ok = np.isfinite(se_s) & np.isfinite(se_w)
+    keep = np.flatnonzero(ok)
+    if keep.size:
+        labels = preference_labels(se_s[keep], se_w[keep], tau)
+        rows = preference_rows(
+            [batch_ids[k] for k in keep], [batch[k] for k in keep], labels,
+            strong_name=names[0], weak_name=names[1],
+            se_strong=se_s[keep], se_weak=se_w[keep],
+        )
+        write_labels_jsonl(rows, p, append=True)
+    return int((~ok).sum())
 
 
 def _scores(est: Any, n: int, which: str) -> np.ndarray:
