@@ -76,7 +76,7 @@ from confroute.errors import InvalidParameterError
 from confroute.evaluation import metrics as M
 from confroute.evaluation.datasets import Example, split
 from confroute.grading import GraderLike, get_grader
-from confroute.models.base import SampleRequest, collect_samples
+from confroute.models.base import SampleRequest, collect_samples, merge_requests
 from confroute.types import GenerationConfig, Samples
 
 __all__ = [
@@ -311,19 +311,10 @@ def _generate_stages(model: Any, prompts: list[Any], estimators: Sequence[Any]
     stages: dict[str, float] = {}
     charged: dict[str, list[str]] = {e.name: [] for e in estimators}
     used = [Samples(prompt=p) for p in prompts]
-    plan: list[tuple[str, SampleRequest]] = []
-    greedy_len = max((r.max_new_tokens for _, r in requests if r.greedy), default=0)
-    if greedy_len:
-        plan.append(("greedy", SampleRequest(greedy=True, max_new_tokens=greedy_len)))
-    by_key: dict[Any, GenerationConfig] = {}
-    for _, r in requests:
-        if r.sampling is not None:
-            k = r.sampling.sampling_key()
-            if k not in by_key or by_key[k].n < r.sampling.n:
-                by_key[k] = r.sampling
-    for cfg in by_key.values():
-        plan.append((f"sampling(T={cfg.temperature}, n={cfg.n})",
-                     SampleRequest(greedy=False, sampling=cfg)))
+    merged = merge_requests([r for _, r in requests])
+    by_key = {q.sampling.sampling_key(): q.sampling for q in merged if q.sampling is not None}
+    plan = [("greedy" if q.sampling is None else
+             f"sampling(T={q.sampling.temperature}, n={q.sampling.n})", q) for q in merged]
     for e, r in requests:
         if r.greedy and "greedy" not in charged[e.name]:
             charged[e.name].append("greedy")
