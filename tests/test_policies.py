@@ -23,7 +23,10 @@ from confroute.errors import (
 )
 from confroute.policies import (
     BudgetPolicy,
+    BudgetThresholdPolicy,
     CostAwarePolicy,
+    LedgerSnapshot,
+    OnlinePolicy,
     Policy,
     RiskControlPolicy,
     ThresholdPolicy,
@@ -41,7 +44,8 @@ def held_out(seed: int, n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
 
 FACTORIES: dict[str, Callable[[], Policy]] = {
     "threshold": lambda: ThresholdPolicy(min_p_good=0.6),
-    "budget": lambda: BudgetPolicy(max_cloud_fraction=0.3),
+    "budget": lambda: BudgetPolicy(max_cloud_fraction=0.3, enforce="none"),
+    "budget_threshold": lambda: BudgetThresholdPolicy(max_cloud_fraction=0.3),
     "cost_aware": lambda: CostAwarePolicy(cloud_cost=2.0, quality_value=5.0),
     "risk_control": lambda: RiskControlPolicy(max_edge_error=0.15, delta=0.1),
 }
@@ -214,7 +218,7 @@ def test_threshold_rule_and_explain() -> None:
 )
 def test_budget_fit_never_exceeds_target_on_held_out(values, budget) -> None:
     p = np.array(values)
-    pol = BudgetPolicy(max_cloud_fraction=budget)
+    pol = BudgetPolicy(max_cloud_fraction=budget, enforce="none")
     n_nan = int(np.isnan(p).sum())
     if n_nan > math.floor(Fraction(repr(budget)) * p.size):
         with pytest.warns(UserWarning, match="NaN"):
@@ -231,9 +235,9 @@ def test_budget_fit_never_exceeds_target_on_held_out(values, budget) -> None:
 
 def test_budget_uses_the_whole_budget_and_zero_budget_never_escalates() -> None:
     p, _ = held_out(7, n=1000)
-    pol = BudgetPolicy(max_cloud_fraction=0.3).fit(p)
+    pol = BudgetPolicy(max_cloud_fraction=0.3, enforce="none").fit(p)
     assert pol.calibration_cloud_fraction_ == 0.3
-    zero = BudgetPolicy(max_cloud_fraction=0.0).fit(p)
+    zero = BudgetPolicy(max_cloud_fraction=0.0, enforce="none").fit(p)
     assert not zero.decide(np.random.default_rng(0).random(1000)).any()
 
 
@@ -362,7 +366,7 @@ def test_budget_denial_is_explained() -> None:
 
 
 def test_budget_decide_is_pure_without_enforcement() -> None:
-    pol = BudgetPolicy(max_cloud_fraction=0.3).fit(np.linspace(0, 1, 101))
+    pol = BudgetPolicy(max_cloud_fraction=0.3, enforce="none").fit(np.linspace(0, 1, 101))
     q = np.zeros(10)
     assert pol.decide(q).all() and pol.decide(q).all()
     assert pol.ledger().requests == 0
