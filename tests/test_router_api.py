@@ -42,9 +42,9 @@ def _private_names() -> set[str]:
         tree = ast.parse((ROOT / mod).read_text())
         for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
             for node in cls.body:
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    if node.name.startswith("_") and not node.name.startswith("__"):
-                        names.add(node.name)
+                is_fn = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                if is_fn and node.name.startswith("_") and not node.name.startswith("__"):
+                    names.add(node.name)
     return names
 
 
@@ -210,9 +210,9 @@ def test_aanswer_matches_answer_and_validates():
     sync = router.answer(decisions)
     got = asyncio.run(router.aanswer(decisions))
     assert [(r.text, r.source, r.cost) for r in got] == [(r.text, r.source, r.cost) for r in sync]
-    with pytest.raises(TypeError, match="'decisions' parameter of Router.aanswer"):
+    with pytest.raises(TypeError, match=r"'decisions' parameter of Router\.aanswer"):
         asyncio.run(router.aanswer(decisions[0]))
-    with pytest.raises(TypeError, match="'cloud_config' parameter of Router.answer"):
+    with pytest.raises(TypeError, match=r"'cloud_config' parameter of Router\.answer"):
         router.answer(decisions, cloud_config={"max_new_tokens": 3})
 
 
