@@ -70,14 +70,14 @@ class Router:
     calibrator : str or Calibrator, default "isotonic"
     policy : str or Policy, default "threshold"
     edge : LanguageModel, optional
-        The local model whose answers are kept. Needed by ``calibrate``, ``route``
-        and ``__call__`` unless samples are passed in.
+        The local model whose answers are kept. Needed by ``calibrate``,
+        ``decide`` / ``route`` and ``__call__`` unless samples are passed in.
     cloud : LanguageModel, optional
-        The model escalated prompts go to in ``__call__`` (any object with the
+        The model escalated prompts go to in ``answer`` / ``__call__`` (any object with the
         protocol: :class:`~confroute.models.OpenAIModel`, a second local
         :class:`~confroute.models.HFLanguageModel`, a recorded model, ...).
     on_cloud_error : {"degrade", "raise", "error"}, default "degrade"
-        What ``__call__`` does when a cloud call fails after its retries:
+        What ``answer`` / ``__call__`` do when a cloud call fails after its retries:
         ``"degrade"`` serves the edge answer marked ``degraded=True`` with the
         reason; ``"error"`` returns a response with ``text=None`` and the error;
         ``"raise"`` raises :class:`~confroute.errors.CloudError` (after every
@@ -91,7 +91,8 @@ class Router:
     --------
     >>> router = Router("sequence_logprob", "isotonic", "threshold", edge=edge_model)
     >>> router.calibrate(prompts, references=answers, grader="contains")  # doctest: +SKIP
-    >>> decisions = router.route(["What is the capital of France?"])  # doctest: +SKIP
+    >>> decisions = router.decide(["What is the capital of France?"])  # doctest: +SKIP
+    >>> responses = router.answer(decisions)  # doctest: +SKIP
     """
 
     def __init__(
