@@ -741,7 +741,11 @@ def _resolve_labeler(labeler: Any, owner: str) -> Any:
                 f"The 'labeler' parameter of {owner} names {labeler!r}, but named labelers need "
                 "confroute.labeling, which is not available; pass a labeler object instead."
             ) from None
-        return module.labeler_registry.resolve(labeler, "labeler", owner)
+        try:
+            return module.labeler_registry.resolve(labeler, "labeler", owner)
+        except TypeError as exc:  # a labeler whose constructor needs arguments
+            raise param_error("labeler", owner, "a labeler object (this named labeler needs "
+                              f"constructor arguments: {exc})", labeler) from None
     if not callable(getattr(labeler, "label", None)):
         raise param_error("labeler", owner, "a labeler name or an object with "
                           "label(prompts, edge_samples)", labeler, type_error=True)
