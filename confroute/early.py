@@ -113,10 +113,10 @@ class EarlyEscalation:
         )
 
     def _threshold(self) -> float:
-        from confroute.policies import RiskControlPolicy, ThresholdPolicy
+        from confroute.policies import OnlinePolicy, RiskControlPolicy, ThresholdPolicy
 
         pol = self.router.policy
-        if getattr(pol, "admit", None) is not None or not isinstance(
+        if isinstance(pol, OnlinePolicy) or not isinstance(
             pol, (ThresholdPolicy, RiskControlPolicy)
         ):
             raise InvalidParameterError(
@@ -149,17 +149,17 @@ class EarlyEscalation:
     def stop_score(self) -> float:
         """:math:`s^*`: every score at or above it escalates (``inf`` if none does).
 
-        Found by bisection on the router's own ``calibrator.p_good``, and
+        Found by bisection on the router's own :meth:`~confroute.router.Router.p_good_of`, and
         returned as a point whose probability was checked to be below the
         threshold, so the stopping rule never disagrees with the policy.
         """
-        self.router._check_fitted()
+        self.router.check_calibrated()
         self._estimator()
         tau = self._threshold()
         self._check_calibrator()
 
         def p(s: float) -> float:
-            return float(self.router.calibrator.p_good(np.array([s]))[0])
+            return float(self.router.p_good_of(np.array([s]))[0])
 
         if p(0.0) < tau:
             return 0.0  # scores are never negative

@@ -6,10 +6,23 @@ escalate to the cloud model and ``False`` to keep the edge answer. NaN
 ``p_good`` (the estimator could not score) is escalated unless
 ``nan_policy="edge"``.
 
-Budgeted policies can enforce their budget *exactly* online through a
-thread-safe ledger: :meth:`BudgetPolicy.admit` / :meth:`CostAwarePolicy.admit`
-decide one request at a time, and ``settle(ticket, spent=False)`` gives back an
-escalation whose cloud call failed.
+Two families:
+
+- **Stateless policies** (:class:`ThresholdPolicy`, :class:`RiskControlPolicy`)
+  decide each request from its ``p_good`` alone.
+- **Online policies** (:class:`OnlinePolicy`: :class:`BudgetPolicy`,
+  :class:`CostAwarePolicy`) own a thread-safe *ledger* and, when
+  :attr:`OnlinePolicy.enforced`, decide one request at a time in arrival order
+  with :meth:`OnlinePolicy.admit`, so a budget is a guarantee, not an
+  expectation. ``settle(ticket, spent=False)`` gives back an escalation whose
+  cloud call failed; ``settle(ticket, True, cost=...)`` records the real spend.
+
+**Budgets are guarantees by default.** ``BudgetPolicy(max_cloud_fraction=b)``
+enforces ``enforce="total"``: at every prefix of the arrival order the cloud
+count is at most :math:`\\lfloor b N \\rfloor`. The fitted threshold alone (a
+target share on held-out data, not a promise) is available as
+``enforce="none"`` or by the name ``"budget_threshold"``
+(:class:`BudgetThresholdPolicy`).
 
 References
 ----------
@@ -26,6 +39,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -50,8 +64,10 @@ from confroute.errors import InvalidParameterError, NotFittedError
 
 __all__ = [
     "BudgetPolicy",
+    "BudgetThresholdPolicy",
     "CostAwarePolicy",
     "LedgerSnapshot",
+    "OnlinePolicy",
     "Policy",
     "RiskControlPolicy",
     "ThresholdPolicy",
@@ -61,6 +77,7 @@ __all__ = [
 
 _P = TypeVar("_P", bound="Policy")
 _NAN_POLICIES = ("escalate", "edge")
+_ENFORCE_MODES = ("none", "total", "window", "period")
 _INIT_LOCK = threading.Lock()
 
 
@@ -96,7 +113,11 @@ def _c_grid(value: Any, name: str, owner: str) -> int:
 
 
 def _c_enforce(value: Any, name: str, owner: str) -> str:
-    return check_choice(value, name, owner, ("none", "total", "window"))
+    return check_choice(value, name, owner, _ENFORCE_MODES)
+
+
+def _c_period(value: Any, name: str, owner: str) -> float | None:
+    return check_float(value, name, owner, min_value=0.0, min_inclusive=False, allow_none=True)
 
 
 def _pct(x: float) -> str:
@@ -117,12 +138,13 @@ def _exact_fraction(x: float) -> Fraction:
 # online ledger
 @dataclass(eq=False)
 class Ticket:
-    """One online decision made by :meth:`BudgetPolicy.admit` or :meth:`CostAwarePolicy.admit`.
+    """One online decision made by :meth:`OnlinePolicy.admit`.
 
     Attributes
     ----------
     seq : int
-        Arrival index in the ledger (0-based, assigned under the lock).
+        Arrival index in the ledger (0-based since the last reset or period
+        boundary, assigned under the lock).
     p_good : float
         The probability the decision was made on (NaN if unscorable).
     escalate : bool
@@ -132,11 +154,11 @@ class Ticket:
     denied_by_budget : bool
         True if the rule asked to escalate but the budget refused.
     cost : float
-        Cloud cost reserved in the spend ledger (0 for :class:`BudgetPolicy`).
+        Cloud cost reserved in the ledger (0 when the request stays on the edge).
     reason : str
         Short human-readable reason.
     settled : bool
-        True once :meth:`settle` was called for this ticket.
+        True once :meth:`OnlinePolicy.settle` was called for this ticket.
     """
 
     seq: int
@@ -151,35 +173,110 @@ class Ticket:
 
 
 class LedgerSnapshot(NamedTuple):
-    """Counts of an online ledger at one instant."""
+    """Counts of an online ledger at one instant (since the last reset or period boundary).
+
+    Calling a snapshot returns it unchanged, so code written for the former
+    method form ``policy.ledger()`` keeps working with the property
+    ``policy.ledger``.
+    """
 
     requests: int
-    """Requests admitted since the last reset."""
+    """Requests admitted."""
     cloud: int
     """Escalations counted (failed cloud calls given back by ``settle`` are not)."""
     window_cloud: int
     """Escalations among the last ``window`` requests (BudgetPolicy with enforce="window")."""
     spent: float
-    """Cloud spend counted (CostAwarePolicy)."""
+    """Cloud spend counted: reservations, corrected by ``settle(..., cost=...)``."""
+
+    def __call__(self) -> LedgerSnapshot:
+        return self
+
+
+@dataclass(frozen=True)
+class _LedgerSpec:
+    """What a ledger enforces; fixed for the ledger's life (read at reset)."""
+
+    share: Fraction | None = None  # cloud count <= floor(share * requests)
+    window: int | None = None  # ... counted over the last `window` requests only
+    period: float | None = None  # counts restart every `period` seconds (monotonic clock)
+    spend_cap: Fraction | None = None  # counted spend + reservation <= spend_cap
 
 
 class _Ledger:
     """Mutable counts; only touched while holding the owning policy's lock."""
 
-    def __init__(self, window: int | None) -> None:
-        self.token = object()
+    def __init__(self, spec: _LedgerSpec, now: float) -> None:
+        self.spec = spec
+        self.period_start = now
+        self._new_counts()
+
+    def _new_counts(self) -> None:
+        self.token = object()  # tickets from before carry another token: not settleable
         self.requests = 0
         self.cloud = 0
-        self.window = window
-        self.ring = np.zeros(window, dtype=bool) if window else None
+        w = self.spec.window
+        self.ring = np.zeros(w, dtype=bool) if w else None
         self.window_cloud = 0
         self.spent = Fraction(0)
+
+    def roll(self, now: float) -> None:
+        """Start a new period when ``now`` crossed a period boundary."""
+        period = self.spec.period
+        if period is not None and now - self.period_start >= period:
+            self.period_start += math.floor((now - self.period_start) / period) * period
+            self._new_counts()
 
     def snapshot(self) -> LedgerSnapshot:
         return LedgerSnapshot(self.requests, self.cloud, self.window_cloud, float(self.spent))
 
+    def admit(self, wanted: bool, cost: Fraction) -> tuple[int, bool]:
+        """Count one request; (seq, escalate)."""
+        spec, seq = self.spec, self.requests
+        self.requests += 1
+        ring, w = self.ring, spec.window
+        if ring is not None and w is not None:
+            if seq >= w and ring[seq % w]:  # the request leaving the window
+                self.window_cloud -= 1
+            ring[seq % w] = False
+        allowed = True
+        if spec.share is not None:
+            used, n = self.cloud, self.requests
+            if ring is not None and w is not None:
+                used, n = self.window_cloud, min(self.requests, w)
+            allowed = used + 1 <= (spec.share.numerator * n) // spec.share.denominator
+        if spec.spend_cap is not None:
+            allowed = allowed and self.spent + cost <= spec.spend_cap
+        escalate = wanted and allowed
+        if escalate:
+            self.cloud += 1
+            self.spent += cost
+            if ring is not None and w is not None:
+                ring[seq % w] = True
+                self.window_cloud += 1
+        return seq, escalate
 
-# ---------------------------------------------------------------------------------------
+    def settle(self, ticket: Ticket, spent: bool, cost: float | None) -> bool:
+        if ticket._token is not self.token or ticket.settled:
+            return False
+        ticket.settled = True
+        if not ticket.escalate:
+            return False
+        if spent:
+            if cost is None or Fraction(cost) == Fraction(ticket.cost):
+                return False
+            self.spent += Fraction(cost) - Fraction(ticket.cost)
+            return True
+        self.cloud -= 1
+        self.spent -= Fraction(ticket.cost)
+        ring, w = self.ring, self.spec.window
+        in_window = w is not None and ticket.seq >= self.requests - w
+        if ring is not None and w is not None and in_window and ring[ticket.seq % w]:
+            ring[ticket.seq % w] = False
+            self.window_cloud -= 1
+        return True
+
+
 class Policy(ParamsMixin, ABC):
     """Decides, per request, whether to escalate to the cloud model.
 
@@ -321,26 +418,6 @@ class Policy(ParamsMixin, ABC):
     def _nan_reason(self, escalate: bool) -> str:
         return "p_good is NaN (unscorable): " + ("escalated" if escalate else "kept on edge")
 
-    # Ledger plumbing shared by the online policies. The lock is created lazily so the
-    # constructor only stores parameters; it is dropped on copy/pickle and recreated.
-    @property
-    def _lock(self) -> threading.Lock:
-        lock = self.__dict__.get("_lock_obj")
-        if lock is None:
-            with _INIT_LOCK:
-                lock = self.__dict__.get("_lock_obj")
-                if lock is None:
-                    lock = threading.Lock()
-                    self.__dict__["_lock_obj"] = lock
-        return lock
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_lock_obj", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
 
 policy_registry: Registry[Policy] = Registry("policy", Policy)  # type: ignore[type-abstract]
@@ -387,24 +464,261 @@ class ThresholdPolicy(Policy):
 
 
 # ---------------------------------------------------------------------------------------
+class OnlinePolicy(Policy):
+    """A policy that owns a thread-safe ledger and can decide requests one at a time.
+
+    Subclasses supply the rule (:meth:`_wants`), the default cloud cost of a
+    request (:meth:`_default_cost`), what the ledger enforces (:meth:`_ledger_spec`)
+    and :attr:`enforced`; the ledger itself lives here.
+
+    When :attr:`enforced` is true, :meth:`admit` decides one request at a time:
+    it escalates only if the rule asks for it *and* the ledger's budget allows
+    it after counting the request, all under one lock, so concurrent callers
+    see a single arrival order and the budget holds exactly. :meth:`decide` on
+    a batch then admits its requests one by one, in order; when not enforced it
+    is pure (``admit`` still counts, but never refuses).
+
+    The ledger is created on first use, at :meth:`fit`, :meth:`reset` and after
+    :meth:`set_params`, from the parameters of that moment. Tickets issued
+    before a reset (or before a period boundary) can no longer be settled.
+    """
+
+    # -- public API -----------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def enforced(self) -> bool:
+        """True if the ledger enforces a budget (admissions may be refused)."""
+
+    def admit(self, p_good: float, *, cost: float | None = None) -> Ticket:
+        """Decide one request online, counting it in the ledger.
+
+        Parameters
+        ----------
+        p_good : float
+            Calibrated P(good) of the request (NaN if unscorable).
+        cost : float >= 0, optional
+            Cloud cost of this request, reserved in the spend ledger if it
+            escalates (default: the policy's default cost, 0 for
+            :class:`BudgetPolicy`, ``cloud_cost`` for :class:`CostAwarePolicy`).
+
+        Returns
+        -------
+        Ticket
+            ``ticket.escalate`` is the decision; pass the ticket to :meth:`settle`
+            once the cloud call is done (or failed).
+        """
+        params = self._params()
+        self._check_fitted()
+        p = self._check_p([p_good], "p_good", allow_empty=False)
+        c = self._costs(None if cost is None else [cost], 1, params)
+        wanted = bool(self._wants(p, c, params)[0])
+        with self._lock:
+            return self._admit_one(float(p[0]), float(c[0]), wanted, params)
+
+    def settle(self, ticket: Ticket, spent: bool, *, cost: float | None = None) -> bool:
+        """Record how an admitted request ended.
+
+        ``spent=False`` (the cloud call failed) un-counts the escalation and
+        refunds its reserved cost, so the ledger counts only what was spent.
+        ``spent=True`` with ``cost`` replaces the reservation by the real spend
+        (the difference is refunded or charged; later admissions see it).
+        Settling twice, settling a kept request, or settling a ticket from before
+        a reset or period boundary changes nothing.
+
+        Parameters
+        ----------
+        ticket : Ticket
+            What :meth:`admit` returned.
+        spent : bool
+            True if the cloud call happened (and may have been billed).
+        cost : float >= 0, optional
+            The real cloud spend of the request, when known.
+
+        Returns
+        -------
+        bool
+            True if the ledger changed.
+        """
+        owner = f"{type(self).__name__}.settle"
+        if not isinstance(ticket, Ticket):
+            raise InvalidParameterError(
+                f"The 'ticket' parameter of {owner} must be a Ticket returned by admit(). "
+                f"Got {type(ticket).__name__}."
+            )
+        c = check_float(cost, "cost", owner, min_value=0.0, allow_none=True)
+        with self._lock:
+            return self._ledger_locked(self._params()).settle(ticket, bool(spent), c)
+
+    def reset(self) -> None:
+        """Empty the ledger and re-read its parameters (budget, mode, window, period).
+
+        Tickets issued before the reset can no longer be settled.
+        """
+        params = self._params()
+        self._check_fitted()
+        self._new_ledger(params)
+
+    def snapshot(self) -> LedgerSnapshot:
+        """Counts of the ledger now (since the last reset or period boundary)."""
+        params = self._params()
+        self._check_fitted()
+        with self._lock:
+            led = self._ledger_locked(params)
+            led.roll(time.monotonic())
+            return led.snapshot()
+
+    @property
+    def ledger(self) -> LedgerSnapshot:
+        """Alias of :meth:`snapshot` (``policy.ledger()`` also works)."""
+        return self.snapshot()
+
+    def set_params(self, **params: Any) -> OnlinePolicy:
+        """Set parameters (see :meth:`get_params`); the ledger starts afresh with them."""
+        super().set_params(**params)
+        with self._lock:
+            self.__dict__.pop("_ledger_obj", None)
+        return self
+
+    # -- hooks ----------------------------------------------------------------------------
+    @abstractmethod
+    def _wants(self, p: np.ndarray, c: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+        """The rule alone: True where a request would escalate without a budget."""
+
+    @abstractmethod
+    def _ledger_spec(self, params: dict[str, Any]) -> _LedgerSpec:
+        """What the ledger enforces, from validated parameters."""
+
+    def _default_cost(self, params: dict[str, Any]) -> float:
+        return 0.0
+
+    # -- helpers --------------------------------------------------------------------------
+    def _decide(self, p: np.ndarray, cost: Any, params: dict[str, Any]) -> np.ndarray:
+        c = self._costs(cost, p.size, params)
+        wanted = self._wants(p, c, params)
+        if not self.enforced:
+            return wanted
+        with self._lock:
+            return np.array(
+                [self._admit_one(float(p[i]), float(c[i]), bool(wanted[i]), params).escalate
+                 for i in range(p.size)],
+                dtype=bool,
+            )
+
+    def _admit_one(self, p: float, c: float, wanted: bool, params: dict[str, Any]) -> Ticket:
+        """Admit one validated request; the caller holds the lock."""
+        led = self._ledger_locked(params)
+        led.roll(time.monotonic())
+        seq, escalate = led.admit(wanted, Fraction(c))
+        return Ticket(seq=seq, p_good=p, escalate=escalate, wanted=wanted,
+                      denied_by_budget=wanted and not escalate, cost=c if escalate else 0.0,
+                      reason=self._explain(p, escalate, c), _token=led.token)
+
+    def _costs(self, cost: Any, n: int, params: dict[str, Any]) -> np.ndarray:
+        """Per-request cloud costs, shape (n,), from None, a float or an array."""
+        if cost is None:
+            return np.full(n, float(self._default_cost(params)))
+        owner = type(self).__name__
+        c = check_array(cost, "cost", owner, ndim=(0, 1), allow_empty=True)
+        if c.ndim == 0:
+            c = np.full(n, float(c))
+        elif c.shape != (n,):
+            raise InvalidParameterError(
+                f"The 'cost' parameter of {owner} must be a float or have shape ({n},), one cost "
+                f"per request. Got shape {c.shape}."
+            )
+        if c.size and c.min() < 0:
+            raise InvalidParameterError(
+                f"The 'cost' parameter of {owner} must contain costs >= 0. Got {c.min()!r}."
+            )
+        return c
+
+    def _ledger_locked(self, params: dict[str, Any]) -> _Ledger:
+        led = self.__dict__.get("_ledger_obj")
+        if led is None:
+            led = _Ledger(self._ledger_spec(params), time.monotonic())
+            self.__dict__["_ledger_obj"] = led
+        return led
+
+    def _new_ledger(self, params: dict[str, Any]) -> None:
+        led = _Ledger(self._ledger_spec(params), time.monotonic())
+        with self._lock:
+            self.__dict__["_ledger_obj"] = led
+
+    # The lock is created lazily so the constructor only stores parameters; it is
+    # dropped on copy/pickle and recreated.
+    @property
+    def _lock(self) -> threading.Lock:
+        lock = self.__dict__.get("_lock_obj")
+        if lock is None:
+            with _INIT_LOCK:
+                lock = self.__dict__.get("_lock_obj")
+                if lock is None:
+                    lock = threading.Lock()
+                    self.__dict__["_lock_obj"] = lock
+        return lock
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_lock_obj", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+# ---------------------------------------------------------------------------------------
 @policy_registry.register("budget")
-class BudgetPolicy(Policy):
-    r"""Escalate the least confident requests within a cloud budget.
+class BudgetPolicy(OnlinePolicy):
+    r"""Escalate the least confident requests, never more than a share of the traffic.
+
+    **Guarantee (default).** With ``enforce="total"`` (the default) requests are
+    admitted one at a time through an exact, thread-safe ledger: a request
+    escalates only if the fitted rule says so *and* after it the number of
+    escalations counted so far is at most :math:`\lfloor b N \rfloor`, where
+    :math:`N` counts every request since the last :meth:`reset` and :math:`b` =
+    ``max_cloud_fraction``. So the realised cloud share never exceeds :math:`b`
+    at **any prefix** of the arrival order, whatever the traffic, its drift or
+    the calibration quality. Failed cloud calls given back with
+    ``settle(ticket, spent=False)`` are not counted, which keeps the bound on
+    what was really spent.
+
+    **Why all-time is the default.** It is the only mode whose promise holds at
+    every prefix of the traffic: a sliding window bounds each window but lets
+    the all-time share drift (a request that escalates when an old escalation
+    leaves the window), and a period mode restarts its count at each boundary,
+    so the first requests of a period may all escalate. Both are useful (a
+    per-minute rate, a daily quota) and are opt-in:
+
+    - ``enforce="window"``: at most :math:`\lfloor b \min(N, W) \rfloor`
+      escalations among the last :math:`W` = ``window`` requests;
+    - ``enforce="period"``: the ledger's counts restart every ``period``
+      seconds (boundaries at ``start + k * period`` on :func:`time.monotonic`,
+      ``start`` being the fit, reset or first use); within a period the all-time
+      rule holds for the requests of that period;
+    - ``enforce="none"``: no ledger limit, only the fitted threshold below,
+      which aims at a share :math:`b` on traffic like the held-out set but
+      **is not a guarantee** (also registered as ``"budget_threshold"``,
+      :class:`BudgetThresholdPolicy`).
+
+    With enforcement on, :meth:`decide` on a batch admits its requests one by
+    one, in order (it changes the ledger); with ``enforce="none"`` it is pure.
+    :math:`b` is taken as the decimal written (0.29 is 29/100), in exact
+    arithmetic.
 
     **Threshold.** :meth:`fit` learns the largest threshold :math:`t` such that
     the share of held-out requests that escalate (:math:`p_i < t`, or NaN) is at
-    most :math:`b` = ``max_cloud_fraction``: with :math:`k = \lfloor b n \rfloor`
-    escalations allowed and :math:`n_{\mathrm{NaN}}` NaN values, the
-    :math:`m = k - n_{\mathrm{NaN}}` smallest finite values escalate; ``t`` is the
-    midpoint between the m-th and (m+1)-th smallest finite values (or the
-    (m+1)-th itself when they tie, so ties never push the share over :math:`b`;
-    0 when m = 0; 1 when every finite value may escalate, so ``p_good == 1`` is
-    never escalated).
+    most :math:`b`: with :math:`k = \lfloor b n \rfloor` escalations allowed and
+    :math:`n_{\mathrm{NaN}}` NaN values, the :math:`m = k - n_{\mathrm{NaN}}`
+    smallest finite values escalate; ``t`` is the midpoint between the m-th and
+    (m+1)-th smallest finite values (or the (m+1)-th itself when they tie, so
+    ties never push the share over :math:`b`; 0 when m = 0; 1 when every finite
+    value may escalate, so ``p_good == 1`` is never escalated). The ledger then
+    refuses escalations the threshold asks for beyond the budget.
 
     **Interval.** ``cloud_fraction_interval_`` is the two-sided Clopper–Pearson
     interval [2]_ at level ``confidence`` for the cloud share that new traffic
-    drawn like the held-out set will see, computed from the :math:`x` held-out
-    escalations out of :math:`n`:
+    drawn like the held-out set will see under the threshold alone, computed
+    from the :math:`x` held-out escalations out of :math:`n`:
 
     .. math::
 
@@ -418,25 +732,16 @@ class BudgetPolicy(Policy):
     distributed, and these are exactly the two Clopper–Pearson limits with
     :math:`x = m`. With ties or NaN it is the usual binomial approximation.
 
-    **Online exact enforcement.** With ``enforce="total"`` a request escalates
-    only if the rule says so *and* after it the number of escalations is at most
-    :math:`\lfloor b N \rfloor`, where :math:`N` counts requests so far, so the
-    realised cloud share never exceeds :math:`b` at any prefix of the arrival
-    order. With ``enforce="window"`` the same holds within the last ``window``
-    requests (the whole prefix while fewer have arrived). The ledger is
-    protected by a lock, so concurrent :meth:`admit` calls see a single arrival
-    order; :meth:`decide` on a batch admits its requests one by one, in order,
-    when enforcement is on (and is pure when ``enforce="none"``). :math:`b` is
-    taken as the decimal written (0.29 is 29/100), in exact arithmetic.
-
     Parameters
     ----------
     max_cloud_fraction : float in [0, 1]
         Budget :math:`b`: the largest share of requests sent to the cloud.
-    enforce : {"none", "total", "window"}, default="none"
+    enforce : {"total", "window", "period", "none"}, default="total"
         Online enforcement mode (see above).
     window : int >= 1, default=1000
         Sliding-window length for ``enforce="window"``.
+    period : float > 0 or None, default=None
+        Seconds per period for ``enforce="period"`` (required there).
     confidence : float in (0, 1), default=0.95
         Level of ``cloud_fraction_interval_``.
     nan_policy : {"escalate", "edge"}, default="escalate"
@@ -444,12 +749,18 @@ class BudgetPolicy(Policy):
     Attributes
     ----------
     threshold_ : float
-        Escalate when ``p_good < threshold_``.
+        The rule: escalate when ``p_good < threshold_`` (if the budget allows).
     calibration_cloud_fraction_ : float
         Share of held-out requests that escalate at ``threshold_`` (<= budget).
     cloud_fraction_interval_ : ndarray of shape (2,)
-        Confidence interval for the cloud share on similar traffic.
+        Confidence interval for the cloud share of the threshold on similar traffic.
     n_calibration_ : int
+
+    Examples
+    --------
+    >>> pol = BudgetPolicy(max_cloud_fraction=0.2).fit(held_out_p_good)  # doctest: +SKIP
+    >>> ticket = pol.admit(0.1)  # doctest: +SKIP
+    >>> pol.settle(ticket, spent=not cloud_call_failed)  # doctest: +SKIP
     """
 
     requires_fit: ClassVar[bool] = True
@@ -457,6 +768,7 @@ class BudgetPolicy(Policy):
         "max_cloud_fraction": _c_unit,
         "enforce": _c_enforce,
         "window": _c_pos_int,
+        "period": _c_period,
         "confidence": _c_open_unit,
         "nan_policy": _c_nan_policy,
     }
@@ -471,16 +783,23 @@ class BudgetPolicy(Policy):
         self,
         *,
         max_cloud_fraction: float,
-        enforce: str = "none",
+        enforce: str = "total",
         window: int = 1000,
+        period: float | None = None,
         confidence: float = 0.95,
         nan_policy: str = "escalate",
     ) -> None:
         self.max_cloud_fraction = max_cloud_fraction
         self.enforce = enforce
         self.window = window
+        self.period = period
         self.confidence = confidence
         self.nan_policy = nan_policy
+
+    @property
+    def enforced(self) -> bool:
+        """True unless ``enforce="none"``."""
+        return bool(self.enforce != "none")
 
     # -- fit ------------------------------------------------------------------------------
     def _fit(self, p: np.ndarray, labels: np.ndarray | None, params: dict[str, Any]) -> None:
@@ -502,15 +821,7 @@ class BudgetPolicy(Policy):
             )
             t = 0.0
         else:
-            m = k - n_nan
-            if m == 0:
-                t = 0.0
-            elif m >= finite.size:
-                t = 1.0
-            elif finite[m - 1] < finite[m]:
-                t = float((finite[m - 1] + finite[m]) / 2.0)
-            else:
-                t = float(finite[m])
+            t = _budget_threshold(finite, k - n_nan)
         x = int(np.count_nonzero(finite < t)) + n_nan
         c = params["confidence"]
         lo = 0.0 if x == 0 else float(beta.ppf((1 - c) / 2, x, n - x + 1))
@@ -519,139 +830,99 @@ class BudgetPolicy(Policy):
         self.calibration_cloud_fraction_ = x / n
         self.cloud_fraction_interval_ = np.array([lo, hi])
         self.n_calibration_ = n
-        self._reset_ledger(params)
+        self._new_ledger(params)
 
     def _set_state(self, values: dict[str, Any]) -> None:
         super()._set_state(values)
-        self._reset_ledger(self._params())
+        self._new_ledger(self._params())
 
-    # -- ledger ---------------------------------------------------------------------------
-    def _reset_ledger(self, params: dict[str, Any]) -> None:
-        with self._lock:
-            self._budget = _exact_fraction(params["max_cloud_fraction"])
-            self._enforce = params["enforce"]
-            self._ledger = _Ledger(params["window"] if params["enforce"] == "window" else None)
+    def _params(self) -> dict[str, Any]:
+        params = super()._params()
+        if params["enforce"] == "period" and params["period"] is None:
+            raise InvalidParameterError(
+                f"The 'period' parameter of {type(self).__name__} must be a float > 0 (seconds "
+                "per period) when enforce='period'. Got None."
+            )
+        return params
 
-    def reset(self) -> None:
-        """Empty the ledger (and re-read ``enforce``, ``window`` and the budget).
+    # -- online hooks ---------------------------------------------------------------------
+    def _ledger_spec(self, params: dict[str, Any]) -> _LedgerSpec:
+        mode = params["enforce"]
+        return _LedgerSpec(
+            share=None if mode == "none" else _exact_fraction(params["max_cloud_fraction"]),
+            window=params["window"] if mode == "window" else None,
+            period=params["period"] if mode == "period" else None,
+        )
 
-        Tickets issued before the reset can no longer be settled.
-        """
-        self._check_fitted()
-        self._reset_ledger(self._params())
-
-    def ledger(self) -> LedgerSnapshot:
-        """Snapshot of the online counts."""
-        self._check_fitted()
-        with self._lock:
-            return self._ledger.snapshot()
-
-    def _wants(self, p: float) -> bool:
-        if math.isnan(p):
-            return self._nan_escalates()
-        return p < self.threshold_
-
-    def _admit_locked(self, p: float) -> Ticket:
-        led = self._ledger
-        seq = led.requests
-        led.requests += 1
-        wanted = self._wants(p)
-        if self._enforce == "total":
-            allowed = led.cloud + 1 <= _allowance(self._budget, led.requests)
-        elif self._enforce == "window":
-            assert led.ring is not None and led.window is not None
-            w = led.window
-            if seq >= w and led.ring[seq % w]:  # the request leaving the window
-                led.window_cloud -= 1
-            led.ring[seq % w] = False
-            allowed = led.window_cloud + 1 <= _allowance(self._budget, min(led.requests, w))
-        else:
-            allowed = True
-        escalate = wanted and allowed
-        if escalate:
-            led.cloud += 1
-            if led.ring is not None and led.window is not None:
-                led.ring[seq % led.window] = True
-                led.window_cloud += 1
-        denied = wanted and not allowed
-        return Ticket(seq=seq, p_good=p, escalate=escalate, wanted=wanted,
-                      denied_by_budget=denied, cost=0.0,
-                      reason=self._explain(p, escalate, None), _token=led.token)
-
-    def admit(self, p_good: float) -> Ticket:
-        """Decide one request online, counting it in the ledger.
-
-        Parameters
-        ----------
-        p_good : float
-            Calibrated P(good) of the request (NaN if unscorable).
-
-        Returns
-        -------
-        Ticket
-            ``ticket.escalate`` is the decision; pass the ticket to :meth:`settle`
-            if the cloud call then fails.
-        """
-        self._check_fitted()
-        p = float(self._check_p([p_good], "p_good", allow_empty=False)[0])
-        with self._lock:
-            return self._admit_locked(p)
-
-    def settle(self, ticket: Ticket, spent: bool) -> bool:
-        """Record whether an escalation was really spent.
-
-        ``spent=False`` (the cloud call failed) un-counts the escalation, so the
-        ledger counts only what was spent. Settling twice, settling a kept
-        request, or settling a ticket from before :meth:`reset` changes nothing.
-
-        Returns
-        -------
-        bool
-            True if the ledger changed.
-        """
-        self._check_fitted()
-        with self._lock:
-            led = self._ledger
-            if ticket._token is not led.token or ticket.settled:
-                return False
-            ticket.settled = True
-            if spent or not ticket.escalate:
-                return False
-            led.cloud -= 1
-            if led.ring is not None and led.window is not None:
-                in_window = ticket.seq >= led.requests - led.window
-                if in_window and led.ring[ticket.seq % led.window]:
-                    led.ring[ticket.seq % led.window] = False
-                    led.window_cloud -= 1
-            return True
-
-    # -- decide / explain -----------------------------------------------------------------
-    def _decide(self, p: np.ndarray, cost: Any, params: dict[str, Any]) -> np.ndarray:
-        if self._enforce == "none":
-            out = np.zeros(p.shape, dtype=bool)
-            nan = np.isnan(p)
-            out[~nan] = p[~nan] < self.threshold_
-            out[nan] = self._nan_escalates()
-            return out
-        with self._lock:
-            return np.array([self._admit_locked(float(v)).escalate for v in p], dtype=bool)
+    def _wants(self, p: np.ndarray, c: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+        out = np.zeros(p.shape, dtype=bool)
+        nan = np.isnan(p)
+        out[~nan] = p[~nan] < self.threshold_
+        out[nan] = params["nan_policy"] == "escalate"
+        return out
 
     def _explain(self, p: float, escalate: bool, cost: float | None) -> str:
         t = self.threshold_
-        wanted = self._wants(p)
+        wanted = self._nan_escalates() if math.isnan(p) else p < t
+        limit = _pct(float(self.max_cloud_fraction))
         base = self._nan_reason(wanted) if math.isnan(p) else (
             f"p_good {p:.2f} {'<' if p < t else '>='} threshold {t:.2f}"
         )
+        if not self.enforced:
+            return (f"{base} (a threshold fitted to a {limit} cloud share on held-out data, "
+                    "not a guarantee)")
         if wanted and not escalate:
-            limit = _pct(float(self.max_cloud_fraction))
-            where = "in the window" if self._enforce == "window" else "so far"
+            where = {"window": "in the window", "period": "in this period"}.get(
+                str(self.enforce), "so far")
             return f"budget: cloud share at limit {limit} {where}, kept on edge ({base})"
         return base
 
 
+def _budget_threshold(finite: np.ndarray, m: int) -> float:
+    """Threshold letting the ``m`` smallest of the sorted ``finite`` values escalate."""
+    if m == 0:
+        return 0.0
+    if m >= finite.size:
+        return 1.0
+    if finite[m - 1] < finite[m]:
+        return float((finite[m - 1] + finite[m]) / 2.0)
+    return float(finite[m])
+
+
+@policy_registry.register("budget_threshold")
+class BudgetThresholdPolicy(BudgetPolicy):
+    """A :class:`BudgetPolicy` threshold with no ledger: a target share, **not a guarantee**.
+
+    The threshold is fitted so that a share ``max_cloud_fraction`` of held-out
+    requests escalates; new traffic that differs from the held-out set (drift,
+    bursts of hard queries) can escalate more. Use :class:`BudgetPolicy` (its
+    default ``enforce="total"``) for a budget that holds at every prefix of the
+    traffic. Equivalent to ``BudgetPolicy(..., enforce="none")``; :meth:`decide`
+    is pure.
+
+    Parameters
+    ----------
+    max_cloud_fraction : float in [0, 1]
+        Target share of requests sent to the cloud on traffic like the held-out set.
+    confidence : float in (0, 1), default=0.95
+        Level of ``cloud_fraction_interval_``.
+    nan_policy : {"escalate", "edge"}, default="escalate"
+    """
+
+    def __init__(
+        self,
+        *,
+        max_cloud_fraction: float,
+        confidence: float = 0.95,
+        nan_policy: str = "escalate",
+    ) -> None:
+        super().__init__(max_cloud_fraction=max_cloud_fraction, enforce="none",
+                         confidence=confidence, nan_policy=nan_policy)
+
+
 # ---------------------------------------------------------------------------------------
 @policy_registry.register("cost_aware")
-class CostAwarePolicy(Policy):
+class CostAwarePolicy(OnlinePolicy):
     r"""Escalate when the expected quality gain is worth the extra cost.
 
     .. math::
@@ -665,12 +936,21 @@ class CostAwarePolicy(Policy):
     ``edge_cost``, ``cloud_cost``, ``cost``, ``quality_value`` and
     ``spend_budget`` share one unit of your choice (dollars, tokens, ...).
 
-    **Spend cap.** With ``spend_budget`` set, requests are admitted one at a
-    time through a thread-safe ledger: an escalation happens only if the cloud
-    spend counted so far plus :math:`c_i` stays <= ``spend_budget`` (exact
-    rational arithmetic), so the counted spend never exceeds the budget.
-    ``settle(ticket, spent=False)`` refunds a failed cloud call. Only cloud
+    **Spend cap.** With ``spend_budget`` set the policy is :attr:`enforced`:
+    requests are admitted one at a time through the thread-safe ledger of
+    :class:`OnlinePolicy`; an escalation happens only if the cloud spend
+    counted so far plus :math:`c_i` stays <= ``spend_budget`` (exact rational
+    arithmetic), so the counted spend never exceeds the budget.
+    ``settle(ticket, spent=False)`` refunds a failed cloud call;
+    ``settle(ticket, True, cost=real)`` replaces the reservation by the real
+    spend (a real spend above the reservation can push the counted spend over
+    the cap by that difference; later requests are then refused). Only cloud
     spend is counted. :meth:`decide` is pure without ``spend_budget``.
+
+    **Period.** With ``period`` (seconds) the spend count restarts at every
+    period boundary (``start + k * period`` on :func:`time.monotonic`, ``start``
+    being the first use or :meth:`reset`): ``spend_budget`` is then a budget
+    per period, e.g. ``period=86400`` for a daily budget.
 
     Parameters
     ----------
@@ -678,6 +958,8 @@ class CostAwarePolicy(Policy):
     quality_value : float >= 0, default=10.0
     p_cloud_good : float in [0, 1], default=1.0
     spend_budget : float >= 0 or None, default=None
+    period : float > 0 or None, default=None
+        Seconds per spend period (None: one period for the ledger's whole life).
     nan_policy : {"escalate", "edge"}, default="escalate"
     """
 
@@ -687,6 +969,7 @@ class CostAwarePolicy(Policy):
         "quality_value": _c_nonneg,
         "p_cloud_good": _c_unit,
         "spend_budget": _c_nonneg_or_none,
+        "period": _c_period,
         "nan_policy": _c_nan_policy,
     }
 
@@ -698,6 +981,7 @@ class CostAwarePolicy(Policy):
         quality_value: float = 10.0,
         p_cloud_good: float = 1.0,
         spend_budget: float | None = None,
+        period: float | None = None,
         nan_policy: str = "escalate",
     ) -> None:
         self.edge_cost = edge_cost
@@ -705,104 +989,27 @@ class CostAwarePolicy(Policy):
         self.quality_value = quality_value
         self.p_cloud_good = p_cloud_good
         self.spend_budget = spend_budget
+        self.period = period
         self.nan_policy = nan_policy
 
-    def _costs(self, cost: Any, n: int, params: dict[str, Any]) -> np.ndarray:
-        if cost is None:
-            return np.full(n, params["cloud_cost"])
-        owner = type(self).__name__
-        c = check_array(cost, "cost", owner, ndim=(0, 1), allow_empty=True)
-        if c.ndim == 0:
-            c = np.full(n, float(c))
-        elif c.shape != (n,):
-            raise InvalidParameterError(
-                f"The 'cost' parameter of {owner} must be a float or have shape ({n},), one cost "
-                f"per request. Got shape {c.shape}."
-            )
-        if c.size and c.min() < 0:
-            raise InvalidParameterError(
-                f"The 'cost' parameter of {owner} must contain costs >= 0. Got {c.min()!r}."
-            )
-        return c
+    @property
+    def enforced(self) -> bool:
+        """True when ``spend_budget`` is set."""
+        return self.spend_budget is not None
+
+    def _default_cost(self, params: dict[str, Any]) -> float:
+        return float(params["cloud_cost"])
+
+    def _ledger_spec(self, params: dict[str, Any]) -> _LedgerSpec:
+        budget = params["spend_budget"]
+        return _LedgerSpec(spend_cap=None if budget is None else Fraction(budget),
+                           period=params["period"])
 
     def _wants(self, p: np.ndarray, c: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         gain = (params["p_cloud_good"] - p) * params["quality_value"]
         out = gain > c - params["edge_cost"]
         out[np.isnan(p)] = params["nan_policy"] == "escalate"
         return np.asarray(out, dtype=bool)
-
-    def _ledger_obj(self) -> _Ledger:
-        led = self.__dict__.get("_ledger")
-        if led is None:
-            led = _Ledger(None)
-            self.__dict__["_ledger"] = led
-        return led
-
-    def _admit_locked(self, p: float, c: float, wanted: bool, budget: float | None) -> Ticket:
-        led = self._ledger_obj()
-        seq = led.requests
-        led.requests += 1
-        allowed = budget is None or led.spent + Fraction(c) <= Fraction(budget)
-        escalate = wanted and allowed
-        if escalate:
-            led.cloud += 1
-            led.spent += Fraction(c)
-        return Ticket(seq=seq, p_good=p, escalate=escalate, wanted=wanted,
-                      denied_by_budget=wanted and not allowed, cost=c if escalate else 0.0,
-                      reason=self._explain(p, escalate, c), _token=led.token)
-
-    def admit(self, p_good: float, *, cost: float | None = None) -> Ticket:
-        """Decide one request online, counting its cloud cost in the spend ledger.
-
-        Parameters
-        ----------
-        p_good : float
-            Calibrated P(good) (NaN if unscorable).
-        cost : float, optional
-            Cloud cost of this request (default ``cloud_cost``).
-        """
-        params = self._params()
-        p = self._check_p([p_good], "p_good", allow_empty=False)
-        c = self._costs(None if cost is None else [cost], 1, params)
-        wanted = bool(self._wants(p, c, params)[0])
-        with self._lock:
-            return self._admit_locked(float(p[0]), float(c[0]), wanted, params["spend_budget"])
-
-    def settle(self, ticket: Ticket, spent: bool) -> bool:
-        """``spent=False`` refunds a failed escalation's cost; see :meth:`BudgetPolicy.settle`."""
-        with self._lock:
-            led = self._ledger_obj()
-            if ticket._token is not led.token or ticket.settled:
-                return False
-            ticket.settled = True
-            if spent or not ticket.escalate:
-                return False
-            led.cloud -= 1
-            led.spent -= Fraction(ticket.cost)
-            return True
-
-    def reset(self) -> None:
-        """Empty the spend ledger; older tickets can no longer be settled."""
-        with self._lock:
-            self.__dict__["_ledger"] = _Ledger(None)
-
-    def ledger(self) -> LedgerSnapshot:
-        """Snapshot of the online counts (``spent`` in the cost unit)."""
-        with self._lock:
-            return self._ledger_obj().snapshot()
-
-    def _decide(self, p: np.ndarray, cost: Any, params: dict[str, Any]) -> np.ndarray:
-        c = self._costs(cost, p.size, params)
-        wanted = self._wants(p, c, params)
-        budget = params["spend_budget"]
-        if budget is None:
-            return wanted
-        with self._lock:
-            return np.array(
-                [self._admit_locked(float(p[i]), float(c[i]), bool(wanted[i]), budget).escalate
-                 for i in range(p.size)],
-                dtype=bool,
-            )
 
     def _explain(self, p: float, escalate: bool, cost: float | None) -> str:
         c = float(self.cloud_cost if cost is None else cost)

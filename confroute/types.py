@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from confroute._validation import Message, Prompt, check_float, check_int, param_error
+from confroute.errors import CloudError
 
 __all__ = [
     "Decision",
@@ -280,6 +281,11 @@ class Decision:
         The edge model's answer, when one was generated.
     reason : str
         Short human-readable reason ("p_good 0.82 >= threshold 0.60", "budget exhausted").
+    ticket : Ticket or None
+        The online policy's ledger ticket (:meth:`~confroute.policies.OnlinePolicy.admit`)
+        when the router's policy enforces a budget online, None otherwise.
+        :meth:`~confroute.router.Router.answer` settles it once the cloud call is
+        done. Not part of the repr or of equality.
     """
 
     prompt: Prompt
@@ -288,6 +294,7 @@ class Decision:
     scores: Mapping[str, float]
     edge_answer: str | None
     reason: str = ""
+    ticket: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -309,6 +316,10 @@ class RoutedResponse:
         Cost charged for this request (price table units; 0 for the edge).
     usage : mapping
         Token usage reported by the model that answered.
+    cloud_error : CloudError or None
+        The error a failed cloud call ended with (also summarised in ``error``);
+        None when the cloud was not called or answered. Not part of the repr or
+        of equality.
     """
 
     text: str | None
@@ -318,3 +329,4 @@ class RoutedResponse:
     error: str | None = None
     cost: float = 0.0
     usage: Mapping[str, int] = field(default_factory=dict)
+    cloud_error: CloudError | None = field(default=None, repr=False, compare=False)

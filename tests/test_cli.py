@@ -205,7 +205,8 @@ def test_route_max_cloud_fraction_caps_shifted_traffic_at_every_prefix(
     router.calibration_["p_good"] = [1.0] * n_cal
     shifted = tmp_path / "shifted.json"
     router.save(shifted)
-    router.policy = BudgetPolicy(max_cloud_fraction=0.3).fit([1.0] * n_cal)  # not enforced
+    # a threshold-only policy: not enforced
+    router.policy = BudgetPolicy(max_cloud_fraction=0.3, enforce="none").fit([1.0] * n_cal)
     loose = tmp_path / "loose.json"
     router.save(loose)
     prompts = _write_jsonl(tmp_path / "prompts.jsonl", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from fractions import Fraction
@@ -23,7 +24,10 @@ from confroute.errors import (
 )
 from confroute.policies import (
     BudgetPolicy,
+    BudgetThresholdPolicy,
     CostAwarePolicy,
+    LedgerSnapshot,
+    OnlinePolicy,
     Policy,
     RiskControlPolicy,
     ThresholdPolicy,
@@ -41,7 +45,8 @@ def held_out(seed: int, n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
 
 FACTORIES: dict[str, Callable[[], Policy]] = {
     "threshold": lambda: ThresholdPolicy(min_p_good=0.6),
-    "budget": lambda: BudgetPolicy(max_cloud_fraction=0.3),
+    "budget": lambda: BudgetPolicy(max_cloud_fraction=0.3, enforce="none"),
+    "budget_threshold": lambda: BudgetThresholdPolicy(max_cloud_fraction=0.3),
     "cost_aware": lambda: CostAwarePolicy(cloud_cost=2.0, quality_value=5.0),
     "risk_control": lambda: RiskControlPolicy(max_edge_error=0.15, delta=0.1),
 }
@@ -214,7 +219,7 @@ def test_threshold_rule_and_explain() -> None:
 )
 def test_budget_fit_never_exceeds_target_on_held_out(values, budget) -> None:
     p = np.array(values)
-    pol = BudgetPolicy(max_cloud_fraction=budget)
+    pol = BudgetPolicy(max_cloud_fraction=budget, enforce="none")
     n_nan = int(np.isnan(p).sum())
     if n_nan > math.floor(Fraction(repr(budget)) * p.size):
         with pytest.warns(UserWarning, match="NaN"):
@@ -231,9 +236,9 @@ def test_budget_fit_never_exceeds_target_on_held_out(values, budget) -> None:
 
 def test_budget_uses_the_whole_budget_and_zero_budget_never_escalates() -> None:
     p, _ = held_out(7, n=1000)
-    pol = BudgetPolicy(max_cloud_fraction=0.3).fit(p)
+    pol = BudgetPolicy(max_cloud_fraction=0.3, enforce="none").fit(p)
     assert pol.calibration_cloud_fraction_ == 0.3
-    zero = BudgetPolicy(max_cloud_fraction=0.0).fit(p)
+    zero = BudgetPolicy(max_cloud_fraction=0.0, enforce="none").fit(p)
     assert not zero.decide(np.random.default_rng(0).random(1000)).any()
 
 
@@ -362,7 +367,7 @@ def test_budget_denial_is_explained() -> None:
 
 
 def test_budget_decide_is_pure_without_enforcement() -> None:
-    pol = BudgetPolicy(max_cloud_fraction=0.3).fit(np.linspace(0, 1, 101))
+    pol = BudgetPolicy(max_cloud_fraction=0.3, enforce="none").fit(np.linspace(0, 1, 101))
     q = np.zeros(10)
     assert pol.decide(q).all() and pol.decide(q).all()
     assert pol.ledger().requests == 0
@@ -522,3 +527,137 @@ def test_risk_control_nan_policy_edge_counts_nan_as_kept() -> None:
     with pytest.warns(UserWarning, match="no threshold certifies"):
         edge = RiskControlPolicy(max_edge_error=0.1, nan_policy="edge").fit(p, y)
     assert esc.guarantee_met_ and not edge.guarantee_met_
+
+
+# -- online policies: the ledger base, budgets enforced by default -----------------------------
+def test_default_budget_is_an_enforced_all_time_guarantee() -> None:
+    pol = BudgetPolicy(max_cloud_fraction=0.2)
+    assert pol.enforce == "total" and pol.enforced and isinstance(pol, OnlinePolicy)
+    pol.fit(np.linspace(0, 1, 101))
+    out = pol.decide(np.zeros(50))  # every request wants the cloud
+    cum = np.cumsum(out)
+    assert all(c <= math.floor(0.2 * (n + 1)) for n, c in enumerate(cum))
+    assert cum[-1] == 10 and pol.snapshot().requests == 50
+
+
+def test_budget_threshold_is_registered_and_says_it_is_no_guarantee() -> None:
+    pol = policy_registry.resolve("budget_threshold", "policy", "test", max_cloud_fraction=0.3)
+    assert isinstance(pol, BudgetThresholdPolicy) and not pol.enforced
+    assert "enforce" not in pol.get_params()
+    pol.fit(np.linspace(0, 1, 101))
+    assert pol.decide(np.zeros(10)).all()  # the threshold alone, no ledger limit
+    assert pol.snapshot().requests == 0
+    text = pol.explain(0.1, True)
+    assert "fitted" in text and "not a guarantee" in text
+    assert "not a guarantee" in BudgetPolicy(max_cloud_fraction=0.3, enforce="none").fit(
+        np.linspace(0, 1, 11)).explain(0.9, False)
+    with pytest.raises(InvalidParameterError, match="enforce"):
+        pol.set_params(enforce="total")
+
+
+@pytest.mark.parametrize("pol", [BudgetPolicy(max_cloud_fraction=0.3), CostAwarePolicy()])
+def test_online_policies_share_the_ledger_base(pol: OnlinePolicy) -> None:
+    assert isinstance(pol, OnlinePolicy)
+    for name in ("admit", "settle", "reset", "snapshot"):
+        assert getattr(type(pol), name) is getattr(OnlinePolicy, name)
+    pol.fit(np.linspace(0, 1, 11))
+    pol.admit(0.0)
+    snap = pol.snapshot()
+    assert isinstance(snap, LedgerSnapshot) and snap.requests == 1
+    assert pol.ledger == snap and pol.ledger() == snap  # property, and the old call form
+
+
+def test_settle_with_the_real_cost_refunds_the_reservation_difference() -> None:
+    pol = CostAwarePolicy(cloud_cost=2.0, quality_value=10.0, spend_budget=5.0)
+    a = pol.admit(0.0)
+    b = pol.admit(0.0)
+    assert a.escalate and b.escalate and a.cost == 2.0 and pol.snapshot().spent == 4.0
+    assert not pol.admit(0.0).escalate  # 4 + 2 > 5
+    assert pol.settle(a, True, cost=0.5) is True  # billed 0.5, not 2
+    assert pol.snapshot().spent == 2.5
+    assert pol.settle(a, True, cost=0.1) is False  # settled once only
+    c = pol.admit(0.0)  # 2.5 + 2 <= 5: possible only thanks to the refund
+    assert c.escalate
+    assert pol.settle(b, True) is False and pol.snapshot().spent == 4.5
+    assert pol.settle(c, False) is True and pol.snapshot() == (4, 2, 0, 2.5)
+    with pytest.raises(InvalidParameterError, match="'ticket'"):
+        pol.settle("not a ticket", True)  # type: ignore[arg-type]
+    with pytest.raises(InvalidParameterError, match="'cost'"):
+        pol.settle(c, True, cost=-1.0)
+
+
+def test_set_params_starts_a_new_ledger() -> None:
+    pol = CostAwarePolicy(cloud_cost=1.0, quality_value=10.0, spend_budget=1.0)
+    t = pol.admit(0.0)
+    assert t.escalate and not pol.admit(0.0).escalate
+    pol.set_params(spend_budget=2.0)
+    assert pol.snapshot().requests == 0
+    assert pol.settle(t, False) is False  # a ticket of the old ledger
+    assert pol.admit(0.0).escalate and pol.admit(0.0).escalate and not pol.admit(0.0).escalate
+
+
+def test_period_mode_needs_a_period() -> None:
+    with pytest.raises(InvalidParameterError, match=r"'period'.*enforce='period'"):
+        BudgetPolicy(max_cloud_fraction=0.5, enforce="period").fit(np.linspace(0, 1, 11))
+    with pytest.raises(InvalidParameterError, match="'period'"):
+        BudgetPolicy(max_cloud_fraction=0.5, enforce="period", period=0.0).fit([0.5])
+    with pytest.raises(InvalidParameterError, match="'period'"):
+        CostAwarePolicy(period=-1.0).decide([0.5])
+
+
+def test_budget_period_mode_restarts_counts_at_each_boundary() -> None:
+    pol = BudgetPolicy(max_cloud_fraction=0.5, enforce="period", period=1.0)
+    pol.fit(np.linspace(0, 1, 11))
+    first = [pol.admit(0.0) for _ in range(4)]
+    assert [t.escalate for t in first] == [False, True, False, True]
+    assert pol.snapshot().cloud == 2
+    assert "in this period" in first[2].reason
+    time.sleep(1.05)
+    assert pol.snapshot() == (0, 0, 0, 0.0)  # a new period
+    t = pol.admit(0.0)
+    assert t.seq == 0 and not t.escalate  # floor(0.5 * 1) = 0 in the new period
+    assert pol.settle(first[1], False) is False  # a ticket of the previous period
+    assert pol.admit(0.0).escalate
+
+
+def test_cost_aware_period_is_a_budget_per_period() -> None:
+    pol = CostAwarePolicy(cloud_cost=1.0, quality_value=10.0, spend_budget=1.0, period=1.0)
+    assert pol.admit(0.0).escalate and not pol.admit(0.0).escalate
+    time.sleep(1.05)
+    assert pol.admit(0.0).escalate and pol.snapshot().spent == 1.0
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    data=st.data(),
+    p=st.lists(st.one_of(st.floats(0, 1), st.just(math.nan)), min_size=1, max_size=80),
+    budget=st.sampled_from([0.0, 0.1, 0.25, 0.29, 0.5, 0.75, 1.0]),
+)
+def test_total_budget_holds_at_every_prefix_for_any_settle_pattern(data, p, budget) -> None:
+    b = Fraction(repr(budget))
+    pol = BudgetPolicy(max_cloud_fraction=budget).fit(np.linspace(0, 1, 11))
+    tickets: list[Ticket] = []
+    outcome: dict[int, bool] = {}  # seq -> spent, for settled escalations
+    open_: list[Ticket] = []
+    for v in p:
+        t = pol.admit(v)
+        tickets.append(t)
+        if t.escalate:
+            open_.append(t)
+        snap = pol.snapshot()
+        assert snap.cloud <= math.floor(b * snap.requests)
+        # settle any subset of the open tickets, in any order, as spent or failed
+        for _ in range(data.draw(st.integers(0, len(open_)))):
+            k = data.draw(st.integers(0, len(open_) - 1))
+            spent = data.draw(st.booleans())
+            done = open_.pop(k)
+            pol.settle(done, spent)
+            outcome[done.seq] = spent
+            snap = pol.snapshot()
+            assert snap.cloud <= math.floor(b * snap.requests)
+    # escalations really spent (not given back) among the first n arrivals
+    spent_flags = [t.escalate and outcome.get(t.seq, True) for t in tickets]
+    cum = np.cumsum(spent_flags)
+    for n in range(1, len(tickets) + 1):
+        assert cum[n - 1] <= math.floor(b * n), (n, cum[n - 1])
+    assert pol.snapshot().cloud == cum[-1]

@@ -241,7 +241,7 @@ def test_shipped_default_router_calibrator_loads_as_a_classifier() -> None:
 
 def test_policy_is_an_estimator_with_sklearn_fitted_checks() -> None:
     p_good = expit(np.random.default_rng(0).normal(size=500))
-    pol = BudgetPolicy(max_cloud_fraction=0.2)
+    pol = BudgetPolicy(max_cloud_fraction=0.2, enforce="none")
     assert not is_classifier(pol)
     with pytest.raises(sklearn.exceptions.NotFittedError):
         check_is_fitted(pol)

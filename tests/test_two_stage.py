@@ -242,3 +242,35 @@ def test_tiny_hf_edge_never_generates_for_gated(gate, tmp_path):
     assert seen == [EASY[2]]
     assert resp[0].source == "cloud" and resp[2].source == "cloud"
     assert resp[0].decision.reason.startswith("stage 1")
+
+
+def test_stage2_budget_tickets_are_settled_through_the_two_stage_call(gate):
+    from confroute.policies import BudgetPolicy
+
+    edge = CountingModel()
+    policy = BudgetPolicy(max_cloud_fraction=1.0)  # enforced: every admission gets a ticket
+    post = Router("sequence_logprob", "isotonic", policy, edge=edge,
+                  cloud=FakeCloud(fail_on="hard"))
+    post.calibrate(EASY[:5] + MID[:5], [1] * 5 + [0] * 5)
+    ts = TwoStageRouter(gate, post, gate_threshold=0.5, embedder=HashEmbedder())
+    decisions = ts.route([HARD[0], EASY[1], MID[3]])
+    assert decisions[0].ticket is None  # the gate admits nothing to the stage-2 ledger
+    assert decisions[2].ticket is not None and decisions[2].ticket.escalate
+    assert policy.snapshot().cloud == 1
+    resp = ts([HARD[1], EASY[2], MID[4]])  # MID[4] escalates at stage 2 and its call fails
+    assert resp[2].cloud_error is not None and resp[2].degraded
+    assert resp[0].cloud_error is None and resp[0].source == "cloud"
+    assert ts.last_stats is not None and ts.last_stats.cloud_failures == 1
+    assert policy.snapshot().cloud == 1  # the failed call's ticket was given back
+
+
+def test_saved_file_embeds_the_router_dict(gate, post, tmp_path):
+    from confroute._serialization import read_file
+
+    ts = TwoStageRouter(gate, post, gate_threshold=0.5, embedder=HashEmbedder())
+    path = tmp_path / "ts.json"
+    ts.save(path)
+    saved = read_file(path, "two_stage_router")["router"]
+    expected = post.to_dict()
+    assert saved["policy"] == expected["policy"] and saved["calibration"] == expected["calibration"]
+    assert list(tmp_path.iterdir()) == [path]

@@ -20,14 +20,13 @@ References
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -253,7 +252,7 @@ class TwoStageRouter:
     # ----------------------------------------------------------------- route
     def _decide(
         self, plist: list[Prompt], samples: Sequence[Samples] | None, stats: TwoStageStats
-    ) -> tuple[list[Decision], list[Any]]:
+    ) -> list[Decision]:
         thr = self._threshold()
         if samples is not None and len(samples) != len(plist):
             raise InvalidParameterError(
@@ -265,7 +264,6 @@ class TwoStageRouter:
         stats.gate_seconds += time.perf_counter() - t0
         escalate = g > thr
         decisions: list[Decision | None] = [None] * len(plist)
-        tickets: list[Any] = [None] * len(plist)
         for j in np.flatnonzero(escalate):
             decisions[j] = Decision(
                 prompt=plist[j], source="cloud", p_good=math.nan,
@@ -277,23 +275,20 @@ class TwoStageRouter:
         if rest:
             t1 = time.perf_counter()
             sub = None if samples is None else [samples[i] for i in rest]
-            post, post_tickets = self.router._route([plist[i] for i in rest], sub)
+            post = self.router.decide([plist[i] for i in rest], samples=sub)
             stats.edge_seconds += time.perf_counter() - t1
-            for i, d, tk in zip(rest, post, post_tickets):
-                decisions[i] = Decision(
-                    prompt=d.prompt, source=d.source, p_good=d.p_good,
-                    scores={"gate": float(g[i]), **dict(d.scores)},
-                    edge_answer=d.edge_answer,
+            for i, d in zip(rest, post):  # the stage-2 ticket travels with the decision
+                decisions[i] = dataclasses.replace(
+                    d, scores={"gate": float(g[i]), **dict(d.scores)},
                     reason=f"stage 2 (post-generation): {d.reason}",
                 )
-                tickets[i] = tk
         stats.n_prompts += len(plist)
         stats.n_gate_escalated += int(escalate.sum())
         stats.edge_generations_avoided += int(escalate.sum())
         out = [d for d in decisions if d is not None]
         stats.n_stage2_escalated += sum(out[i].source == "cloud" for i in rest)
         assert len(out) == len(plist)
-        return out, tickets
+        return out
 
     def _record(self, stats: TwoStageStats) -> None:
         with self._lock:
@@ -318,11 +313,10 @@ class TwoStageRouter:
         """
         plist = check_prompts(prompts, f"{_OWNER}.route")
         stats = TwoStageStats()
-        decisions, tickets = self._decide(plist, samples, stats)
+        decisions = self._decide(plist, samples, stats)
         stats.n_edge_served = sum(d.source == "edge" for d in decisions)
-        # As Router.route: escalations admitted by an online policy stay counted (the
-        # caller is expected to make those cloud calls).
-        del tickets
+        # As Router.decide: escalations admitted by an online policy stay counted until
+        # Router.answer settles their tickets (the caller is expected to make those calls).
         self._record(stats)
         return decisions
 
@@ -344,9 +338,10 @@ class TwoStageRouter:
         """
         plist = check_prompts(prompts, f"{_OWNER}.__call__")
         stats = TwoStageStats()
-        decisions, tickets = self._decide(plist, samples, stats)
+        decisions = self._decide(plist, samples, stats)
         t0 = time.perf_counter()
-        responses, failures = self.router._answer(plist, decisions, tickets)
+        responses = self.router.answer(decisions)
+        failures = [r.cloud_error for r in responses if r.cloud_error is not None]
         stats.cloud_seconds += time.perf_counter() - t0
         stats.cloud_calls += sum(d.source == "cloud" for d in decisions)
         stats.cloud_failures += len(failures)
@@ -367,13 +362,10 @@ class TwoStageRouter:
         """
         thr = self._threshold()
         router = self.gate._resolve_router()
-        router._check_fitted()
+        # part_to_spec reads the query router's state, which fails if it is unfitted.
         gate_spec = part_to_spec(QueryRouterEstimator(router=router, embedder=None), "gate")
         emb = self.gate.embedder
-        with tempfile.TemporaryDirectory() as tmp:
-            inner = Path(tmp) / "router.json"
-            self.router.save(inner)
-            router_payload = read_file(inner, "router")
+        router_payload = self.router.to_dict()
         write_file(path, _SAVE_KIND, {
             "confroute_version": __version__,
             "gate": gate_spec,
@@ -423,10 +415,7 @@ class TwoStageRouter:
                         f"{got!r}."
                     )
             gate.embedder = embedder
-            with tempfile.TemporaryDirectory() as tmp:
-                inner = Path(tmp) / "router.json"
-                write_file(inner, "router", data["router"])
-                router = Router.load(inner, edge=edge, cloud=cloud)
+            router = Router.from_dict(data["router"], edge=edge, cloud=cloud)
             thr = data.get("gate_threshold")
             share = data.get("gate_share")
             obj = cls(gate, router, gate_threshold=thr, gate_share=share)
