@@ -10,13 +10,105 @@ models) import it; ``import confroute`` and the CLI parser do not.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 from sklearn.base import BaseEstimator
 
-from confroute.errors import InvalidParameterError, NotFittedError
+from confroute.errors import InvalidParameterError, NotFittedError, SerializationError, describe
 
-__all__ = ["ParamsMixin"]
+__all__ = ["ParamCheck", "ParamsMixin", "read_state", "validate_params"]
+
+
+ParamCheck = Callable[[Any, str, str], Any]
+"""A parameter check ``(value, name, owner) -> validated value``; raises a typed error."""
+
+
+def validate_params(obj: Any, table: Mapping[str, ParamCheck]) -> dict[str, Any]:
+    """Run the declared parameter table of ``obj`` and return the validated values."""
+    owner = type(obj).__name__
+    return {name: check(getattr(obj, name), name, owner) for name, check in table.items()}
+
+
+def read_state(
+    state: Any, spec: Mapping[str, str], owner: str
+) -> dict[str, Any]:
+    """Check a ``get_state`` dict against ``spec`` (key -> kind).
+
+    Kinds: ``"float"`` (finite), ``"unit"`` (finite, in [0, 1]), ``"int"`` (a count,
+    >= 0), ``"bool"``, ``"array"`` (1-D, finite) and ``"unit_array"`` (1-D, in [0, 1]).
+    Parts call it from ``set_state``; their own cross-checks (monotone knots,
+    positive scales...) run afterwards.
+
+    Raises :class:`~confroute.errors.SerializationError` naming the bad key, since a
+    bad state almost always comes from a corrupted or foreign save file.
+    """
+    if not isinstance(state, Mapping):
+        raise SerializationError(
+            f"The 'state' parameter of {owner}.set_state must be a dict. "
+            f"Got {type(state).__name__}."
+        )
+    out: dict[str, Any] = {}
+    for key, kind in spec.items():
+        if key not in state:
+            raise SerializationError(
+                f"The 'state' parameter of {owner}.set_state is missing the key {key!r}."
+            )
+        try:
+            out[key] = _state_value(state[key], kind)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise SerializationError(
+                f"The 'state' parameter of {owner}.set_state has a bad value for {key!r}: "
+                f"expected {_STATE_KINDS[kind]}, got {_describe_state(state[key])} ({exc})."
+            ) from None
+    return out
+
+
+_STATE_KINDS = {
+    "float": "a finite float", "unit": "a float in [0, 1]", "int": "an int >= 0",
+    "bool": "a bool", "array": "a 1-D array of finite floats",
+    "unit_array": "a 1-D array of floats in [0, 1]",
+}
+
+
+def _describe_state(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}"
+    return describe(value)
+
+
+def _state_value(value: Any, kind: str) -> Any:
+    """One state value converted to ``kind``; raises ValueError/TypeError when it does not fit."""
+    if kind in ("array", "unit_array"):
+        if isinstance(value, (str, bytes, Mapping)):
+            raise TypeError("not an array")
+        arr = np.array(value, dtype=np.float64)
+        if arr.ndim != 1:
+            raise ValueError("not 1-D")
+        if not np.isfinite(arr).all():
+            raise ValueError("non-finite values")
+        if kind == "unit_array" and ((arr < 0) | (arr > 1)).any():
+            raise ValueError("values outside [0, 1]")
+        return arr
+    if kind in ("float", "unit"):
+        if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.number)):
+            raise TypeError("not a number")
+        v = float(value)
+        if not np.isfinite(v) or (kind == "unit" and not 0.0 <= v <= 1.0):
+            raise ValueError("out of range")
+        return v
+    if kind == "int":
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+            raise TypeError("not an int")
+        if not np.isfinite(value) or int(value) != value or value < 0:
+            raise ValueError("not a count")
+        return int(value)
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError("not a bool")
+        return bool(value)
+    raise AssertionError(kind)  # pragma: no cover - programming error in a spec table
 
 
 class ParamsMixin(BaseEstimator):

@@ -49,8 +49,14 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 
-from confroute._params import ParamsMixin
+from confroute._params import ParamCheck, ParamsMixin, read_state, validate_params
 from confroute._registry import Registry
+from confroute._stats import (
+    budget_allowance,
+    clopper_pearson,
+    clopper_pearson_upper,
+    exact_fraction,
+)
 from confroute._validation import (
     check_array,
     check_choice,
@@ -59,7 +65,6 @@ from confroute._validation import (
     check_labels,
     check_same_length,
 )
-from confroute.calibration import ParamCheck, _read_state, _validate_params
 from confroute.errors import InvalidParameterError, NotFittedError
 
 __all__ = [
@@ -122,16 +127,6 @@ def _c_period(value: Any, name: str, owner: str) -> float | None:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.4g}%"
-
-
-def _allowance(budget: Fraction, n: int) -> int:
-    """floor(budget * n) in exact rational arithmetic."""
-    return (budget.numerator * n) // budget.denominator
-
-
-def _exact_fraction(x: float) -> Fraction:
-    """The decimal the user wrote (0.29 -> 29/100), not its binary approximation."""
-    return Fraction(repr(float(x)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,7 +239,7 @@ class _Ledger:
             used, n = self.cloud, self.requests
             if ring is not None and w is not None:
                 used, n = self.window_cloud, min(self.requests, w)
-            allowed = used + 1 <= (spec.share.numerator * n) // spec.share.denominator
+            allowed = used + 1 <= budget_allowance(spec.share, n)
         if spec.spend_cap is not None:
             allowed = allowed and self.spent + cost <= spec.spend_cap
         escalate = wanted and allowed
@@ -369,7 +364,7 @@ class Policy(ParamsMixin, ABC):
 
     def set_state(self: _P, state: Mapping[str, Any]) -> _P:
         """Restore what :meth:`get_state` returned; the policy is then fitted."""
-        values = _read_state(state, self._state_spec, type(self).__name__)
+        values = read_state(state, self._state_spec, type(self).__name__)
         self._set_state(values)
         self._fitted = True
         return self
@@ -392,7 +387,7 @@ class Policy(ParamsMixin, ABC):
 
     # -- helpers --------------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
-        return _validate_params(self, self._param_checks)
+        return validate_params(self, self._param_checks)
 
     def _check_fitted(self) -> None:
         if self.requires_fit and not getattr(self, "_fitted", False):
@@ -803,11 +798,11 @@ class BudgetPolicy(OnlinePolicy):
 
     # -- fit ------------------------------------------------------------------------------
     def _fit(self, p: np.ndarray, labels: np.ndarray | None, params: dict[str, Any]) -> None:
-        from scipy.stats import beta
+
 
         n = p.size
-        budget = _exact_fraction(params["max_cloud_fraction"])
-        k = _allowance(budget, n)
+        budget = exact_fraction(params["max_cloud_fraction"])
+        k = budget_allowance(budget, n)
         nan = np.isnan(p)
         n_nan = int(nan.sum()) if params["nan_policy"] == "escalate" else 0
         finite = np.sort(p[~nan])
@@ -824,8 +819,7 @@ class BudgetPolicy(OnlinePolicy):
             t = _budget_threshold(finite, k - n_nan)
         x = int(np.count_nonzero(finite < t)) + n_nan
         c = params["confidence"]
-        lo = 0.0 if x == 0 else float(beta.ppf((1 - c) / 2, x, n - x + 1))
-        hi = 1.0 if x == n else float(beta.ppf((1 + c) / 2, x + 1, n - x))
+        lo, hi = clopper_pearson(x, n, c)
         self.threshold_ = t
         self.calibration_cloud_fraction_ = x / n
         self.cloud_fraction_interval_ = np.array([lo, hi])
@@ -849,7 +843,7 @@ class BudgetPolicy(OnlinePolicy):
     def _ledger_spec(self, params: dict[str, Any]) -> _LedgerSpec:
         mode = params["enforce"]
         return _LedgerSpec(
-            share=None if mode == "none" else _exact_fraction(params["max_cloud_fraction"]),
+            share=None if mode == "none" else exact_fraction(params["max_cloud_fraction"]),
             window=params["window"] if mode == "window" else None,
             period=params["period"] if mode == "period" else None,
         )
@@ -1141,7 +1135,7 @@ class RiskControlPolicy(Policy):
         self.nan_policy = nan_policy
 
     def _fit(self, p: np.ndarray, labels: np.ndarray | None, params: dict[str, Any]) -> None:
-        from scipy.stats import beta, binom
+        from scipy.stats import binom
 
         owner = type(self).__name__
         if labels is None:
@@ -1191,7 +1185,7 @@ class RiskControlPolicy(Policy):
         mj, ej = int(m[chosen]), int(e[chosen])
         self.threshold_ = float(grid[chosen])
         self.guarantee_met_ = True
-        self.edge_error_upper_bound_ = float(beta.ppf(1 - delta, ej + 1, mj - ej))
+        self.edge_error_upper_bound_ = clopper_pearson_upper(ej, mj, 1 - delta)
         self.empirical_edge_error_ = ej / mj
         self.expected_cloud_fraction_ = 1.0 - mj / n
         self.n_kept_ = mj
