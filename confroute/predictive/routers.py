@@ -792,7 +792,8 @@ class QueryRouterEstimator(UncertaintyEstimator):
     def sample_request(self) -> SampleRequest:
         return SampleRequest(greedy=False)
 
-    def _resolve_router(self) -> QueryRouter:
+    def resolve_router(self) -> QueryRouter:
+        """The fitted query router (loaded from its path on first use); NotFittedError if none."""
         owner = type(self).__name__
         r = self.router
         if r is None:
@@ -836,7 +837,7 @@ class QueryRouterEstimator(UncertaintyEstimator):
         details : dict
             Empty.
         """
-        router = self._resolve_router()
+        router = self.resolve_router()
         router._check_fitted()
         if len(samples) == 0:
             return np.zeros(0), {}

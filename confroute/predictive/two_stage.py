@@ -361,7 +361,7 @@ class TwoStageRouter:
         checked).
         """
         thr = self._threshold()
-        router = self.gate._resolve_router()
+        router = self.gate.resolve_router()
         # part_to_spec reads the query router's state, which fails if it is unfitted.
         gate_spec = part_to_spec(QueryRouterEstimator(router=router, embedder=None), "gate")
         emb = self.gate.embedder
