@@ -15,7 +15,7 @@ import numpy as np
 
 from confroute import __version__
 from confroute._persist import part_from_spec, part_to_spec
-from confroute._serialization import read_file, write_file
+from confroute._serialization import DEFAULT_MAX_BYTES, read_file, write_file
 from confroute._validation import (
     check_choice,
     check_int,
@@ -642,13 +642,21 @@ class Router:
         router.calibration_ = dict(cal)
         return router
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], *,
+             signing_key: str | bytes | None = None) -> None:
         """Save the calibrated router (parts, parameters, learned state) as JSON.
 
         Models are not saved: pass ``edge`` and ``cloud`` again to :meth:`load`.
-        API keys are never written.
+        API keys are never written. The file is replaced atomically.
+
+        Parameters
+        ----------
+        path : str or path-like
+        signing_key : str or bytes, optional
+            Adds an HMAC-SHA256 of the contents (default: ``$CONFROUTE_SIGNING_KEY``
+            when set), so that :meth:`load` with the key refuses altered files.
         """
-        write_file(path, "router", self.to_dict())
+        write_file(path, "router", self.to_dict(), signing_key=signing_key)
 
     @classmethod
     def load(
@@ -657,9 +665,21 @@ class Router:
         *,
         edge: LanguageModel | None = None,
         cloud: LanguageModel | None = None,
+        signing_key: str | bytes | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> Router:
-        """Load a router saved by :meth:`save`; never executes code from the file."""
-        data = read_file(path, "router")
+        """Load a router saved by :meth:`save`; never executes code from the file.
+
+        Parameters
+        ----------
+        path : str or path-like
+        edge, cloud : LanguageModel, optional
+        signing_key : str or bytes, optional
+            With a key (or ``$CONFROUTE_SIGNING_KEY``), unsigned or altered files are refused.
+        max_bytes : int, default 64 MiB
+            Largest file accepted (checked before reading it).
+        """
+        data = read_file(path, "router", signing_key=signing_key, max_bytes=max_bytes)
         try:
             return cls.from_dict(data, edge=edge, cloud=cloud)
         except SerializationError as exc:

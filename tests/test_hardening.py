@@ -563,3 +563,24 @@ def test_truncated_or_flipped_bytes_raise_a_typed_error(
     path.write_bytes(bytes(blob))
     with contextlib.suppress(ConfrouteError):
         Router.load(path)
+
+
+def test_router_save_and_load_thread_the_signing_key(tmp_path: Path) -> None:
+    """Router.save(signing_key=...) signs; Router.load with the key refuses an unsigned file."""
+    from confroute import Router
+    from confroute.errors import SerializationError
+
+    router = Router("sequence_logprob", "isotonic", "threshold")
+    router.calibrator.fit(np.array([0.1, 0.2, 0.8, 0.9]), np.array([1, 1, 0, 0]))
+    router.policy.fit(router.calibrator.p_good(np.array([0.1, 0.9])))
+    router.calibration_ = {"n": 4}
+    signed, unsigned = tmp_path / "signed.json", tmp_path / "unsigned.json"
+    router.save(signed, signing_key="k1")
+    router.save(unsigned)
+    assert Router.load(signed, signing_key="k1").calibration_ == {"n": 4}
+    with pytest.raises(SerializationError):
+        Router.load(unsigned, signing_key="k1")
+    with pytest.raises(SerializationError):
+        Router.load(signed, signing_key="other")
+    with pytest.raises(SerializationError):
+        Router.load(signed, max_bytes=10)
