@@ -4,27 +4,40 @@ Endpoints
 ---------
 ``POST /v1/chat/completions``
     An OpenAI chat completion, non-streaming or ``"stream": true`` (server-sent
-    events in the OpenAI chunk format, ending with ``data: [DONE]``). The whole
-    ``messages`` list is the prompt the router scores and, when escalated, the
-    conversation the cloud model answers. The response carries the routing
-    decision in an extra ``confroute`` field and in the ``X-Confroute-Source`` /
-    ``X-Confroute-P-Good`` headers.
-``GET /v1/models``
+    events in the OpenAI chunk format, ending with ``data: [DONE]``). The body is
+    validated against :class:`confroute.serve_schema.ChatCompletionRequest`;
+    every invalid request gets an OpenAI-shaped 400. The whole ``messages`` list
+    is the prompt the router scores and, when escalated, the conversation the
+    cloud model answers. The response carries the routing decision in an extra
+    ``confroute`` field and in the ``X-Confroute-Source`` / ``X-Confroute-P-Good``
+    headers.
+``GET /v1/models``, ``GET /v1/models/{id}``
     The single model name the server answers as.
 ``GET /health``
-    Liveness plus the router's parts, the budget ledger and batcher counters.
+    Liveness, the router's parts, the policy's budget ledger and batcher counters.
+``GET /metrics``
+    Prometheus text format (a per-app registry): requests by source, latency,
+    and the ledger gauges.
+``GET /openapi.json``
+    The OpenAPI schema, with the request model.
+
+Budgets
+-------
+``create_app(router, max_cloud_fraction=F)`` (``confroute serve
+--max-cloud-fraction F``) serves with an *enforced* budget: the realised cloud
+share never exceeds ``F`` at any prefix of the arrival order, whatever the
+traffic (see :func:`apply_budget`).
 
 Concurrency model
 -----------------
 The edge model is not safe to call from several threads at once, so every piece
 of edge work goes through one :class:`EdgeBatcher`: requests that arrive within
 ``batch_wait_ms`` of each other (up to ``max_batch``) are routed together by one
-``Router._route`` call on a single dedicated worker thread, in arrival order (so
+``router.decide`` call on a single dedicated worker thread, in arrival order (so
 an online budget ledger sees the arrival order). Cloud calls then run
-concurrently on the event loop (the cloud's ``agenerate``, or ``generate`` in a
-worker thread).
+concurrently on the event loop (``router.aanswer``).
 
-This module imports neither fastapi nor uvicorn at import time, so
+This module imports neither fastapi, pydantic nor uvicorn at import time, so
 ``confroute --help`` stays fast. The ``confroute serve`` command (loading the
 router and models named on the command line) is :mod:`confroute.cli.serve`.
 """
@@ -33,7 +46,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -44,26 +59,32 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from fractions import Fraction
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from confroute._validation import check_float, check_int, param_error
-from confroute.errors import MissingDependencyError
-from confroute.types import Decision, GenerationConfig, Prompt, RoutedResponse, prompt_key
+from confroute.errors import CloudError, InvalidParameterError, MissingDependencyError
+from confroute.types import Decision, GenerationConfig, Prompt, RoutedResponse, Sample, prompt_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
     from starlette.requests import Request
     from starlette.responses import Response
 
+    from confroute.policies import LedgerSnapshot, Policy
     from confroute.router import Router
+    from confroute.serve_schema import ChatCompletionRequest
 
 __all__ = [
     "EdgeBatcher",
     "RunningServer",
+    "apply_budget",
     "create_app",
     "decision_record",
+    "ledger_report",
+    "parse_period",
     "prompt_hash",
     "serve_in_thread",
 ]
@@ -71,15 +92,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _INSTALL_HINT = 'pip install "confroute[serve]"'
-ROLES = ("system", "user", "assistant")
 
 
 def _require_fastapi() -> None:
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError(
-            f"The confroute routing server needs fastapi and uvicorn: {_INSTALL_HINT}"
+            f"The confroute routing server needs fastapi, uvicorn and prometheus-client: "
+            f"{_INSTALL_HINT}"
         ) from exc
 
 
@@ -93,6 +115,282 @@ def _require_uvicorn() -> Any:
     return uvicorn
 
 
+# ----------------------------------------------------------------- router seam
+# The server uses only the Router's and the policies' public API. These few
+# functions are the whole seam (one place to change if that API moves).
+# Until the Router's decide/aanswer/check_calibrated API lands (branch wp-router), the
+# fallbacks below use the Router's pre-API internals. TODO(wp-router): delete them.
+def _check_calibrated(router: Router) -> None:
+    check = getattr(router, "check_calibrated", None)
+    check() if check is not None else router._check_fitted()
+
+
+def _decide(router: Router, prompts: list[Prompt]) -> list[tuple[Decision, Any]]:
+    """Decisions of one batch, in order, each with its ledger ticket (or None)."""
+    decide = getattr(router, "decide", None)
+    if decide is None:
+        decisions, tickets = router._route(prompts, None)
+        return list(zip(decisions, tickets))
+    return [(d, getattr(d, "ticket", None)) for d in decide(prompts)]
+
+
+async def _answer(router: Router, decision: Decision, ticket: Any,
+                  config: GenerationConfig | None) -> tuple[RoutedResponse, CloudError | None]:
+    """The response for one decided prompt (never raises for a cloud failure)."""
+    aanswer = getattr(router, "aanswer", None)
+    if aanswer is None:
+        return await router._aanswer(decision, ticket, config)
+    (resp,) = await aanswer([decision], cloud_config=config)
+    return resp, getattr(resp, "cloud_error", None)
+
+
+def _snapshot(policy: Any) -> LedgerSnapshot | None:
+    """The policy's ledger snapshot, or None for a policy that keeps no ledger."""
+    snapshot = getattr(policy, "snapshot", None) or getattr(policy, "ledger", None)
+    if snapshot is None or not callable(snapshot):
+        return None
+    return snapshot()  # type: ignore[no-any-return,unused-ignore]
+
+
+def _enforced(policy: Any) -> bool:
+    enforced = getattr(policy, "enforced", None)
+    if enforced is not None:
+        return bool(enforced)
+    if hasattr(policy, "spend_budget"):
+        return policy.spend_budget is not None
+    return getattr(policy, "enforce", "none") != "none"
+
+
+def _budget_of(policy: Any) -> tuple[str | None, float | None]:
+    """("cloud_fraction" or "spend", the budget) of an online policy, else (None, None)."""
+    for attr in ("budget", "max_cloud_fraction"):
+        value = getattr(policy, attr, None)
+        if isinstance(value, (int, float)):
+            return "cloud_fraction", float(value)
+    spend = getattr(policy, "spend_budget", None)
+    if isinstance(spend, (int, float)):
+        return "spend", float(spend)
+    return None, None
+
+
+# ------------------------------------------------------------------- budgets
+_PERIOD = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_period(value: str | float | int) -> float:
+    """Seconds of a budget period: a number of seconds or ``"30s"``, ``"30m"``, ``"1h"``, ``"1d"``.
+
+    Raises
+    ------
+    InvalidParameterError
+        For anything else, or a period that is not > 0.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _PERIOD.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise param_error("period", "parse_period", "seconds as a number or a string like "
+                              "'3600', '30m', '1h' or '1d'", value)
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise param_error("period", "parse_period", "a duration > 0", value)
+    return seconds
+
+
+def _escalation_threshold(policy: Any) -> float:
+    """The p_good below which ``policy`` escalates (its own rule, without any budget)."""
+    t = getattr(policy, "threshold_", None)
+    if t is None:
+        t = getattr(policy, "min_p_good", None)
+    if t is None and hasattr(policy, "quality_value"):
+        v = float(policy.quality_value)
+        gap = float(policy.cloud_cost) - float(policy.edge_cost)
+        t = float(policy.p_cloud_good) - gap / v if v > 0 else 0.0
+    if t is None:
+        raise InvalidParameterError(
+            f"apply_budget cannot read an escalation threshold from the router's policy "
+            f"{type(policy).__name__}; use a threshold, budget, risk-control or cost-aware "
+            f"policy."
+        )
+    return min(1.0, max(0.0, float(t)))
+
+
+def _share_policy(policy: Any, fraction: float, period: float | None, n_cal: int) -> Policy:
+    """An enforced BudgetPolicy with ``policy``'s escalation threshold."""
+    from confroute.policies import BudgetPolicy
+
+    nan_policy = getattr(policy, "nan_policy", "escalate")
+    try:
+        extra: dict[str, Any] = {"enforce": "period", "period": period} if period else {}
+        new = BudgetPolicy(budget=fraction, nan_policy=nan_policy, **extra)  # type: ignore[call-arg]
+    except TypeError:  # policies without the period ledger
+        if period is not None:
+            raise InvalidParameterError(
+                "The 'period' parameter of apply_budget needs a BudgetPolicy with "
+                "enforce='period'; this confroute has none.") from None
+        new = BudgetPolicy(max_cloud_fraction=fraction, enforce="total", nan_policy=nan_policy)
+    if isinstance(policy, BudgetPolicy):
+        state = policy.get_state()
+    else:
+        state = {"threshold_": _escalation_threshold(policy),
+                 "calibration_cloud_fraction_": math.nan,
+                 "cloud_fraction_interval_": [math.nan, math.nan], "n_calibration_": n_cal}
+    return new.set_state(state)
+
+
+def _cost_per_escalation(router: Router, prices: Mapping[str, float] | None,
+                         prompt_tokens: int) -> float:
+    """Cloud cost reserved per escalation: ``prompt_tokens`` in, the cloud's max_new_tokens out."""
+    out_tokens = router.cloud_config.max_new_tokens
+    if prices is not None:
+        return (prompt_tokens * prices["input"] + out_tokens * prices["output"]) / 1e6
+    cost_of = getattr(router.cloud, "cost_of", None)
+    probe = Sample(text="", token_ids=(0,) * out_tokens, prompt_tokens=prompt_tokens)
+    return float(cost_of(probe)) if cost_of is not None else 0.0
+
+
+def _cost_policy(router: Router, cap: float, period: float | None, cost: float) -> Policy:
+    """A CostAwarePolicy with a spend cap that keeps the router's own escalation rule."""
+    from confroute.policies import CostAwarePolicy
+
+    policy = router.policy
+    extra: dict[str, Any] = {"period": period} if period is not None else {}
+    if isinstance(policy, CostAwarePolicy):
+        params = {**policy.get_params(), "cloud_cost": cost, "spend_budget": cap, **extra}
+    else:  # (t - p) * 1 > cost - cost: escalate exactly when p < t, charging `cost`
+        params = {"edge_cost": cost, "cloud_cost": cost, "quality_value": 1.0,
+                  "p_cloud_good": _escalation_threshold(policy), "spend_budget": cap,
+                  "nan_policy": getattr(policy, "nan_policy", "escalate"), **extra}
+    try:
+        return CostAwarePolicy(**params)
+    except TypeError:
+        raise InvalidParameterError(
+            "The 'period' parameter of apply_budget needs a CostAwarePolicy with a period; "
+            "this confroute has none.") from None
+
+
+def apply_budget(
+    router: Router,
+    *,
+    max_cloud_fraction: float | None = None,
+    max_cloud_cost: float | None = None,
+    period: str | float | None = None,
+    prices: Mapping[str, float] | None = None,
+    prompt_tokens: int = 1000,
+) -> Router:
+    """A copy of ``router`` whose policy enforces a cloud budget online, exactly.
+
+    The escalation rule stays the router's own (the threshold its calibrated
+    policy learned: ``threshold_`` or ``min_p_good``, or the cost-aware rule);
+    the budget caps it through the policy's thread-safe ledger, so a traffic
+    shift (more low-``p_good`` requests than at calibration) cannot push the
+    cloud share or spend over the budget.
+
+    Parameters
+    ----------
+    router : Router
+        A calibrated router; it is not modified (the copy shares its models,
+        estimators and calibrator).
+    max_cloud_fraction : float in [0, 1], optional
+        Replace the policy by an enforced ``BudgetPolicy``: after every request,
+        cloud answers <= floor(F * requests) (within each ``period`` when given).
+    max_cloud_cost : float >= 0, optional
+        Replace the policy by a ``CostAwarePolicy`` with this spend cap (per
+        ``period`` when given), in the currency of the prices.
+    period : float or str, optional
+        Budget period in seconds, or ``"30m"``, ``"1h"``, ``"1d"`` (see
+        :func:`parse_period`). Default: the budget covers the server's lifetime.
+    prices : mapping, optional
+        ``{"input": USD_per_Mtok, "output": USD_per_Mtok}``. Default: the cloud
+        model's price table through its ``cost_of``.
+    prompt_tokens : int, default=1000
+        Prompt tokens assumed per escalation when reserving its cost. Each
+        escalation reserves ``(prompt_tokens * input + max_new_tokens * output)
+        / 1e6`` (``max_new_tokens`` of the router's ``cloud_config``), an upper
+        bound for prompts up to that length.
+
+    Returns
+    -------
+    Router
+
+    Raises
+    ------
+    InvalidParameterError
+        Both or neither budget given, a value out of range, or ``max_cloud_cost``
+        without any price (the reserved cost would be 0).
+    """
+    from confroute.router import Router
+
+    owner = "apply_budget"
+    if not isinstance(router, Router):
+        raise param_error("router", owner, "a confroute Router", router, type_error=True)
+    _check_calibrated(router)
+    if (max_cloud_fraction is None) == (max_cloud_cost is None):
+        raise InvalidParameterError("apply_budget needs exactly one of 'max_cloud_fraction' "
+                                    "(share of requests) or 'max_cloud_cost' (spend cap).")
+    seconds = None if period is None else parse_period(period)
+    if max_cloud_fraction is not None:
+        frac = check_float(max_cloud_fraction, "max_cloud_fraction", owner, min_value=0.0,
+                           max_value=1.0)
+        n_cal = int((router.calibration_ or {}).get("n", 0))
+        policy = _share_policy(router.policy, frac, seconds, n_cal)
+    else:
+        cap = check_float(max_cloud_cost, "max_cloud_cost", owner, min_value=0.0)
+        check_int(prompt_tokens, "prompt_tokens", owner, min_value=0)
+        cost = _cost_per_escalation(router, _check_prices(prices, owner), prompt_tokens)
+        if cost <= 0:
+            raise InvalidParameterError(
+                "The 'prices' parameter of apply_budget must be given with max_cloud_cost when "
+                "the cloud model has no price table. Got None.")
+        policy = _cost_policy(router, cap, seconds, cost)
+    new = copy.copy(router)
+    new.policy = policy
+    return new
+
+
+def _check_prices(prices: Any, owner: str) -> dict[str, float] | None:
+    if prices is None:
+        return None
+    expected = "a mapping {'input': USD_per_Mtok, 'output': USD_per_Mtok} of numbers >= 0"
+    if not isinstance(prices, Mapping) or set(prices) != {"input", "output"}:
+        raise param_error("prices", owner, expected, prices, type_error=not isinstance(
+            prices, Mapping))
+    return {k: check_float(prices[k], f"prices[{k!r}]", owner, min_value=0.0) for k in prices}
+
+
+def ledger_report(policy: Any) -> dict[str, Any] | None:
+    """The ledger of an online policy as a JSON-able dict (None if it keeps none).
+
+    Returns
+    -------
+    dict or None
+        ``requests``, ``cloud`` (escalations counted), ``window_cloud``,
+        ``cloud_share`` (cloud / requests, 0 before any request), ``spent``,
+        ``budget_kind`` ("cloud_fraction" or "spend"), ``budget`` and, for a
+        cloud-fraction budget, ``allowance`` = floor(budget * requests), the
+        escalations allowed so far.
+    """
+    snap = _snapshot(policy)
+    if snap is None:
+        return None
+    kind, budget = _budget_of(policy)
+    allowance = None
+    if kind == "cloud_fraction" and budget is not None:
+        allowance = math.floor(Fraction(repr(budget)) * snap.requests)
+    return {
+        "requests": int(snap.requests),
+        "cloud": int(snap.cloud),
+        "window_cloud": int(snap.window_cloud),
+        "cloud_share": snap.cloud / snap.requests if snap.requests else 0.0,
+        "spent": float(snap.spent),
+        "budget_kind": kind,
+        "budget": budget,
+        "allowance": allowance,
+    }
+
+
 # ------------------------------------------------------------------------ batcher
 @dataclass(eq=False)
 class _Pending:
@@ -104,7 +402,7 @@ class EdgeBatcher:
     """Serialise edge work: micro-batch requests into one routing call at a time.
 
     Requests submitted within ``max_wait`` seconds of the first one waiting (up to
-    ``max_batch`` of them) are routed together by one ``Router._route`` call
+    ``max_batch`` of them) are routed together by one ``router.decide`` call
     (edge generation, scoring, calibration, and the policy's ``admit`` in
     arrival order) on a single dedicated thread. Only one batch runs at a time,
     so the edge model is never called concurrently. A batch whose edge work
@@ -186,8 +484,8 @@ class EdgeBatcher:
         loop = asyncio.get_running_loop()
         router = self.router
         try:
-            decisions, tickets = await loop.run_in_executor(
-                self._pool, router._route, [it.prompt for it in items], None
+            decided = await loop.run_in_executor(
+                self._pool, _decide, router, [it.prompt for it in items]
             )
         except asyncio.CancelledError:
             for it in items:
@@ -207,7 +505,7 @@ class EdgeBatcher:
         self.routed += len(items)
         self.largest_batch = max(self.largest_batch, len(items))
         settle = getattr(router.policy, "settle", None)
-        for it, d, t in zip(items, decisions, tickets):
+        for it, (d, t) in zip(items, decided):
             if it.future.done():  # the client went away: give its escalation back
                 if settle is not None and t is not None:
                     settle(t, spent=False)
@@ -215,7 +513,7 @@ class EdgeBatcher:
             it.future.set_result((d, t))
 
 
-# ------------------------------------------------------------------- validation
+# ------------------------------------------------------------------- requests
 class _BadRequest(Exception):
     def __init__(self, message: str, param: str | None, code: str, status: int = 400) -> None:
         super().__init__(message)
@@ -232,137 +530,45 @@ class _Limits:
     max_n: int
 
 
-@dataclass(frozen=True)
-class _ChatRequest:
-    messages: tuple[Mapping[str, str], ...]
-    stream: bool
-    cloud_overrides: dict[str, Any] = field(default_factory=dict)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-        value
-    )
-
-
-def _parse_chat(body: Any, limits: _Limits) -> _ChatRequest:
-    if not isinstance(body, dict):
-        raise _BadRequest("The request body must be a JSON object.", None, "invalid_body")
-    messages = body.get("messages")
-    if messages is None:
-        raise _BadRequest("Missing required parameter: 'messages'.", "messages",
-                          "missing_required_parameter")
-    if not isinstance(messages, list):
-        raise _BadRequest("'messages' must be a list of message objects.", "messages",
-                          "invalid_type")
-    if not messages:
-        raise _BadRequest("'messages' must contain at least one message.", "messages",
-                          "empty_array")
-    if len(messages) > limits.max_messages:
-        raise _BadRequest(
-            f"'messages' has {len(messages)} messages; this server accepts at most "
-            f"{limits.max_messages}.", "messages", "too_many_messages",
-        )
-    out: list[dict[str, str]] = []
-    total = 0
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _BadRequest(f"'{where}' must be an object with 'role' and 'content'.", where,
-                              "invalid_type")
-        role = m.get("role")
-        if role not in ROLES:
-            raise _BadRequest(
-                f"'{where}.role' must be one of {', '.join(repr(r) for r in ROLES)}. "
-                f"Got {role!r}.", f"{where}.role", "invalid_value",
-            )
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise _BadRequest(
-                f"'{where}.content' must be a string (content-part arrays and null content "
-                f"are not supported). Got {type(content).__name__}.", f"{where}.content",
-                "invalid_type",
-            )
-        total += len(content)
-        out.append({"role": role, "content": content})
+def _routed_prompt(req: ChatCompletionRequest, limits: _Limits) -> Prompt:
+    """The conversation the router sees, after the server's limits are checked."""
+    msgs = req.messages
+    if len(msgs) > limits.max_messages:
+        raise _BadRequest(f"'messages' has {len(msgs)} messages; this server accepts at most "
+                          f"{limits.max_messages}.", "messages", "too_many_messages")
+    out = tuple({"role": m.routed_role, "content": m.text} for m in msgs)
+    total = sum(len(m["content"]) for m in out)
     if total > limits.max_prompt_chars:
-        raise _BadRequest(
-            f"The conversation has {total} characters of content; this server accepts at most "
-            f"{limits.max_prompt_chars}.", "messages", "prompt_too_long",
-        )
+        raise _BadRequest(f"The conversation has {total} characters of content; this server "
+                          f"accepts at most {limits.max_prompt_chars}.", "messages",
+                          "prompt_too_long")
     if not any(m["role"] == "user" for m in out):
         raise _BadRequest("'messages' must contain at least one 'user' message.", "messages",
                           "invalid_value")
     if not any(m["content"].strip() for m in out):
         raise _BadRequest("'messages' must contain some non-empty content.", "messages",
                           "invalid_value")
-
-    n = body.get("n")
-    if n is not None:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise _BadRequest(f"'n' must be an integer >= 1. Got {n!r}.", "n", "invalid_value")
-        if n > limits.max_n:
-            raise _BadRequest(
-                f"'n' must be at most {limits.max_n} on this server (a routed request has one "
-                f"answer). Got {n}.", "n", "invalid_value",
-            )
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _BadRequest(f"'stream' must be a boolean. Got {stream!r}.", "stream",
-                          "invalid_type")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _BadRequest(f"'model' must be a string. Got {model!r}.", "model", "invalid_type")
-
-    over: dict[str, Any] = {}
-    temperature = body.get("temperature")
-    if temperature is not None:
-        if not _is_number(temperature) or not 0.0 <= float(temperature) <= 2.0:
-            raise _BadRequest(
-                f"'temperature' must be a number in [0, 2]. Got {temperature!r}.",
-                "temperature", "invalid_value",
-            )
-        over["temperature"] = float(temperature)
-    top_p = body.get("top_p")
-    if top_p is not None:
-        if not _is_number(top_p) or not 0.0 < float(top_p) <= 1.0:
-            raise _BadRequest(f"'top_p' must be a number in (0, 1]. Got {top_p!r}.", "top_p",
-                              "invalid_value")
-        over["top_p"] = float(top_p)
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise _BadRequest(f"'{key}' must be an integer >= 1. Got {value!r}.", key,
-                              "invalid_value")
-        over.setdefault("max_new_tokens", value)
-    seed = body.get("seed")
-    if seed is not None:
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise _BadRequest(f"'seed' must be an integer >= 0. Got {seed!r}.", "seed",
-                              "invalid_value")
-        over["seed"] = seed
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if (not isinstance(stops, list) or len(stops) > 4
-                or not all(isinstance(s, str) and s for s in stops)):
-            raise _BadRequest("'stop' must be a non-empty string or a list of at most 4 of "
-                              f"them. Got {stop!r}.", "stop", "invalid_value")
-        over["stop"] = tuple(stops)
-    return _ChatRequest(messages=tuple(out), stream=stream, cloud_overrides=over)
+    if req.n is not None and req.n > limits.max_n:
+        raise _BadRequest(f"'n' must be at most {limits.max_n} on this server (a routed request "
+                          f"has one answer). Got {req.n}.", "n", "invalid_value")
+    return out
 
 
-def _cloud_config(base: GenerationConfig, over: Mapping[str, Any]) -> GenerationConfig | None:
+def _cloud_config(base: GenerationConfig, req: ChatCompletionRequest) -> GenerationConfig | None:
     """The router's cloud config with the request's sampling fields (never a longer answer)."""
-    if not over:
+    changes: dict[str, Any] = {}
+    if req.temperature is not None:
+        changes["temperature"] = float(req.temperature)
+    if req.top_p is not None:
+        changes["top_p"] = float(req.top_p)
+    if req.max_new_tokens is not None:
+        changes["max_new_tokens"] = min(int(req.max_new_tokens), base.max_new_tokens)
+    if req.seed is not None:
+        changes["seed"] = req.seed
+    if req.stop is not None:
+        changes["stop"] = req.stops
+    if not changes:
         return None
-    changes = dict(over)
-    if "max_new_tokens" in changes:
-        changes["max_new_tokens"] = min(int(changes["max_new_tokens"]), base.max_new_tokens)
     return dataclasses.replace(base, n=1, **changes)
 
 
@@ -374,20 +580,13 @@ def _finite(x: float) -> float | None:
 def decision_record(resp: RoutedResponse, ticket: Any = None) -> dict[str, Any]:
     """The ``confroute`` field of a response: how the answer was chosen.
 
-    Parameters
-    ----------
-    resp : RoutedResponse
-    ticket : Ticket or None
-        The online-ledger ticket of the request, if the policy issued one.
-
     Returns
     -------
     dict
-        ``source`` ("edge"/"cloud": who wrote the answer), ``routed_to`` (the
-        decision before any cloud call), ``p_good`` (null when unscorable),
-        ``scores``, ``reason``, ``degraded``, ``error``, ``cost``,
-        ``ledger_seq`` (arrival index in the budget ledger, or null) and
-        ``prompt_hash`` (first 16 hex digits of the SHA-256 of the UTF-8 of
+        ``source`` (who answered), ``routed_to`` (the decision), ``p_good`` (None
+        if unscorable), ``scores``, ``reason``, ``degraded``, ``error``, ``cost``,
+        ``ledger_seq`` (the request's arrival index in the budget ledger, or None)
+        and ``prompt_hash`` (the first 16 hex digits of the SHA-256 of the UTF-8 of
         ``json.dumps([{"role": r, "content": c}, ...], ensure_ascii=False)`` over
         the routed conversation, so a client can check the decision is for the
         conversation it sent).
@@ -432,7 +631,76 @@ def _pieces(text: str) -> list[str]:
     return re.findall(r"\s*\S+|\s+", text)
 
 
+def _usage(resp: RoutedResponse) -> dict[str, int] | None:
+    """OpenAI ``usage`` of a cloud answer (None for edge answers: not metered)."""
+    if resp.source != "cloud" or not resp.usage:
+        return None
+    pt = int(resp.usage.get("prompt_tokens", 0))
+    ct = int(resp.usage.get("completion_tokens", 0))
+    return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+
+
+def _outcome(resp: RoutedResponse) -> str:
+    """The metrics label of a served request: edge, cloud, degraded or error."""
+    if resp.text is None:
+        return "error"
+    return "degraded" if resp.degraded else resp.source
+
+
+# ---------------------------------------------------------------------- metrics
+SOURCES = ("edge", "cloud", "degraded", "error")
+
+
+class _Metrics:
+    """Prometheus metrics of one app, in their own ``CollectorRegistry``."""
+
+    def __init__(self, router: Router) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "confroute_requests", "Chat completions served, by who answered (degraded: the "
+            "edge answer after a failed cloud call; error: no answer)", ["source"],
+            registry=self.registry)
+        for source in SOURCES:
+            self.requests.labels(source)
+        self.invalid = Counter("confroute_invalid_requests",
+                               "Chat completion requests refused with a 400",
+                               registry=self.registry)
+        self.latency = Histogram("confroute_request_latency_seconds",
+                                 "Time from a valid request to its response, by source",
+                                 ["source"], registry=self.registry)
+        fields = {"requests": "Requests admitted by the policy's ledger",
+                  "cloud": "Escalations counted by the ledger (failed calls given back)",
+                  "spent": "Cloud spend counted by the ledger (CostAwarePolicy)",
+                  "budget": "The budget: cloud fraction or spend cap (NaN without one)",
+                  "allowance": "Escalations allowed so far, floor(budget * requests)"}
+        for key, doc in fields.items():
+            gauge = Gauge(f"confroute_ledger_{key}", doc, registry=self.registry)
+            gauge.set_function(functools.partial(_ledger_value, router, key))
+
+    def observe(self, source: str, seconds: float) -> None:
+        self.requests.labels(source).inc()
+        self.latency.labels(source).observe(seconds)
+
+
+def _ledger_value(router: Router, key: str) -> float:
+    report = ledger_report(router.policy)
+    value = None if report is None else report.get(key)
+    return math.nan if value is None else float(value)
+
+
 # ------------------------------------------------------------------------- app
+@dataclass(eq=False)
+class _Server:
+    router: Router
+    batcher: EdgeBatcher
+    limits: _Limits
+    model_name: str
+    created: int
+    metrics: _Metrics
+
+
 def create_app(
     router: Router,
     *,
@@ -442,6 +710,10 @@ def create_app(
     max_n: int = 1,
     max_batch: int = 8,
     batch_wait_ms: float = 5.0,
+    max_cloud_fraction: float | None = None,
+    max_cloud_cost: float | None = None,
+    period: str | float | None = None,
+    prices: Mapping[str, float] | None = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible routing server around a calibrated router.
 
@@ -465,161 +737,243 @@ def create_app(
         Largest micro-batch of edge work (see :class:`EdgeBatcher`).
     batch_wait_ms : float, default=5.0
         How long the batcher waits for more requests after the first one.
+    max_cloud_fraction, max_cloud_cost, period, prices : optional
+        Serve with an enforced budget: the router is replaced by
+        ``apply_budget(router, ...)`` (see :func:`apply_budget`).
 
     Returns
     -------
     fastapi.FastAPI
-        The app; ``app.state.router`` and ``app.state.batcher`` hold the parts.
+        The app; ``app.state.router`` (the router serving, budgeted when asked)
+        and ``app.state.batcher`` hold the parts, ``app.state.registry`` the
+        Prometheus registry.
 
     Raises
     ------
     MissingDependencyError
-        When fastapi is not installed.
+        When fastapi or prometheus-client is not installed.
     NotFittedError
         When the router is not calibrated.
     """
     _require_fastapi()
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.responses import JSONResponse, StreamingResponse
-
     from confroute.router import Router
 
     owner = "create_app"
     if not isinstance(router, Router):
         raise param_error("router", owner, "a confroute Router", router, type_error=True)
-    router._check_fitted()
+    _check_calibrated(router)
     if not isinstance(model_name, str) or not model_name:
         raise param_error("model_name", owner, "a non-empty string", model_name,
                           type_error=not isinstance(model_name, str))
     limits = _Limits(
-        max_prompt_chars=int(check_int(max_prompt_chars, "max_prompt_chars", owner,
-                                       min_value=1) or 1),
-        max_messages=int(check_int(max_messages, "max_messages", owner, min_value=1) or 1),
-        max_n=int(check_int(max_n, "max_n", owner, min_value=1, max_value=1) or 1),
+        max_prompt_chars=check_int(max_prompt_chars, "max_prompt_chars", owner, min_value=1),
+        max_messages=check_int(max_messages, "max_messages", owner, min_value=1),
+        max_n=check_int(max_n, "max_n", owner, min_value=1, max_value=1),
     )
     wait = check_float(batch_wait_ms, "batch_wait_ms", owner, min_value=0.0)
-    batcher = EdgeBatcher(router, max_batch=max_batch, max_wait=float(wait or 0.0) / 1000.0)
-    created = int(time.time())
+    if max_cloud_fraction is not None or max_cloud_cost is not None:
+        router = apply_budget(router, max_cloud_fraction=max_cloud_fraction,
+                              max_cloud_cost=max_cloud_cost, period=period, prices=prices)
+    elif period is not None or prices is not None:
+        raise InvalidParameterError("The 'period' and 'prices' parameters of create_app need "
+                                    "max_cloud_fraction or max_cloud_cost.")
+    batcher = EdgeBatcher(router, max_batch=max_batch, max_wait=wait / 1000.0)
+    server = _Server(router, batcher, limits, model_name, int(time.time()), _Metrics(router))
+    return _build_app(server)
 
-    @asynccontextmanager
+
+def _build_app(server: _Server) -> FastAPI:
+    """The FastAPI app of ``server``: lifespan, error handlers and routes."""
+    from fastapi import FastAPI
+
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await batcher.aclose()
+        await server.batcher.aclose()
 
     app = FastAPI(title="confroute routing server", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None)
-    app.state.router = router
-    app.state.batcher = batcher
-    app.state.model_name = model_name
+                  redoc_url=None, openapi_url="/openapi.json")
+    app.state.router = server.router
+    app.state.batcher = server.batcher
+    app.state.model_name = server.model_name
+    app.state.registry = server.metrics.registry
+    _add_error_handlers(app, server)
+    _add_routes(app, server)
+    return app
 
-    def error(status: int, message: str, *, type_: str = "invalid_request_error",
-              param: str | None = None, code: str | None = None,
-              extra: Mapping[str, Any] | None = None,
-              headers: Mapping[str, str] | None = None) -> Response:
-        body = _error_body(message, type_=type_, param=param, code=code)
-        if extra:
-            body.update(extra)
-        return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+def _error(status: int, message: str, *, type_: str = "invalid_request_error",
+           param: str | None = None, code: str | None = None,
+           extra: Mapping[str, Any] | None = None,
+           headers: Mapping[str, str] | None = None) -> Response:
+    from starlette.responses import JSONResponse
+
+    body = _error_body(message, type_=type_, param=param, code=code)
+    if extra:
+        body.update(extra)
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _add_error_handlers(app: FastAPI, server: _Server) -> None:
+    """OpenAI-shaped errors: 400 for every invalid body (never 422), 404/405 for routes."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.responses import JSONResponse
+
+    from confroute.serve_schema import openai_error
+
+    async def invalid_body(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        server.metrics.invalid.inc()
+        errors = list(exc.errors())
+        body = openai_error(errors[0]) if errors else _error_body(
+            "The request body is invalid.", type_="invalid_request_error", param=None,
+            code="invalid_body")
+        return JSONResponse(body, status_code=400)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
-                     code=code)
+        return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
+                      code=code)
 
+    app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(StarletteHTTPException, http_error)
 
-    async def chat_completions(request: Request) -> Response:
-        raw = await request.body()
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            return error(400, "The request body is not valid JSON.", code="invalid_json")
-        try:
-            parsed = _parse_chat(body, limits)
-        except _BadRequest as bad:
-            return error(bad.status, bad.message, param=bad.param, code=bad.code)
-        try:
-            cloud_config = _cloud_config(router.cloud_config, parsed.cloud_overrides)
-        except ValueError as exc:
-            return error(400, str(exc), code="invalid_value")
-        try:
-            decision, ticket = await batcher.submit(parsed.messages)
-        except Exception as exc:
-            logger.exception("edge routing failed")
-            return error(500, f"Routing failed on the edge model: {type(exc).__name__}: {exc}",
-                         type_="server_error", code="edge_failed")
-        resp, cloud_err = await router._aanswer(decision, ticket, cloud_config)
-        record = decision_record(resp, ticket)
-        headers = _headers(resp)
-        if resp.text is None:
-            return error(502, resp.error or "the cloud call failed", type_="cloud_error",
-                         code=getattr(cloud_err, "reason", None) or "cloud_failed",
-                         extra={"confroute": record}, headers=headers)
-        cid = "chatcmpl-" + uuid.uuid4().hex
-        now = int(time.time())
-        if not parsed.stream:
-            usage = None
-            if resp.source == "cloud" and resp.usage:
-                pt = int(resp.usage.get("prompt_tokens", 0))
-                ct = int(resp.usage.get("completion_tokens", 0))
-                usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
-            payload = {
-                "id": cid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                             "message": {"role": "assistant", "content": resp.text}}],
-                "usage": usage,
-                "confroute": record,
-            }
-            return JSONResponse(payload, headers=headers)
 
-        text = resp.text
+def _add_routes(app: FastAPI, server: _Server) -> None:
+    from starlette.responses import JSONResponse
 
-        def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> str:
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": now,
-                   "model": model_name,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                "logprobs": None}], **extra}
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    from confroute.serve_schema import ChatCompletionRequest
 
-        async def events() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""}, None, confroute=record)
-            for piece in _pieces(text):
-                yield chunk({"content": piece}, None)
-            yield chunk({}, "stop")
-            yield "data: [DONE]\n\n"
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        return await _chat(server, body)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"})
+    # FastAPI reads the body model from the real annotation (this module's annotations
+    # are strings and the schema module is imported lazily).
+    chat_completions.__annotations__ = {"body": ChatCompletionRequest}
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
+                      response_model=None, summary="Create a routed chat completion")
 
     async def list_models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": created, "owned_by": "confroute"}
-        ]})
+        return JSONResponse({"object": "list", "data": [_model_card(server)]})
+
+    async def get_model(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        if model_id != server.model_name:
+            return _error(404, f"The model '{model_id}' does not exist; this server answers "
+                          f"as '{server.model_name}'.", param="model", code="model_not_found")
+        return JSONResponse(_model_card(server))
 
     async def health(request: Request) -> Response:
-        ledger = getattr(router.policy, "ledger", None)
-        led = ledger()._asdict() if ledger is not None else None
-        return JSONResponse({
-            "status": "ok",
-            "model": model_name,
-            "edge": getattr(router.edge, "name", None),
-            "cloud": getattr(router.cloud, "name", None),
-            "policy": type(router.policy).__name__,
-            "on_cloud_error": router.on_cloud_error,
-            "ledger": led,
-            "batches": batcher.batches,
-            "routed": batcher.routed,
-            "largest_batch": batcher.largest_batch,
-        })
+        return JSONResponse(_health(server))
 
-    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from starlette.responses import Response as PlainResponse
+
+        return PlainResponse(generate_latest(server.metrics.registry),
+                             media_type=CONTENT_TYPE_LATEST)
+
     app.add_route("/v1/models", list_models, methods=["GET"])
+    app.add_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
     app.add_route("/health", health, methods=["GET"])
-    return app
+    app.add_route("/metrics", metrics, methods=["GET"])
+
+
+def _model_card(server: _Server) -> dict[str, Any]:
+    return {"id": server.model_name, "object": "model", "created": server.created,
+            "owned_by": "confroute"}
+
+
+def _health(server: _Server) -> dict[str, Any]:
+    router, batcher = server.router, server.batcher
+    return {
+        "status": "ok",
+        "model": server.model_name,
+        "edge": getattr(router.edge, "name", None),
+        "cloud": getattr(router.cloud, "name", None),
+        "policy": type(router.policy).__name__,
+        "enforced": _enforced(router.policy),
+        "on_cloud_error": router.on_cloud_error,
+        "ledger": ledger_report(router.policy),
+        "batches": batcher.batches,
+        "routed": batcher.routed,
+        "largest_batch": batcher.largest_batch,
+    }
+
+
+async def _chat(server: _Server, req: ChatCompletionRequest) -> Response:
+    """Route one validated request and answer it (JSON or server-sent events)."""
+    t0 = time.perf_counter()
+    router = server.router
+    try:
+        prompt = _routed_prompt(req, server.limits)
+        cloud_config = _cloud_config(router.cloud_config, req)
+    except (_BadRequest, ValueError) as exc:
+        server.metrics.invalid.inc()
+        if isinstance(exc, _BadRequest):
+            return _error(exc.status, exc.message, param=exc.param, code=exc.code)
+        return _error(400, str(exc), code="invalid_value")
+    try:
+        decision, ticket = await server.batcher.submit(prompt)
+    except Exception as exc:
+        logger.exception("edge routing failed")
+        server.metrics.observe("error", time.perf_counter() - t0)
+        return _error(500, f"Routing failed on the edge model: {type(exc).__name__}: {exc}",
+                      type_="server_error", code="edge_failed")
+    resp, cloud_err = await _answer(router, decision, ticket, cloud_config)
+    server.metrics.observe(_outcome(resp), time.perf_counter() - t0)
+    record = decision_record(resp, ticket)
+    headers = _headers(resp)
+    if resp.text is None:
+        return _error(502, resp.error or "the cloud call failed", type_="cloud_error",
+                      code=getattr(cloud_err, "reason", None) or "cloud_failed",
+                      extra={"confroute": record}, headers=headers)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _stream(server, resp, record, headers, include_usage)
+    from starlette.responses import JSONResponse
+
+    payload = {
+        "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
+        "created": int(time.time()), "model": server.model_name,
+        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": resp.text}}],
+        "usage": _usage(resp),
+        "confroute": record,
+    }
+    return JSONResponse(payload, headers=headers)
+
+
+def _stream(server: _Server, resp: RoutedResponse, record: dict[str, Any],
+            headers: Mapping[str, str], include_usage: bool) -> Response:
+    """The answer as OpenAI chat-completion chunks (server-sent events)."""
+    from starlette.responses import StreamingResponse
+
+    cid, now, text = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), resp.text or ""
+    with_usage = {"usage": None} if include_usage else {}
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        obj = {"id": cid, "object": "chat.completion.chunk", "created": now,
+               "model": server.model_name, "choices": choices, **extra}
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def delta(content: dict[str, Any], finish: str | None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}]
+
+    async def events() -> AsyncIterator[str]:
+        yield chunk(delta({"role": "assistant", "content": ""}, None), confroute=record,
+                    **with_usage)
+        for piece in _pieces(text):
+            yield chunk(delta({"content": piece}, None), **with_usage)
+        yield chunk(delta({}, "stop"), **with_usage)
+        if include_usage:
+            yield chunk([], usage=_usage(resp))  # null for edge answers (not metered)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={**headers, "Cache-Control": "no-cache"})
 
 
 # ---------------------------------------------------------------- background run
@@ -687,3 +1041,4 @@ def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0,
         time.sleep(0.01)
     bound = server.servers[0].sockets[0].getsockname()[1]
     return RunningServer(server, thread, f"http://{host}:{bound}")
+

@@ -196,7 +196,7 @@ def _param(loc: Sequence[Any]) -> tuple[str | None, str | None]:
     for p in parts:
         if isinstance(p, int):
             path, pattern = f"{path}[{p}]", f"{pattern}[*]"
-        elif p in {"str", "list[str]", "list[ContentPart]"} or str(p).startswith(("function-")):
+        elif p in {"str", "list[str]", "list[ContentPart]"} or str(p).startswith("function-"):
             continue  # union members and validator wrappers are not parameters
         else:
             path = f"{path}.{p}" if path else str(p)
