@@ -539,7 +539,7 @@ def _routed_prompt(req: ChatCompletionRequest, limits: _Limits) -> Prompt:
     out = tuple({"role": m.routed_role, "content": m.text} for m in msgs)
     total = sum(len(m["content"]) for m in out)
     if total > limits.max_prompt_chars:
-        raise _BadRequest(f"The conversation has {total} characters of content; this server "
+        raise _BadRequest(f"'messages' has {total} characters of content; this server "
                           f"accepts at most {limits.max_prompt_chars}.", "messages",
                           "prompt_too_long")
     if not any(m["role"] == "user" for m in out):
