@@ -221,16 +221,16 @@ def _share_policy(policy: Any, fraction: float, period: float | None, n_cal: int
     """An enforced BudgetPolicy with ``policy``'s escalation threshold."""
     from confroute.policies import BudgetPolicy
 
-    nan_policy = getattr(policy, "nan_policy", "escalate")
+    params: dict[str, Any] = {"max_cloud_fraction": fraction, "enforce": "total",
+                              "nan_policy": getattr(policy, "nan_policy", "escalate")}
+    if period is not None:
+        params.update(enforce="period", period=period)
     try:
-        extra: dict[str, Any] = {"enforce": "period", "period": period} if period else {}
-        new = BudgetPolicy(budget=fraction, nan_policy=nan_policy, **extra)  # type: ignore[call-arg]
+        new = BudgetPolicy(**params)
     except TypeError:  # policies without the period ledger
-        if period is not None:
-            raise InvalidParameterError(
-                "The 'period' parameter of apply_budget needs a BudgetPolicy with "
-                "enforce='period'; this confroute has none.") from None
-        new = BudgetPolicy(max_cloud_fraction=fraction, enforce="total", nan_policy=nan_policy)
+        raise InvalidParameterError(
+            "The 'period' parameter of apply_budget needs a BudgetPolicy with "
+            "enforce='period'; this confroute has none.") from None
     if isinstance(policy, BudgetPolicy):
         state = policy.get_state()
     else:

@@ -41,7 +41,7 @@ N_CLIENTS = 32
 BUDGET = Fraction(3, 10)
 def _old_api() -> bool:
     """Policies from before the OnlinePolicy API (TODO(wp-router): drop this branch)."""
-    return "max_cloud_fraction" in inspect.signature(BudgetPolicy).parameters
+    return "period" not in inspect.signature(BudgetPolicy).parameters
 
 
 WORDS = ["capital", "answer", "yes", "count", "hello", "Hamlet", "colour", "cat"]
@@ -67,8 +67,7 @@ def _budget_router(edge) -> tuple[Router, list[str]]:
     order = np.argsort(got.scores, kind="stable")
     held, shifted = order[:16], order[-N_CLIENTS:]
     by_rank = [1, 1, 1, 1, 0, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0, 0]  # most confident first
-    policy = (BudgetPolicy(max_cloud_fraction=0.3) if _old_api()
-              else BudgetPolicy(budget=0.3, enforce="none"))  # type: ignore[call-arg]
+    policy = BudgetPolicy(max_cloud_fraction=0.3, enforce="none")  # fitted, not enforced
     router = Router(est, "isotonic", policy, edge=edge, cloud=EchoCloud(),
                     edge_max_new_tokens=6)
     router.calibrate([_conv(CANDIDATES[i]) for i in held], by_rank,
