@@ -221,7 +221,7 @@ def test_parse_period_rejects(bad):
 
 def test_cli_serve_budget_flags(tmp_path, edge, served_threshold_router):
     from confroute.cli import build_parser
-    from confroute.serve import app_from_args
+    from confroute.cli.serve import app_from_args
     from tests.tiny_models import save_causal_lm
 
     model_dir = save_causal_lm(tmp_path / "edge")

@@ -17,10 +17,10 @@ def register(sub: Any) -> None:
     """Add ``serve`` to the ``confroute`` command (cheap: imports nothing heavy)."""
     p = sub.add_parser(
         "serve", help="run an OpenAI-compatible routing server",
-        description="Serve POST /v1/chat/completions (streaming and not), GET /v1/models and "
-        "GET /health. Each conversation is routed by the router: the edge answer is kept or "
-        "the conversation is escalated to the cloud model. The decision is returned in the "
-        "'confroute' response field and the X-Confroute-* headers. Needs "
+        description="Serve POST /v1/chat/completions (streaming and not), GET /v1/models, "
+        "GET /health and GET /metrics. Each conversation is routed by the router: the edge "
+        "answer is kept or the conversation is escalated to the cloud model. The decision is "
+        "returned in the 'confroute' response field and the X-Confroute-* headers. Needs "
         f"{_INSTALL_HINT}.",
     )
     p.add_argument("--router", help="saved router file (default: the built-in one)")
@@ -39,6 +39,19 @@ def register(sub: Any) -> None:
                    help="largest edge micro-batch (default 8)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long to gather a micro-batch, in ms (default 5)")
+    p.add_argument("--max-cloud-fraction", type=float, default=None,
+                   help="enforce a cloud budget: at most this share of requests (0-1) goes to "
+                   "the cloud, exactly, at every point of the arrival order")
+    p.add_argument("--max-cloud-cost", type=float, default=None,
+                   help="enforce a cloud spend cap (in the currency of the prices), per "
+                   "--period when given")
+    p.add_argument("--period", default=None,
+                   help="budget period: seconds or 30m, 1h, 1d (default: the server's lifetime)")
+    p.add_argument("--price-input", type=float, default=None,
+                   help="cloud price per million input tokens (for --max-cloud-cost; default: "
+                   "the cloud model's price table)")
+    p.add_argument("--price-output", type=float, default=None,
+                   help="cloud price per million output tokens (for --max-cloud-cost)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     p.set_defaults(func=cmd_serve)
 
@@ -66,9 +79,14 @@ def app_from_args(args: argparse.Namespace) -> Any:
     from confroute.serve import create_app
 
     router = load_router(args.router, args.edge, args.cloud)
+    prices = None
+    if args.price_input is not None or args.price_output is not None:
+        prices = {"input": args.price_input or 0.0, "output": args.price_output or 0.0}
     return create_app(router, model_name=args.model_name, max_prompt_chars=args.max_prompt_chars,
                       max_messages=args.max_messages, max_batch=args.max_batch,
-                      batch_wait_ms=args.batch_wait_ms)
+                      batch_wait_ms=args.batch_wait_ms,
+                      max_cloud_fraction=args.max_cloud_fraction,
+                      max_cloud_cost=args.max_cloud_cost, period=args.period, prices=prices)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
