@@ -234,9 +234,11 @@ def _share_policy(policy: Any, fraction: float, period: float | None, n_cal: int
     if isinstance(policy, BudgetPolicy):
         state = policy.get_state()
     else:
+        # the held-out share at this threshold is unknown here: the budget stands in
+        # for it, with the uninformative interval [0, 1]
         state = {"threshold_": _escalation_threshold(policy),
-                 "calibration_cloud_fraction_": math.nan,
-                 "cloud_fraction_interval_": [math.nan, math.nan], "n_calibration_": n_cal}
+                 "calibration_cloud_fraction_": fraction,
+                 "cloud_fraction_interval_": [0.0, 1.0], "n_calibration_": n_cal}
     return new.set_state(state)
 
 
@@ -283,7 +285,10 @@ def apply_budget(
     """A copy of ``router`` whose policy enforces a cloud budget online, exactly.
 
     The escalation rule stays the router's own (the threshold its calibrated
-    policy learned: ``threshold_`` or ``min_p_good``, or the cost-aware rule);
+    policy learned: ``threshold_`` or ``min_p_good``, or the cost-aware rule;
+    when that policy is not a BudgetPolicy, the new one's
+    ``calibration_cloud_fraction_`` is the budget and its
+    ``cloud_fraction_interval_`` is [0, 1], as the held-out share is unknown);
     the budget caps it through the policy's thread-safe ledger, so a traffic
     shift (more low-``p_good`` requests than at calibration) cannot push the
     cloud share or spend over the budget.
