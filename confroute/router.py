@@ -685,26 +685,6 @@ class Router:
         except SerializationError as exc:
             raise SerializationError(f"Saved router at {str(path)!r}: {exc}") from None
 
-    # -- transitional -------------------------------------------------------------------
-    # confroute/serve.py (before its rewrite on branch wp-serve) still calls these three;
-    # delete them at integration, once serve uses check_calibrated / decide / aanswer.
-    # tests/test_router_api.py::test_no_module_uses_router_or_policy_private_names fails
-    # until then.
-    def _check_fitted(self) -> None:
-        self.check_calibrated()
-
-    def _route(
-        self, plist: list[Prompt], samples: Sequence[Samples] | None
-    ) -> tuple[list[Decision], list[Any]]:
-        decisions = self._decide(plist, samples)
-        return decisions, [d.ticket for d in decisions]
-
-    async def _aanswer(
-        self, d: Decision, ticket: Any = None, config: GenerationConfig | None = None
-    ) -> tuple[RoutedResponse, CloudError | None]:
-        (response,) = await self.aanswer([d], cloud_config=config)
-        return response, response.cloud_error
-
     def __repr__(self) -> str:
         est = self.estimators[0] if len(self.estimators) == 1 else self.estimators
         state = "calibrated" if self.calibration_ is not None else "not calibrated"

@@ -65,7 +65,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from confroute._validation import check_float, check_int, param_error
-from confroute.errors import CloudError, InvalidParameterError, MissingDependencyError
+from confroute.errors import InvalidParameterError, MissingDependencyError
 from confroute.types import Decision, GenerationConfig, Prompt, RoutedResponse, Sample, prompt_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -115,61 +115,28 @@ def _require_uvicorn() -> Any:
     return uvicorn
 
 
-# ----------------------------------------------------------------- router seam
-# The server uses only the Router's and the policies' public API. These few
-# functions are the whole seam (one place to change if that API moves).
-# Until the Router's decide/aanswer/check_calibrated API lands (branch wp-router), the
-# fallbacks below use the Router's pre-API internals. TODO(wp-router): delete them.
-def _check_calibrated(router: Router) -> None:
-    check = getattr(router, "check_calibrated", None)
-    check() if check is not None else router._check_fitted()
-
-
-def _decide(router: Router, prompts: list[Prompt]) -> list[tuple[Decision, Any]]:
-    """Decisions of one batch, in order, each with its ledger ticket (or None)."""
-    decide = getattr(router, "decide", None)
-    if decide is None:
-        decisions, tickets = router._route(prompts, None)
-        return list(zip(decisions, tickets))
-    return [(d, getattr(d, "ticket", None)) for d in decide(prompts)]
-
-
-async def _answer(router: Router, decision: Decision, ticket: Any,
-                  config: GenerationConfig | None) -> tuple[RoutedResponse, CloudError | None]:
-    """The response for one decided prompt (never raises for a cloud failure)."""
-    aanswer = getattr(router, "aanswer", None)
-    if aanswer is None:
-        return await router._aanswer(decision, ticket, config)
-    (resp,) = await aanswer([decision], cloud_config=config)
-    return resp, getattr(resp, "cloud_error", None)
-
-
+# ----------------------------------------------------------------- ledger view
 def _snapshot(policy: Any) -> LedgerSnapshot | None:
     """The policy's ledger snapshot, or None for a policy that keeps no ledger."""
-    snapshot = getattr(policy, "snapshot", None) or getattr(policy, "ledger", None)
-    if snapshot is None or not callable(snapshot):
-        return None
-    return snapshot()  # type: ignore[no-any-return,unused-ignore]
+    from confroute.policies import OnlinePolicy
+
+    return policy.snapshot() if isinstance(policy, OnlinePolicy) else None
 
 
 def _enforced(policy: Any) -> bool:
-    enforced = getattr(policy, "enforced", None)
-    if enforced is not None:
-        return bool(enforced)
-    if hasattr(policy, "spend_budget"):
-        return policy.spend_budget is not None
-    return getattr(policy, "enforce", "none") != "none"
+    from confroute.policies import OnlinePolicy
+
+    return isinstance(policy, OnlinePolicy) and policy.enforced
 
 
 def _budget_of(policy: Any) -> tuple[str | None, float | None]:
     """("cloud_fraction" or "spend", the budget) of an online policy, else (None, None)."""
-    for attr in ("budget", "max_cloud_fraction"):
-        value = getattr(policy, attr, None)
-        if isinstance(value, (int, float)):
-            return "cloud_fraction", float(value)
-    spend = getattr(policy, "spend_budget", None)
-    if isinstance(spend, (int, float)):
-        return "spend", float(spend)
+    from confroute.policies import BudgetPolicy, CostAwarePolicy
+
+    if isinstance(policy, BudgetPolicy):
+        return "cloud_fraction", float(policy.max_cloud_fraction)
+    if isinstance(policy, CostAwarePolicy) and policy.spend_budget is not None:
+        return "spend", float(policy.spend_budget)
     return None, None
 
 
@@ -331,7 +298,7 @@ def apply_budget(
     owner = "apply_budget"
     if not isinstance(router, Router):
         raise param_error("router", owner, "a confroute Router", router, type_error=True)
-    _check_calibrated(router)
+    router.check_calibrated()
     if (max_cloud_fraction is None) == (max_cloud_cost is None):
         raise InvalidParameterError("apply_budget needs exactly one of 'max_cloud_fraction' "
                                     "(share of requests) or 'max_cloud_cost' (spend cap).")
@@ -400,7 +367,7 @@ def ledger_report(policy: Any) -> dict[str, Any] | None:
 @dataclass(eq=False)
 class _Pending:
     prompt: Prompt
-    future: asyncio.Future[tuple[Decision, Any]]
+    future: asyncio.Future[Decision]
 
 
 class EdgeBatcher:
@@ -446,15 +413,15 @@ class EdgeBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="confroute-edge")
 
-    async def submit(self, prompt: Prompt) -> tuple[Decision, Any]:
-        """Route one (validated) prompt; returns its decision and budget ticket (or None)."""
+    async def submit(self, prompt: Prompt) -> Decision:
+        """Route one (validated) prompt; its ledger ticket (if any) is ``decision.ticket``."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._loop is not loop:
             self._queue = asyncio.Queue()
             self._loop = loop
             self._task = loop.create_task(self._run(), name="confroute-edge-batcher")
         assert self._queue is not None
-        fut: asyncio.Future[tuple[Decision, Any]] = loop.create_future()
+        fut: asyncio.Future[Decision] = loop.create_future()
         self._queue.put_nowait(_Pending(prompt, fut))
         return await fut
 
@@ -486,11 +453,13 @@ class EdgeBatcher:
                 await self._process(live)
 
     async def _process(self, items: list[_Pending]) -> None:
+        from confroute.policies import OnlinePolicy
+
         loop = asyncio.get_running_loop()
         router = self.router
         try:
             decided = await loop.run_in_executor(
-                self._pool, _decide, router, [it.prompt for it in items]
+                self._pool, router.decide, [it.prompt for it in items]
             )
         except asyncio.CancelledError:
             for it in items:
@@ -509,13 +478,13 @@ class EdgeBatcher:
         self.batches += 1
         self.routed += len(items)
         self.largest_batch = max(self.largest_batch, len(items))
-        settle = getattr(router.policy, "settle", None)
-        for it, (d, t) in zip(items, decided):
+        policy = router.policy
+        for it, d in zip(items, decided):
             if it.future.done():  # the client went away: give its escalation back
-                if settle is not None and t is not None:
-                    settle(t, spent=False)
+                if d.ticket is not None and isinstance(policy, OnlinePolicy):
+                    policy.settle(d.ticket, spent=False)
                 continue
-            it.future.set_result((d, t))
+            it.future.set_result(d)
 
 
 # ------------------------------------------------------------------- requests
@@ -585,6 +554,12 @@ def _finite(x: float) -> float | None:
 def decision_record(resp: RoutedResponse, ticket: Any = None) -> dict[str, Any]:
     """The ``confroute`` field of a response: how the answer was chosen.
 
+    Parameters
+    ----------
+    resp : RoutedResponse
+    ticket : Ticket, optional
+        The request's ledger ticket (default: ``resp.decision.ticket``).
+
     Returns
     -------
     dict
@@ -597,7 +572,7 @@ def decision_record(resp: RoutedResponse, ticket: Any = None) -> dict[str, Any]:
         conversation it sent).
     """
     d = resp.decision
-    seq = getattr(ticket, "seq", None)
+    seq = getattr(d.ticket if ticket is None else ticket, "seq", None)
     return {
         "source": resp.source,
         "routed_to": d.source,
@@ -766,7 +741,7 @@ def create_app(
     owner = "create_app"
     if not isinstance(router, Router):
         raise param_error("router", owner, "a confroute Router", router, type_error=True)
-    _check_calibrated(router)
+    router.check_calibrated()
     if not isinstance(model_name, str) or not model_name:
         raise param_error("model_name", owner, "a non-empty string", model_name,
                           type_error=not isinstance(model_name, str))
@@ -921,19 +896,19 @@ async def _chat(server: _Server, req: ChatCompletionRequest) -> Response:
             return _error(exc.status, exc.message, param=exc.param, code=exc.code)
         return _error(400, str(exc), code="invalid_value")
     try:
-        decision, ticket = await server.batcher.submit(prompt)
+        decision = await server.batcher.submit(prompt)
     except Exception as exc:
         logger.exception("edge routing failed")
         server.metrics.observe("error", time.perf_counter() - t0)
         return _error(500, f"Routing failed on the edge model: {type(exc).__name__}: {exc}",
                       type_="server_error", code="edge_failed")
-    resp, cloud_err = await _answer(router, decision, ticket, cloud_config)
+    (resp,) = await router.aanswer([decision], cloud_config=cloud_config)
     server.metrics.observe(_outcome(resp), time.perf_counter() - t0)
-    record = decision_record(resp, ticket)
+    record = decision_record(resp)
     headers = _headers(resp)
     if resp.text is None:
         return _error(502, resp.error or "the cloud call failed", type_="cloud_error",
-                      code=getattr(cloud_err, "reason", None) or "cloud_failed",
+                      code=getattr(resp.cloud_error, "reason", None) or "cloud_failed",
                       extra={"confroute": record}, headers=headers)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

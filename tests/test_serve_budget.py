@@ -11,7 +11,6 @@ k of the ledger's arrival order; /health and /metrics report the same ledger.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 from fractions import Fraction
 
@@ -39,11 +38,6 @@ from tests.test_serve import EchoCloud, calibrated_router  # noqa: E402
 
 N_CLIENTS = 32
 BUDGET = Fraction(3, 10)
-def _old_api() -> bool:
-    """Policies from before the OnlinePolicy API (TODO(wp-router): drop this branch)."""
-    return "period" not in inspect.signature(BudgetPolicy).parameters
-
-
 WORDS = ["capital", "answer", "yes", "count", "hello", "Hamlet", "colour", "cat"]
 CANDIDATES = [f"Q{i}: what about {w} {i % 7}?" for i in range(6) for w in WORDS]  # 48
 
@@ -235,12 +229,24 @@ def test_cli_serve_budget_flags(tmp_path, edge, served_threshold_router):
                                       "--price-output", "15", "--period", "1h"])
     assert (args.max_cloud_cost, args.period, args.price_input, args.price_output) == (
         2.5, "1h", 3.0, 15.0)
-    if _old_api():  # policies without a period ledger refuse --period by name
-        with pytest.raises(InvalidParameterError, match="'period' parameter of apply_budget"):
-            app_from_args(args)
-    else:
-        policy = app_from_args(args).state.router.policy
-        assert isinstance(policy, CostAwarePolicy)
-        assert (policy.spend_budget, policy.period) == (2.5, 3600.0)
-        # 1000 prompt tokens at 3/M plus the cloud's 16 new tokens at 15/M per escalation
-        assert policy.cloud_cost == pytest.approx((1000 * 3 + 16 * 15) / 1e6)
+    policy = app_from_args(args).state.router.policy
+    assert isinstance(policy, CostAwarePolicy)
+    assert (policy.spend_budget, policy.period) == (2.5, 3600.0)
+    # 1000 prompt tokens at 3/M plus the cloud's 16 new tokens at 15/M per escalation
+    assert policy.cloud_cost == pytest.approx((1000 * 3 + 16 * 15) / 1e6)
+
+
+def test_period_budgets(served_threshold_router):
+    router = served_threshold_router
+    share = apply_budget(router, max_cloud_fraction=0.5, period="1h").policy
+    assert isinstance(share, BudgetPolicy) and share.enforced
+    assert (share.enforce, share.period, share.threshold_) == ("period", 3600.0, 1.0)
+    spend = apply_budget(router, max_cloud_cost=2.0, period=60,
+                         prices={"input": 1000, "output": 0}).policy
+    assert isinstance(spend, CostAwarePolicy) and spend.enforced
+    assert (spend.spend_budget, spend.period, spend.cloud_cost) == (2.0, 60.0, 1.0)
+    # within one period: two escalations fit the cap of 2.0, the others stay on the edge
+    budgeted = apply_budget(router, max_cloud_cost=2.0, period=3600,
+                            prices={"input": 1000, "output": 0})
+    decisions = budgeted.route([f"p{i} hi" for i in range(4)])
+    assert [d.source for d in decisions] == ["cloud", "cloud", "edge", "edge"]
