@@ -453,18 +453,19 @@ class Router:
         ended with; a failed call gives its ticket back (``spent=False``).
         """
         failed = isinstance(res, CloudError)
+        cost_of = getattr(self.cloud, "cost_of", None)
+        cost = None if failed or cost_of is None else float(cost_of(res))
         if d.ticket is not None and isinstance(self.policy, OnlinePolicy):
-            self.policy.settle(d.ticket, spent=not failed)
+            # the ledger charges what was really spent (the reservation is corrected)
+            self.policy.settle(d.ticket, spent=not failed, cost=cost)
         if isinstance(res, CloudError):
             return self._failed(d, res)
-        cost_of = getattr(self.cloud, "cost_of", None)
-        cost = float(cost_of(res)) if cost_of is not None else 0.0
         usage = {
             "prompt_tokens": int(res[0].prompt_tokens or 0),
             "completion_tokens": int(sum(s.n_tokens for s in res)),
         }
-        return RoutedResponse(text=res[0].text, source="cloud", decision=d, cost=cost,
-                              usage=usage)
+        return RoutedResponse(text=res[0].text, source="cloud", decision=d,
+                              cost=cost or 0.0, usage=usage)
 
     def _failed(self, d: Decision, err: CloudError) -> RoutedResponse:
         why = f"cloud call failed ({err.reason}): {err}"

@@ -419,5 +419,9 @@ def test_cost_aware_spend_cap_is_enforced_through_the_router():
     router = Router("sequence_logprob", "isotonic", policy, cloud=ScriptedCloud())
     router.calibrate(prompts, labels, samples=samples)
     responses = router(prompts, samples=samples)
+    # three reservations of cloud_cost=1.0 fit the cap when the batch is decided ...
     assert sum(r.source == "cloud" for r in responses) == 3
-    assert policy.snapshot().spent == 3.0
+    # ... and the ledger keeps what was really spent: the cloud's cost_of per answer
+    real = [r.cost for r in responses if r.source == "cloud"]
+    assert real == [pytest.approx(0.003)] * 3
+    assert policy.snapshot().spent == pytest.approx(sum(real))
