@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from confroute._version import __version__
 from confroute.errors import (
     CloudError,
     ConfrouteError,
@@ -29,8 +30,6 @@ from confroute.types import (
     Sample,
     Samples,
 )
-
-__version__ = "0.1.0"
 
 _LAZY: dict[str, str] = {
     # models

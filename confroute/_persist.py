@@ -15,7 +15,38 @@ import numpy as np
 from confroute._registry import Registry
 from confroute.errors import SerializationError, describe
 
-__all__ = ["check_policy_state", "part_from_spec", "part_to_spec"]
+__all__ = ["PART_MODULES", "check_policy_state", "import_parts", "part_from_spec",
+           "part_to_spec"]
+
+#: The modules that register the classes of each kind of part (a kind's own module
+#: first, then modules of higher layers that add classes to it, such as the query-router
+#: estimator). Imported on demand here, above all of them, so no part module has to
+#: import upwards to make its registry complete.
+PART_MODULES: dict[str, tuple[str, ...]] = {
+    "estimator": ("confroute.estimators", "confroute.predictive.routers"),
+    "calibrator": ("confroute.calibration",),
+    "policy": ("confroute.policies",),
+    "equivalence": ("confroute.estimators.equivalence",),
+    "query_router": ("confroute.predictive.routers",),
+}
+
+
+def import_parts(kind: str) -> None:
+    """Import every module that registers classes of ``kind`` (see :data:`PART_MODULES`).
+
+    Raises
+    ------
+    SerializationError
+        ``kind`` is not a kind of part.
+    """
+    import importlib
+
+    if kind not in PART_MODULES:
+        raise SerializationError(
+            f"Unknown kind of part {kind!r}. Valid kinds: {', '.join(sorted(PART_MODULES))}."
+        )
+    for module in PART_MODULES[kind]:
+        importlib.import_module(module)
 
 
 def part_to_spec(obj: Any, where: str = "part") -> dict[str, Any]:
@@ -122,6 +153,7 @@ def part_from_spec(spec: Any, expected_kind: str | None = None) -> Any:
     kind, name = spec["kind"], spec["name"]
     if expected_kind is not None and kind != expected_kind:
         raise SerializationError(f"Saved part is a {kind!r}, expected a {expected_kind!r}.")
+    import_parts(kind)
     try:
         cls = Registry.for_kind(kind).get_class(name)
     except Exception as exc:

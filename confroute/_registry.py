@@ -17,22 +17,6 @@ T = TypeVar("T")
 __all__ = ["Registry"]
 
 
-# Modules that define each registry, so a saved file can name a kind and have it imported.
-REGISTRY_MODULES = {
-    "estimator": "confroute.estimators",
-    "calibrator": "confroute.calibration",
-    "policy": "confroute.policies",
-    "equivalence": "confroute.estimators.equivalence",
-    "query_router": "confroute.predictive.routers",
-}
-
-
-# Modules that register further classes into another kind's registry (imported on a miss).
-EXTRA_MODULES = {
-    "estimator": ("confroute.predictive.routers",),
-}
-
-
 class Registry(Generic[T]):
     """Registry of the classes of one kind (estimators, calibrators, ...)."""
 
@@ -46,17 +30,17 @@ class Registry(Generic[T]):
 
     @classmethod
     def for_kind(cls, kind: str) -> Registry[Any]:
-        """The registry of ``kind``, importing its defining module if needed."""
-        if kind not in cls._all and kind in REGISTRY_MODULES:
-            import importlib
+        """The registry of ``kind`` (its defining module must have been imported).
 
-            importlib.import_module(REGISTRY_MODULES[kind])
+        Loading a saved file imports the defining modules first
+        (:func:`confroute._persist.import_parts`); this module imports none, so the
+        parts' modules can import it without a circle.
+        """
         try:
             return cls._all[kind]
         except KeyError:
             raise InvalidParameterError(
-                f"Unknown kind of part {kind!r}. "
-                f"Valid kinds: {', '.join(sorted(REGISTRY_MODULES))}."
+                f"Unknown kind of part {kind!r}. Known kinds: {', '.join(sorted(cls._all))}."
             ) from None
 
     @classmethod
@@ -82,11 +66,6 @@ class Registry(Generic[T]):
         return sorted(self._classes)
 
     def get_class(self, name: str) -> type[T]:
-        if name not in self._classes:
-            import importlib
-
-            for module in EXTRA_MODULES.get(self.kind, ()):
-                importlib.import_module(module)
         try:
             return self._classes[name]
         except KeyError:

@@ -13,8 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from confroute import __version__
-from confroute._persist import part_from_spec, part_to_spec
+from confroute._persist import import_parts, part_from_spec, part_to_spec
 from confroute._serialization import DEFAULT_MAX_BYTES, read_file, write_file
 from confroute._validation import (
     check_choice,
@@ -24,6 +23,7 @@ from confroute._validation import (
     check_same_length,
     param_error,
 )
+from confroute._version import __version__
 from confroute.errors import (
     CloudError,
     InvalidParameterError,
@@ -115,11 +115,12 @@ class Router:
         if isinstance(estimator, Sequence) and not isinstance(estimator, str):
             if len(estimator) == 0:
                 raise param_error("estimator", owner, "an estimator or a non-empty list", estimator)
-            self.estimators = [
-                estimator_registry.resolve(e, "estimator", owner) for e in estimator
-            ]
+            members = list(estimator)
         else:
-            self.estimators = [estimator_registry.resolve(estimator, "estimator", owner)]
+            members = [estimator]
+        if any(isinstance(e, str) and e not in estimator_registry.names() for e in members):
+            import_parts("estimator")  # names registered by higher layers (query routers)
+        self.estimators = [estimator_registry.resolve(e, "estimator", owner) for e in members]
         self.calibrator = calibrator_registry.resolve(calibrator, "calibrator", owner)
         self.policy = policy_registry.resolve(policy, "policy", owner)
         self.edge = edge

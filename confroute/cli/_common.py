@@ -196,6 +196,7 @@ def parse_estimator(spec: str) -> Any:
     Values are read as JSON when they parse (``true``, ``5``, ``0.7``), else as
     strings: ``sequence_logprob:normalize=false``, ``semantic_entropy:n_samples=5``.
     """
+    from confroute._persist import import_parts
     from confroute.estimators import estimator_registry
 
     name, _, rest = spec.partition(":")
@@ -205,6 +206,7 @@ def parse_estimator(spec: str) -> Any:
             f"The '--estimator' option must be NAME or NAME:key=value,... Got {spec!r}."
         )
     kwargs = parse_params(items, "--estimator")
+    import_parts("estimator")
     cls = estimator_registry.get_class(name.strip())
     try:
         return cls(**kwargs)

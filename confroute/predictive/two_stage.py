@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from confroute import __version__
 from confroute._persist import part_from_spec, part_to_spec
 from confroute._serialization import read_file, write_file
 from confroute._validation import check_float, check_prompts, param_error
+from confroute._version import __version__
 from confroute.errors import (
     InvalidParameterError,
     NotFittedError,
