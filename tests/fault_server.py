@@ -25,8 +25,9 @@ output: a chat request with ``tools`` gets one tool call of the first tool (or o
 the function named by ``tool_choice``) with ``FaultServer.tool_arguments`` as its
 JSON arguments (``finish_reason: "tool_calls"``), and a chat request with a
 ``response_format`` of type ``json_schema`` or ``json_object`` gets
-``FaultServer.json_content`` as JSON text; every token has the same top-k distribution ``probs`` (the chosen token
-is the most likely one), so tests can compute the expected entropies exactly.
+``FaultServer.json_content`` as JSON text. Every token has the same top-k
+distribution ``probs`` (the chosen token is the most likely one), so tests can
+compute the expected entropies exactly.
 """
 
 from __future__ import annotations

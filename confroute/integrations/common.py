@@ -171,13 +171,13 @@ def check_router(router: Any, owner: str) -> Any:
 def route_one(router: Any, prompt: Prompt) -> Decision:
     """The Router's decision for one prompt (no cloud call)."""
     decide = getattr(router, "decide", None)
-    return (decide if callable(decide) else router.route)([prompt])[0]  # type: ignore[no-any-return]
+    return (decide if callable(decide) else router.route)([prompt])[0]
 
 
 async def aroute_one(router: Any, prompt: Prompt) -> Decision:
     """Asynchronous :func:`route_one` (the edge work runs in a worker thread)."""
     decisions = await router.aroute([prompt])
-    return decisions[0]  # type: ignore[no-any-return]
+    return decisions[0]
 
 
 def settle(router: Any, decision: Decision, *, spent: bool) -> None:

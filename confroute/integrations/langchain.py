@@ -115,7 +115,8 @@ class ConfrouteChatModel(BaseChatModel):
                                   cloud_prices, type_error=True)
             cloud_prices = tuple(float(check_float(v, "cloud_prices", _OWNER, min_value=0.0))
                                  for v in cloud_prices)
-        super().__init__(router=router, cloud=cloud, cloud_prices=cloud_prices, **kwargs)
+        fields: dict[str, Any] = {"router": router, "cloud": cloud, "cloud_prices": cloud_prices}
+        super().__init__(**fields, **kwargs)
 
     @property
     def _llm_type(self) -> str:
@@ -191,7 +192,7 @@ class ConfrouteChatModel(BaseChatModel):
 
         return RunnableLambda(run, afunc=arun, name="ConfrouteStructuredOutput")
 
-    def _structured_result(self, prompt: Prompt, out: dict[str, Any], include_raw: bool) -> Any:
+    def _structured_result(self, prompt: Prompt, out: Any, include_raw: bool) -> Any:
         raw = out["raw"]
         if isinstance(raw, AIMessage):
             raw = self._with_metadata(rule_decision(prompt, _STRUCTURED), raw)
@@ -208,7 +209,7 @@ class ConfrouteChatModel(BaseChatModel):
                 f"{what}: the edge model cannot honour tools or structured output, so these "
                 "requests always escalate. Got None."
             )
-        return self.cloud  # type: ignore[no-any-return]
+        return self.cloud
 
     # ----------------------------------------------------------------- generate
     def _generate(
@@ -219,9 +220,8 @@ class ConfrouteChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         prompt, rule = self._request(messages, kwargs)
-        config: RunnableConfig = {"callbacks": run_manager.get_child()} if run_manager else {}
         if rule is not None:
-            msg = self._cloud_runnable(kwargs).invoke(messages, config=config, stop=stop)
+            msg = self._cloud_runnable(kwargs).invoke(messages, stop=stop)
             return _result(self._with_metadata(rule_decision(prompt, rule), msg))
         if self.cloud is None:
             return self._from_routed(self.router([prompt])[0], stop)
@@ -229,7 +229,7 @@ class ConfrouteChatModel(BaseChatModel):
         if d.source == "edge":
             return self._from_edge(d, stop)
         try:
-            msg = self.cloud.invoke(messages, config=config, stop=stop, **kwargs)
+            msg = self.cloud.invoke(messages, stop=stop, **kwargs)
         except Exception as exc:
             settle(self.router, d, spent=False)
             return self._degraded(d, exc, stop)
@@ -244,9 +244,8 @@ class ConfrouteChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         prompt, rule = self._request(messages, kwargs)
-        config: RunnableConfig = {"callbacks": run_manager.get_child()} if run_manager else {}
         if rule is not None:
-            msg = await self._cloud_runnable(kwargs).ainvoke(messages, config=config, stop=stop)
+            msg = await self._cloud_runnable(kwargs).ainvoke(messages, stop=stop)
             return _result(self._with_metadata(rule_decision(prompt, rule), msg))
         if self.cloud is None:
             return self._from_routed((await self.router.acall([prompt]))[0], stop)
@@ -254,7 +253,7 @@ class ConfrouteChatModel(BaseChatModel):
         if d.source == "edge":
             return self._from_edge(d, stop)
         try:
-            msg = await self.cloud.ainvoke(messages, config=config, stop=stop, **kwargs)
+            msg = await self.cloud.ainvoke(messages, stop=stop, **kwargs)
         except Exception as exc:
             settle(self.router, d, spent=False)
             return self._degraded(d, exc, stop)
@@ -286,7 +285,7 @@ class ConfrouteChatModel(BaseChatModel):
                     + usage.get("output_tokens", 0) * self.cloud_prices[1])
         model = msg.response_metadata.get("model_name") or _model_name(self.cloud)
         meta = decision_metadata(d, model=model, cost=cost)
-        return msg.model_copy(  # type: ignore[no-any-return]
+        return msg.model_copy(
             update={"response_metadata": {**msg.response_metadata, "confroute": meta}})
 
     def _from_edge(self, d: Decision, stop: list[str] | None, *, error: str | None = None
