@@ -185,6 +185,24 @@ def test_a_failed_cloud_degrades_to_the_edge_answer(split):
     assert msg.content == router.route([conv(escalated[0])])[0].edge_answer
 
 
+def test_the_budget_ledger_counts_only_answered_escalations(edge):
+    from confroute.policies import BudgetPolicy
+
+    router, _, escalated = split_router(edge, [conv(q) for q in QUESTIONS],
+                                        policy=BudgetPolicy(max_cloud_fraction=1.0))
+    router.policy.reset()
+    with FaultServer(["500"], model_id="cloud-m") as srv:
+        model = ConfrouteChatModel(router=router, cloud=chat_cloud(srv), cloud_prices=(1.0, 0.0))
+        failed = model.invoke(escalated[0])
+        assert failed.response_metadata["confroute"]["degraded"]
+        assert router.policy.ledger.cloud == 0  # the failed call gave its ticket back
+        ok = model.invoke(escalated[1])
+    assert ok.response_metadata["confroute"]["source"] == "cloud"
+    ledger = router.policy.ledger
+    assert (ledger.requests, ledger.cloud) == (2, 1)
+    assert ledger.spent == pytest.approx(ok.usage_metadata["input_tokens"])
+
+
 def test_stop_cuts_the_answer_at_the_first_stop_string(edge, server):
     cloud = OpenAIModel("cloud-m", base_url=server.base_url, api_key="sk-test", max_retries=0)
     router, _, escalated = split_router(edge, [conv(q) for q in QUESTIONS], cloud=cloud)

@@ -113,7 +113,7 @@ def make_nli_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def split_router(edge, prompts, cloud=None, **router_kwargs):
+def split_router(edge, prompts, cloud=None, policy="threshold", **router_kwargs):
     """A Router over ``edge`` calibrated so that it keeps the more confident half of
     ``prompts`` and escalates the other half.
 
@@ -125,7 +125,7 @@ def split_router(edge, prompts, cloud=None, **router_kwargs):
 
     from confroute.router import Router
 
-    router = Router("sequence_logprob", "isotonic", "threshold", edge=edge, cloud=cloud,
+    router = Router("sequence_logprob", "isotonic", policy, edge=edge, cloud=cloud,
                     edge_max_new_tokens=4, **router_kwargs)
     router.calibrate(prompts, [i % 2 for i in range(len(prompts))])
     scores = np.array([d.scores["sequence_logprob"] for d in router.route(prompts)])

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from confroute._validation import param_error
-from confroute.errors import NotFittedError
 from confroute.types import Decision, Prompt, RoutedResponse
 
 __all__ = [
@@ -157,35 +156,31 @@ def check_router(router: Any, owner: str) -> Any:
     if not isinstance(router, Router):
         raise param_error("router", owner, "a calibrated confroute Router", router,
                           type_error=True)
-    check = getattr(router, "check_calibrated", None)
-    if callable(check):
-        check()
-    elif getattr(router, "calibration_", None) is None:
-        raise NotFittedError(
-            f"The 'router' passed to {owner} is not calibrated yet: call "
-            "router.calibrate(prompts, labels) first, or load a saved one with Router.load(path)."
-        )
+    router.check_calibrated()
     return router
 
 
 def route_one(router: Any, prompt: Prompt) -> Decision:
-    """The Router's decision for one prompt (no cloud call)."""
-    decide = getattr(router, "decide", None)
-    return (decide if callable(decide) else router.route)([prompt])[0]
+    """The Router's decision for one prompt (``router.decide``; no cloud call)."""
+    return router.decide([prompt])[0]
 
 
 async def aroute_one(router: Any, prompt: Prompt) -> Decision:
-    """Asynchronous :func:`route_one` (the edge work runs in a worker thread)."""
+    """Asynchronous :func:`route_one` (``router.aroute``: edge work in a worker thread)."""
     decisions = await router.aroute([prompt])
     return decisions[0]
 
 
-def settle(router: Any, decision: Decision, *, spent: bool) -> None:
-    """Settle the budget ticket of a decision answered outside the Router, if it has one."""
-    ticket = getattr(decision, "ticket", None)
-    settle_fn = getattr(router.policy, "settle", None)
-    if ticket is not None and callable(settle_fn):
-        settle_fn(ticket, spent=spent)
+def settle(router: Any, decision: Decision, *, spent: bool, cost: float | None = None) -> None:
+    """Settle the budget ticket of a decision answered outside the Router, if it has one.
+
+    ``spent=False`` gives the escalation back (the cloud call failed); ``cost``
+    replaces the reserved cost by the real one when known.
+    """
+    from confroute.policies import OnlinePolicy
+
+    if decision.ticket is not None and isinstance(router.policy, OnlinePolicy):
+        router.policy.settle(decision.ticket, spent=spent, cost=cost)
 
 
 def truncate_at_stop(text: str, stop: Sequence[str] | None) -> str:

@@ -233,8 +233,9 @@ class ConfrouteChatModel(BaseChatModel):
         except Exception as exc:
             settle(self.router, d, spent=False)
             return self._degraded(d, exc, stop)
-        settle(self.router, d, spent=True)
-        return _result(self._with_metadata(d, msg))
+        msg = self._with_metadata(d, msg)
+        settle(self.router, d, spent=True, cost=msg.response_metadata["confroute"]["cost"])
+        return _result(msg)
 
     async def _agenerate(
         self,
@@ -257,8 +258,9 @@ class ConfrouteChatModel(BaseChatModel):
         except Exception as exc:
             settle(self.router, d, spent=False)
             return self._degraded(d, exc, stop)
-        settle(self.router, d, spent=True)
-        return _result(self._with_metadata(d, msg))
+        msg = self._with_metadata(d, msg)
+        settle(self.router, d, spent=True, cost=msg.response_metadata["confroute"]["cost"])
+        return _result(msg)
 
     # ------------------------------------------------------------------ helpers
     def _request(self, messages: list[BaseMessage], kwargs: dict[str, Any]
