@@ -144,6 +144,18 @@ def test_async_routes_and_escalates_like_sync(split, server):
     assert d == Weather(city="Paris", celsius=21.5)
 
 
+def test_concurrent_calls_share_the_edge_one_at_a_time(split, server):
+    router, kept, escalated = split
+    model = ConfrouteChatModel(router=router, cloud=chat_cloud(server))
+    questions = kept[:2] + escalated[:2]
+    out = asyncio.run(model.abatch(questions))
+    sources = [m.response_metadata["confroute"]["source"] for m in out]
+    assert sources == ["edge", "edge", "cloud", "cloud"]
+    with_threads = model.batch(questions, config={"max_concurrency": 4})
+    assert [m.response_metadata["confroute"]["p_good"] for m in with_threads] == [
+        m.response_metadata["confroute"]["p_good"] for m in out]
+
+
 def test_without_a_chat_cloud_the_routers_cloud_answers(edge, server):
     cloud = OpenAIModel("cloud-m", base_url=server.base_url, api_key="sk-test", max_retries=0)
     router, kept, escalated = split_router(edge, [conv(q) for q in QUESTIONS], cloud=cloud)

@@ -7,7 +7,10 @@ messages (``{"role": ..., "content": ...}``) to this module.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,9 +19,11 @@ from confroute.types import Decision, Prompt, RoutedResponse
 
 __all__ = [
     "ESCALATION_RULE",
+    "answered",
     "aroute_one",
     "check_router",
     "decision_metadata",
+    "edge_lock",
     "escalation_reason",
     "route_one",
     "routed_metadata",
@@ -160,15 +165,40 @@ def check_router(router: Any, owner: str) -> Any:
     return router
 
 
+_EDGE_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def edge_lock(router: Any) -> threading.Lock:
+    """The lock that gives one caller at a time to ``router``'s edge work.
+
+    Local edge models are not thread-safe; the adapters decide under this lock
+    (one per Router, shared by every adapter using it), while cloud calls run
+    outside it.
+    """
+    with _LOCKS_LOCK:
+        lock = _EDGE_LOCKS.get(router)
+        if lock is None:
+            lock = _EDGE_LOCKS[router] = threading.Lock()
+        return lock
+
+
 def route_one(router: Any, prompt: Prompt) -> Decision:
     """The Router's decision for one prompt (``router.decide``; no cloud call)."""
-    return router.decide([prompt])[0]
+    with edge_lock(router):
+        return router.decide([prompt])[0]
 
 
 async def aroute_one(router: Any, prompt: Prompt) -> Decision:
-    """Asynchronous :func:`route_one` (``router.aroute``: edge work in a worker thread)."""
-    decisions = await router.aroute([prompt])
-    return decisions[0]
+    """Asynchronous :func:`route_one`: the edge work runs in a worker thread."""
+    return await asyncio.to_thread(route_one, router, prompt)
+
+
+def answered(router: Any, response: RoutedResponse) -> RoutedResponse:
+    """``response`` from ``router.answer``, or its cloud error with ``on_cloud_error="raise"``."""
+    if response.cloud_error is not None and router.on_cloud_error == "raise":
+        raise response.cloud_error
+    return response
 
 
 def settle(router: Any, decision: Decision, *, spent: bool, cost: float | None = None) -> None:

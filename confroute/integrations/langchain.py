@@ -24,6 +24,7 @@ from typing import Any
 from confroute._validation import check_float, param_error
 from confroute.errors import CloudError, InvalidParameterError, MissingDependencyError
 from confroute.integrations.common import (
+    answered,
     aroute_one,
     check_router,
     decision_metadata,
@@ -94,6 +95,9 @@ class ConfrouteChatModel(BaseChatModel):
     ``on_cloud_error="degrade"``, serves the edge answer marked ``degraded``;
     otherwise the cloud's exception propagates. ``stop`` cuts the edge answer at
     the first stop string; the router's cloud answer is cut the same way.
+    Edge work runs one call at a time per Router (local models are not
+    thread-safe; :func:`~confroute.integrations.common.edge_lock`), cloud calls
+    concurrently.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -223,9 +227,9 @@ class ConfrouteChatModel(BaseChatModel):
         if rule is not None:
             msg = self._cloud_runnable(kwargs).invoke(messages, stop=stop)
             return _result(self._with_metadata(rule_decision(prompt, rule), msg))
-        if self.cloud is None:
-            return self._from_routed(self.router([prompt])[0], stop)
         d = route_one(self.router, prompt)
+        if self.cloud is None:
+            return self._from_routed(answered(self.router, self.router.answer([d])[0]), stop)
         if d.source == "edge":
             return self._from_edge(d, stop)
         try:
@@ -248,9 +252,10 @@ class ConfrouteChatModel(BaseChatModel):
         if rule is not None:
             msg = await self._cloud_runnable(kwargs).ainvoke(messages, stop=stop)
             return _result(self._with_metadata(rule_decision(prompt, rule), msg))
-        if self.cloud is None:
-            return self._from_routed((await self.router.acall([prompt]))[0], stop)
         d = await aroute_one(self.router, prompt)
+        if self.cloud is None:
+            resp = (await self.router.aanswer([d]))[0]
+            return self._from_routed(answered(self.router, resp), stop)
         if d.source == "edge":
             return self._from_edge(d, stop)
         try:

@@ -46,7 +46,6 @@ from typing import Any
 from confroute._validation import check_float, check_int, param_error
 from confroute.errors import InvalidParameterError, MissingDependencyError, NotFittedError
 from confroute.integrations.common import (
-    aroute_one,
     check_router,
     decision_metadata,
     escalation_reason,
@@ -118,6 +117,8 @@ class ConfrouteRoutingStrategy(CustomRoutingStrategyBase):
     the strategy sets when the caller did not): LiteLLM's retries reuse it. With
     an enforced budget the escalation is counted when it is decided, whether or
     not the cloud call then succeeds (LiteLLM owns retries and fallbacks).
+    Edge work runs one request at a time per Router (in a worker thread for
+    ``acompletion``).
     """
 
     def __init__(
@@ -193,11 +194,7 @@ class ConfrouteRoutingStrategy(CustomRoutingStrategyBase):
         call_id, prompt, rule = self._request(messages, input, request_kwargs)
         record = self._recorded(call_id)
         if record is None:
-            if rule is None and self.router is not None:
-                d = await aroute_one(self.router, prompt)
-                settle(self.router, d, spent=True)
-            else:
-                d = await asyncio.to_thread(self._decide, prompt, rule)
+            d = await asyncio.to_thread(self._decide, prompt, rule)
             record = self._record(call_id, d)
         return self.edge if record["source"] == "edge" else self.cloud
 
