@@ -172,6 +172,11 @@ def test_without_a_chat_cloud_the_routers_cloud_answers(edge, server):
         model.bind_tools([Weather])
     with pytest.raises(InvalidParameterError, match="'cloud' parameter"):
         model.with_structured_output(Weather)
+    n = len(server.requests)
+    with pytest.raises(InvalidParameterError, match="cannot honour"):
+        model.invoke([HumanMessage(content="weather?"), ToolMessage(content="21",
+                                                                     tool_call_id="c1")])
+    assert len(server.requests) == n  # refused before any model call
 
 
 def test_conversations_are_converted_and_tool_results_escalate(split, server):
