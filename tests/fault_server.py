@@ -20,8 +20,14 @@ step            behaviour
 ==============  ===============================================================
 
 The generated text of choice ``i`` is ``"The answer is i"`` split into four
-tokens; every token has the same top-k distribution ``probs`` (the chosen token
-is the most likely one), so tests can compute the expected entropies exactly.
+tokens, except for two request shapes a chat client uses for tools and structured
+output: a chat request with ``tools`` gets one tool call of the first tool (or of
+the function named by ``tool_choice``) with ``FaultServer.tool_arguments`` as its
+JSON arguments (``finish_reason: "tool_calls"``), and a chat request with a
+``response_format`` of type ``json_schema`` or ``json_object`` gets
+``FaultServer.json_content`` as JSON text. Every token has the same top-k
+distribution ``probs`` (the chosen token is the most likely one), so tests can
+compute the expected entropies exactly.
 """
 
 from __future__ import annotations
@@ -176,6 +182,8 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, probs: Sequence[float], ignore_n: bool, latency: float,
                  model_id: str) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.tool_arguments: dict[str, Any] = {}
+        self.json_content: Any = {}
         self.probs = tuple(probs)
         self.ignore_n = ignore_n
         self.latency = latency
@@ -219,6 +227,9 @@ class _Server(ThreadingHTTPServer):
             if chat:
                 choice["message"] = {"role": "assistant", "content": "".join(toks)}
                 choice["logprobs"] = None
+                if self._structured(body, choice, i):
+                    choices.append(choice)
+                    continue
                 if want_lp:
                     content = []
                     for t in toks:
@@ -262,6 +273,27 @@ class _Server(ThreadingHTTPServer):
         }
 
 
+    def _structured(self, body: dict[str, Any], choice: dict[str, Any], index: int) -> bool:
+        """Answer with a tool call or JSON content when the request asks for one."""
+        tools = body.get("tools") or []
+        fmt = body.get("response_format") or {}
+        if tools:
+            name = tools[0].get("function", {}).get("name", "tool")
+            chosen = body.get("tool_choice")
+            if isinstance(chosen, dict):
+                name = chosen.get("function", {}).get("name", name)
+            call = {"id": f"call_{index}", "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(self.tool_arguments)}}
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+            choice["finish_reason"] = "tool_calls"
+            return True
+        if isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object"):
+            choice["message"] = {"role": "assistant", "content": json.dumps(self.json_content)}
+            choice["finish_reason"] = "stop"
+            return True
+        return False
+
+
 class FaultServer:
     """Context manager running the fault-injecting server in a background thread.
 
@@ -275,12 +307,20 @@ class FaultServer:
         Always return one choice (like llama.cpp builds that ignore ``n``).
     latency : float
         Seconds each completion request is held before answering.
+    tool_arguments : dict, optional
+        JSON arguments of the tool call returned to a chat request with ``tools``.
+    json_content : JSON value, optional
+        The content returned to a chat request asking for a JSON ``response_format``.
     """
 
     def __init__(self, script: Iterable[Step | str] = (), *,
                  probs: Sequence[float] = DEFAULT_PROBS, ignore_n: bool = False,
-                 latency: float = 0.0, model_id: str = "test-model") -> None:
+                 latency: float = 0.0, model_id: str = "test-model",
+                 tool_arguments: dict[str, Any] | None = None,
+                 json_content: Any = None) -> None:
         self._server = _Server(probs, ignore_n, latency, model_id)
+        self._server.tool_arguments = dict(tool_arguments or {})
+        self._server.json_content = {} if json_content is None else json_content
         self.push(*script)
         self._thread: threading.Thread | None = None
 

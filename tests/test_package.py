@@ -17,11 +17,11 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_import_does_not_load_torch_transformers_or_servers():
     res = _run(
-        "import sys, confroute\n"
+        "import sys, confroute, confroute.integrations\n"
         "from confroute.cli import build_parser\n"
         "build_parser()\n"
         "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'uvicorn', 'sklearn',"
-        " 'matplotlib', 'httpx') if m in sys.modules]\n"
+        " 'matplotlib', 'httpx', 'langchain_core', 'litellm', 'openai') if m in sys.modules]\n"
         "print(heavy)\n"
         "assert heavy == [], heavy\n"
     )

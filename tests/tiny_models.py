@@ -111,3 +111,27 @@ def make_nli_model(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def split_router(edge, prompts, cloud=None, policy="threshold", **router_kwargs):
+    """A Router over ``edge`` calibrated so that it keeps the more confident half of
+    ``prompts`` and escalates the other half.
+
+    The labels are chosen from the edge model's own scores (1 for the half with the
+    lowest sequence_logprob uncertainty), so the isotonic calibrator maps the
+    confident half to p_good 1 and the rest to 0. Returns (router, kept, escalated).
+    """
+    import numpy as np
+
+    from confroute.router import Router
+
+    router = Router("sequence_logprob", "isotonic", policy, edge=edge, cloud=cloud,
+                    edge_max_new_tokens=4, **router_kwargs)
+    router.calibrate(prompts, [i % 2 for i in range(len(prompts))])
+    scores = np.array([d.scores["sequence_logprob"] for d in router.route(prompts)])
+    labels = (scores <= np.median(scores)).astype(int)
+    router.calibrate(prompts, labels)
+    decisions = router.route(prompts)
+    kept = [p for p, d in zip(prompts, decisions) if d.source == "edge"]
+    escalated = [p for p, d in zip(prompts, decisions) if d.source == "cloud"]
+    return router, kept, escalated
