@@ -56,8 +56,7 @@ def test_no_function_is_longer_than_the_limit() -> None:
                 length = (node.end_lineno or node.lineno) - node.lineno + 1
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{mod}:{node.lineno} {node.name} ({length} lines)")
-    assert not too_long, "functions over %d lines:\n%s" % (MAX_FUNCTION_LINES,
-                                                           "\n".join(too_long))
+    assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(too_long)
 
 
 def test_no_module_imports_another_modules_private_names() -> None:
