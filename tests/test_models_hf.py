@@ -411,7 +411,8 @@ def test_resolve_device_parses_and_rejects() -> None:
 
     assert resolve_device("cpu", "X") == torch.device("cpu")
     assert resolve_device(torch.device("cpu"), "X") == torch.device("cpu")
-    assert resolve_device("cuda:1", "X") == torch.device("cuda", 1)
+    # Parsing only; whether this machine has the device is checked by default.
+    assert resolve_device("cuda:1", "X", available=False) == torch.device("cuda", 1)
     with pytest.raises(InvalidParameterError, match=r"'device' parameter of X.*Got 'gpu please'"):
         resolve_device("gpu please", "X")
     with pytest.raises(InvalidTypeError, match="'device' parameter of X"):

@@ -66,6 +66,7 @@ __all__ = [
     "forward_params",
     "left_pad",
     "sample_inverse_cdf",
+    "select_cache_rows",
 ]
 
 
@@ -188,6 +189,23 @@ def cache_of(out: Any) -> Any:
     return out.past_key_values if cache is None else cache
 
 
+def select_cache_rows(cache: Any, rows: torch.Tensor, rows_here: torch.Tensor) -> None:
+    """Keep ``rows`` of every cache layer, with the index on that layer's device.
+
+    ``rows_here`` is ``rows`` already on the inputs' device (the usual place of every
+    layer); a layer of a sharded model on another device gets its own copy.
+    """
+    import torch
+
+    on_device = {rows_here.device: rows_here}
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        where = keys.device if isinstance(keys, torch.Tensor) else rows_here.device
+        if where not in on_device:
+            on_device[where] = rows.to(where)
+        layer.batch_select_indices(on_device[where])
+
+
 def check_cache(cache: Any) -> None:
     try:
         from transformers import DynamicCache
@@ -306,12 +324,10 @@ class _Frontier:
 
 def _prefill(
     model: Any, prompts: Sequence[Sequence[int]], plan: RowPlan, pad_id: int,
-    shared_prefill: bool, keeps_logits: bool,
+    shared_prefill: bool, keeps_logits: bool, device: torch.device,
 ) -> _Frontier:
     """Run the prompts (once each when shared, else once per row) and check the cache."""
     import torch
-
-    device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     select = torch.tensor(plan.prompt, dtype=torch.long)
     n_rows = len(plan.prompt)
@@ -327,8 +343,9 @@ def _prefill(
                 **extra)
     cache = cache_of(out)
     check_cache(cache)
-    return _Frontier(cache, out.logits[:, -1, :], mask, mask.sum(-1), torch.arange(n_rows),
-                     row_node, device)
+    # A sharded model's last layer may sit elsewhere: logits are chosen on ``device``.
+    return _Frontier(cache, out.logits[:, -1, :].to(device), mask, mask.sum(-1),
+                     torch.arange(n_rows), row_node, device)
 
 
 def _choose(
@@ -420,7 +437,7 @@ def _advance(
         parent, torch.arange(len(parent))
     ):
         parent_dev = parent.to(device)
-        state.cache.batch_select_indices(parent_dev)
+        select_cache_rows(state.cache, parent, parent_dev)
         state.mask = state.mask[parent_dev]
         state.next_pos = state.next_pos[parent_dev]
     state.mask = torch.cat([state.mask, state.mask.new_ones((len(parent), 1))], dim=-1)
@@ -428,7 +445,7 @@ def _advance(
                 position_ids=state.next_pos[:, None], use_cache=True,
                 **{cache_arg: state.cache})
     state.cache = cache_of(out)
-    state.logits = out.logits[:, -1, :]
+    state.logits = out.logits[:, -1, :].to(device)
     del out
     state.next_pos = state.next_pos + 1
 
@@ -442,6 +459,7 @@ def decode(
     eos_ids: Sequence[int],
     tokenizer: Any,
     shared_prefill: bool = True,
+    device: torch.device | None = None,
 ) -> list[list[list[DecodedRow]]]:
     """Decode ``config.n`` rows for every prompt and configuration in one batch.
 
@@ -457,6 +475,10 @@ def decode(
         Compute each distinct history once: the prompt for all its rows, then
         every common generated prefix (True); or every row on its own from the
         prompt on (False; the plain path, kept for comparison).
+    device : torch.device or None
+        Where inputs and the chosen tokens live: for a model sharded by
+        ``device_map``, the first device of its map (its cache stays on each
+        layer's device). None: the device of the model's first parameter.
 
     Returns
     -------
@@ -486,7 +508,8 @@ def decode(
     stops = [configs[c].stop for c in plan.config]
     row_config = torch.tensor(plan.config, dtype=torch.long)
     with torch.inference_mode():
-        state = _prefill(model, prompts, plan, pad_id, shared_prefill, keeps_logits)
+        where = device if device is not None else next(model.parameters()).device
+        state = _prefill(model, prompts, plan, pad_id, shared_prefill, keeps_logits, where)
         for step in range(max_steps):
             chosen = _choose(state, configs, row_config, uniforms.draw())
             record.add(state, chosen, step)

@@ -132,9 +132,11 @@ def decode_samples(
     *,
     eos_ids: list[int],
     shared_prefill: bool,
+    device: Any = None,
 ) -> list[list[list[Sample]]]:
     """Samples of every configuration from the own loop, over ``batches`` of
-    indices into ``encoded``.
+    indices into ``encoded``; inputs go to ``device`` (None: the model's first
+    parameter's device).
 
     Returns
     -------
@@ -151,7 +153,7 @@ def decode_samples(
     for idx in batches:
         rows = decode(
             model, [encoded[i] for i in idx], configs, pad_id=pad_id, eos_ids=eos_ids,
-            tokenizer=tokenizer, shared_prefill=shared_prefill,
+            tokenizer=tokenizer, shared_prefill=shared_prefill, device=device,
         )
         for c, cfg in enumerate(configs):
             for i, per_prompt in zip(idx, rows[c]):

@@ -16,8 +16,9 @@ used (``confroute.HFLanguageModel`` does so lazily).
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,14 +27,14 @@ from confroute._validation import (
     check_bool,
     check_choice,
     check_int,
-    check_path_within,
     check_prompts,
     check_same_length,
     param_error,
 )
 from confroute.errors import ModelLoadError
 from confroute.models._hf_generate import EarlyStopRule
-from confroute.models.device import resolve_device
+from confroute.models._hf_load import check_from_pretrained_kwargs, load_model, load_tokenizer
+from confroute.models.device import input_device, resolve_device
 from confroute.types import GenerationConfig, Prompt, Sample
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["EarlyStopRule", "HFLanguageModel", "resolve_device", "resolve_dtype"]
 
 _OWNER = "HFLanguageModel"
+logger = logging.getLogger(__name__)
 
 
 def resolve_dtype(dtype: Any, owner: str = _OWNER) -> torch.dtype | None:
@@ -61,85 +63,6 @@ def resolve_dtype(dtype: Any, owner: str = _OWNER) -> torch.dtype | None:
     raise param_error("dtype", owner, expected, dtype, type_error=True)
 
 
-def _load_model(
-    model: Any, device: torch.device, dtype: torch.dtype | None, gguf_file: Any
-) -> tuple[Any, str | None]:
-    """The causal LM on ``device`` in eval mode, and the path it was loaded from."""
-    import torch
-
-    if isinstance(model, (str, Path)):
-        source = str(model)
-        if gguf_file is not None:
-            # resolved (links, "..") and refused when it leaves the model folder
-            check_path_within(gguf_file, source, "gguf_file", _OWNER)
-        from transformers import AutoModelForCausalLM
-
-        load_dtype: Any = dtype
-        if dtype is None:
-            load_dtype = torch.float32 if device.type == "cpu" else "auto"
-        kwargs: dict[str, Any] = {"local_files_only": True, "dtype": load_dtype}
-        if gguf_file is not None:
-            kwargs["gguf_file"] = gguf_file
-        try:
-            loaded: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(
-                f"Could not load a causal LM from {source!r} (local files only): {exc}"
-            ) from exc
-    elif isinstance(model, torch.nn.Module) and hasattr(model, "generate"):
-        source = None
-        loaded = model
-        if dtype is not None:
-            loaded = loaded.to(dtype)
-        elif device.type == "cpu" and next(loaded.parameters()).dtype in (
-            torch.float16, torch.bfloat16
-        ):
-            # Half precision on CPU is slow and inaccurate for log-probabilities.
-            loaded = loaded.to(torch.float32)
-    else:
-        raise param_error(
-            "model", _OWNER, "a transformers causal LM or a local path", model,
-            type_error=True,
-        )
-    loaded = loaded.to(device)
-    loaded.eval()
-    return loaded, source
-
-
-def _load_tokenizer(tokenizer: Any, source: str | None, model: Any, gguf_file: Any) -> Any:
-    """The tokenizer object, or loaded from ``tokenizer``, ``source`` or the model's config."""
-    if tokenizer is None:
-        if source is None:
-            cfg_path = getattr(getattr(model, "config", None), "_name_or_path", "")
-            if cfg_path and Path(cfg_path).is_dir():
-                source = cfg_path
-            else:
-                raise param_error(
-                    "tokenizer", _OWNER,
-                    "given when 'model' is an object not loaded from a local directory",
-                    tokenizer,
-                )
-        tokenizer = source
-    if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
-
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        if gguf_file is not None and check_path_within(
-            gguf_file, tokenizer, "gguf_file", _OWNER
-        ).exists():
-            kwargs["gguf_file"] = gguf_file
-        try:
-            return AutoTokenizer.from_pretrained(str(tokenizer), **kwargs)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(
-                f"Could not load a tokenizer from {str(tokenizer)!r} (local files only): {exc}"
-            ) from exc
-    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
-        raise param_error("tokenizer", _OWNER, "a transformers tokenizer, a path or None",
-                          tokenizer, type_error=True)
-    return tokenizer
-
-
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     """End-of-sequence ids of the generation config and of the tokenizer, sorted."""
     ids: set[int] = set()
@@ -151,6 +74,19 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return sorted(ids)
+
+
+def _same_device(asked: torch.device, actual: torch.device) -> bool:
+    """``cuda`` (no index) is the current CUDA device."""
+    import torch
+
+    if asked.type != actual.type:
+        return False
+    if asked.index is None or actual.index is None:
+        current = torch.cuda.current_device() if asked.type == "cuda" else 0
+        return (asked.index if asked.index is not None else current) == (
+            actual.index if actual.index is not None else current)
+    return asked.index == actual.index
 
 
 def _default_name(model: Any, source: str | None) -> str:
@@ -169,17 +105,26 @@ class HFLanguageModel:
     Parameters
     ----------
     model : transformers.PreTrainedModel or str or Path
-        A causal-LM object, or a local directory (or locally cached hub id) to load
-        it from. Nothing is downloaded (``local_files_only=True``).
+        A causal-LM object, used as it is (never moved to another device, never
+        cast: place, shard or quantise it before passing it), or a local directory
+        or Hugging Face Hub id to load it from with ``from_pretrained_kwargs``.
+        Nothing is downloaded unless ``local_files_only=False`` is passed; a hub id
+        that is not in the local cache raises a ModelLoadError that says how to
+        fetch it.
     tokenizer : transformers tokenizer or str or Path or None
         The tokenizer, or where to load it from. None: the same location as
         ``model`` (required when ``model`` is an object not saved to disk).
     device : str or torch.device, default="auto"
-        ``"auto"`` picks CUDA when available, else CPU (see
-        :func:`~confroute.models.device.resolve_device`; MPS only when asked for by
-        name); or ``"cpu"``, ``"cuda:0"``, ``"mps"``...
+        Where a loaded path goes: ``"auto"`` picks CUDA when available, else CPU
+        (see :func:`~confroute.models.device.resolve_device`; MPS only when asked
+        for by name); or ``"cpu"``, ``"cuda:0"``, ``"mps"``... A device this
+        machine does not have raises an InvalidParameterError naming ``device``.
+        With a model object, ``"auto"`` means where the object already is; another
+        device must be that one. Must stay ``"auto"`` when ``device_map`` is given.
     dtype : str or torch.dtype or None
-        Weight dtype. None: float32 on CPU, the checkpoint's dtype on CUDA.
+        Weight dtype of a loaded path. None: float32 on CPU, bfloat16 on CUDA
+        (float16 on a GPU without bfloat16), the checkpoint's dtype elsewhere. With a
+        model object: None or the object's own dtype.
     system_prompt : str or None
         System message added to string prompts and to conversations that have no
         system message of their own.
@@ -213,7 +158,21 @@ class HFLanguageModel:
         ``"transformers"``: ``model.generate`` for everything. ``"auto"``: the
         own loop whenever the model supports it (a forward taking a cache and
         position ids, a ``DynamicCache``), else ``model.generate``. Greedy calls
-        with ``early_stop`` always use ``model.generate``.
+        with ``early_stop`` always use ``model.generate``. When the own loop cannot
+        decode a model, ``"auto"`` logs why (logger ``confroute.models.hf``, once)
+        and uses ``model.generate``. Sharded models (``device_map``) are supported:
+        inputs go to the first device of the map, the cache stays on each layer's.
+    **from_pretrained_kwargs
+        Passed to ``AutoModelForCausalLM.from_pretrained`` when ``model`` is a path
+        or hub id (not allowed with a model object): ``device_map`` (``"auto"``, a
+        device or a module-to-device dict; the model is not moved afterwards),
+        ``quantization_config`` (e.g. ``BitsAndBytesConfig(load_in_4bit=True)``,
+        needs ``confroute[quantization]``), ``attn_implementation`` (``"sdpa"``,
+        ``"flash_attention_2"``...), ``revision``, ``trust_remote_code`` (False
+        unless set), ``local_files_only`` (True unless set), ``cache_dir``,
+        ``max_memory``, ``offload_folder``... ``revision``, ``trust_remote_code``,
+        ``cache_dir``, ``token`` and ``local_files_only`` also apply to the tokenizer
+        loaded from the same place.
 
     Attributes
     ----------
@@ -221,7 +180,10 @@ class HFLanguageModel:
     tokenizer : transformers tokenizer
         Its pad token falls back to EOS and its padding side is set to left.
     device : torch.device
+        Where inputs go: the model's device, or the first device of its map.
     name : str
+    from_pretrained_kwargs : dict
+        The ``from_pretrained`` arguments as given.
 
     Notes
     -----
@@ -261,6 +223,7 @@ class HFLanguageModel:
         shared_prefill: bool | str = "auto",
         bucket_by_length: bool = True,
         decoding: str = "auto",
+        **from_pretrained_kwargs: Any,
     ) -> None:
         self.shared_prefill = shared_prefill
         self.decoding = decoding
@@ -270,11 +233,10 @@ class HFLanguageModel:
         self.use_chat_template = use_chat_template
         self.batch_size = batch_size
         self.gguf_file = gguf_file
-        # MPS is not chosen by "auto": token statistics are validated on CUDA and CPU only.
-        self.device = resolve_device(device, _OWNER, mps=False)
-        self._dtype = resolve_dtype(dtype)
-        self.model, source = _load_model(model, self.device, self._dtype, gguf_file)
-        self.tokenizer = _load_tokenizer(tokenizer, source, self.model, gguf_file)
+        self.from_pretrained_kwargs = from_pretrained_kwargs
+        self.model, source = self._load(model, device, dtype)
+        self.tokenizer = load_tokenizer(tokenizer, source, self.model, gguf_file,
+                                        self._load_kwargs)
         if name is not None and not isinstance(name, str):
             raise param_error("name", _OWNER, "a string or None", name, type_error=True)
         self.name: str = name or _default_name(self.model, source)
@@ -286,6 +248,31 @@ class HFLanguageModel:
                 )
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
+
+    def _load(self, model: Any, device: Any, dtype: Any) -> tuple[Any, str | None]:
+        """Check every loading argument, then load (a path) or adopt (an object)."""
+        import torch
+
+        is_object = not isinstance(model, (str, os.PathLike))
+        self._load_kwargs = check_from_pretrained_kwargs(
+            self.from_pretrained_kwargs, is_object=is_object,
+            device_is_auto=isinstance(device, str) and device == "auto",
+        )
+        # MPS is not chosen by "auto": token statistics are validated on CUDA and CPU only.
+        resolved = resolve_device(device, _OWNER, mps=False)
+        loaded, source = load_model(model, resolved, resolve_dtype(dtype), self.gguf_file,
+                                    self._load_kwargs)
+        self.device = input_device(loaded)
+        if is_object and device != "auto" and not _same_device(resolved, self.device):
+            raise param_error("device", _OWNER, f"'auto' or the device the given model is on "
+                              f"({self.device}): a loaded model object is never moved; "
+                              f"move it first (model.to({str(resolved)!r}))", str(resolved))
+        if self.device.type == "cpu" and getattr(loaded, "dtype", None) in (
+            torch.float16, torch.bfloat16
+        ):
+            logger.warning("%s runs in %s on CPU: slow, and log-probabilities are less "
+                           "accurate than in float32.", type(loaded).__name__, loaded.dtype)
+        return loaded, source
 
     def __repr__(self) -> str:
         return f"HFLanguageModel(name={self.name!r}, device='{self.device}')"
@@ -468,10 +455,13 @@ class HFLanguageModel:
                 return decode_samples(
                     self.model, self.tokenizer, encoded, self._batches(encoded), configs,
                     eos_ids=_eos_ids(self.model, self.tokenizer),
-                    shared_prefill=self.shared_prefill is not False,
+                    shared_prefill=self.shared_prefill is not False, device=self.device,
                 )
             except UnsupportedModel as exc:
                 self._own_unsupported = str(exc)
+                if self.decoding == "auto":
+                    logger.warning("%s: confroute's decoding loop cannot decode this model "
+                                   "(%s); using model.generate instead.", self.name, exc)
         if self.decoding == "confroute":
             self._raise_unsupported(self._own_unsupported)
         return None
