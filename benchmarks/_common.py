@@ -63,20 +63,25 @@ class Context:
     repeats: int
     n_prompts: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where the models run, and from_pretrained arguments of the edge model (e.g.
+    # dtype="bfloat16", attn_implementation="sdpa" for the GPU check, `nox -s gpu`).
+    device: str = "cpu"
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def edge(self, **kwargs: Any) -> Any:
         key = "edge:" + json.dumps(kwargs, sort_keys=True)
         if key not in self.extra:
             from confroute.models.embedded import load_default_edge_model
 
-            self.extra[key] = load_default_edge_model(device="cpu", **kwargs)
+            self.extra[key] = load_default_edge_model(
+                device=self.device, **{**self.load_kwargs, **kwargs})
         return self.extra[key]
 
     def embedder(self) -> Any:
         if "embedder" not in self.extra:
             from confroute.models.embedded import load_default_embedder
 
-            self.extra["embedder"] = load_default_embedder(device="cpu")
+            self.extra["embedder"] = load_default_embedder(device=self.device)
         return self.extra["embedder"]
 
     def prompts(self, n: int | None = None, offset: int = 0) -> list[str]:

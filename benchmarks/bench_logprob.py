@@ -14,15 +14,27 @@ from typing import Any
 from benchmarks._common import MAX_NEW_TOKENS, Context, Row, interleave, ratios
 
 
+def _eos(edge: Any) -> list[int]:
+    """The end-of-sequence ids HFLanguageModel stops at: generation config + tokenizer."""
+    gen = getattr(edge.model.generation_config, "eos_token_id", None)
+    ids = set(gen if isinstance(gen, (list, tuple)) else [] if gen is None else [gen])
+    if edge.tokenizer.eos_token_id is not None:
+        ids.add(edge.tokenizer.eos_token_id)
+    return sorted(int(i) for i in ids)
+
+
 def _plain_generate(edge: Any, ids: list[int]) -> list[int]:
     import torch
 
-    input_ids, mask = edge._pad_left([ids])
+    from confroute.models._decode import left_pad
+
+    pad = int(edge.tokenizer.pad_token_id)
+    input_ids, mask = (t.to(edge.device) for t in left_pad([ids], pad))
     with torch.inference_mode():
         out = edge.model.generate(
             input_ids=input_ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS,
-            do_sample=False, pad_token_id=int(edge.tokenizer.pad_token_id),
-            eos_token_id=edge._eos_ids(), repetition_penalty=1.0, no_repeat_ngram_size=0,
+            do_sample=False, pad_token_id=pad,
+            eos_token_id=_eos(edge), repetition_penalty=1.0, no_repeat_ngram_size=0,
             min_length=0,
         )
     return [int(t) for t in out[0, input_ids.shape[1]:].tolist()]
@@ -71,7 +83,7 @@ def run(ctx: Context) -> list[Row]:
 
 
 def _trim_eos(edge: Any, ids: list[int]) -> list[int]:
-    eos = set(edge._eos_ids())
+    eos = set(_eos(edge))
     for i, t in enumerate(ids):
         if t in eos:
             return ids[: i + 1]

@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: cores not busy with other work)")
     ap.add_argument("--early-n", type=int, default=100, help="NQ questions for E")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
+    ap.add_argument("--device", default="cpu", help="where the models run, e.g. cuda")
+    ap.add_argument("--dtype", default="", help="edge model dtype, e.g. bfloat16")
+    ap.add_argument("--attn-implementation", default="",
+                    help="edge model attention, e.g. sdpa")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "performance.md"),
+                    help="the Markdown report to write ('' writes none)")
     ap.add_argument("--json", default="", help="also write rows as JSON here")
     ap.add_argument("--rows-from", default="",
                     help="JSON of an earlier run: its rows for benchmarks not run now are kept")
@@ -64,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(b for b in args.skip.split(",") if b)
 
     threads = set_threads(args.threads or None)
-    ctx = Context(threads=threads, repeats=args.repeats, n_prompts=args.prompts)
+    load = {k: v for k, v in (("dtype", args.dtype),
+                              ("attn_implementation", args.attn_implementation)) if v}
+    ctx = Context(threads=threads, repeats=args.repeats, n_prompts=args.prompts,
+                  device=args.device, load_kwargs=load)
     ctx.extra["early_n"] = args.early_n
     info_start = machine()
     print(f"machine: {json.dumps(info_start)}", flush=True)
