@@ -128,7 +128,7 @@ class Tier:
             raise param_error("model", owner, "a LanguageModel (or a router with an edge)",
                               self.model, type_error=True)
         per_token = self.price_in is not None or self.price_out is not None
-        if self.cost_per_call is not None and per_token or (
+        if (self.cost_per_call is not None and per_token) or (
                 self.cost_per_call is None and (self.price_in is None or self.price_out is None)):
             raise InvalidParameterError(
                 f"Tier {self.name!r} must have one kind of cost: 'cost_per_call', or both "
@@ -153,7 +153,7 @@ class Tier:
 
     @property
     def nominal_cost(self) -> float:
-        """Cost of one call, or of the reference call :data:`REFERENCE_CALL` for per-token prices."""
+        """Cost of one call (per-token tiers: of the reference call :data:`REFERENCE_CALL`)."""
         if self.cost_per_call is not None:
             return float(self.cost_per_call)
         assert self.price_in is not None and self.price_out is not None
@@ -477,7 +477,7 @@ def _agreement(value: Any, owner: str) -> Callable[[str, str], bool] | None:
 
         return answers_agree
     if callable(value):
-        return value  # type: ignore[no-any-return]
+        return value
     raise param_error("agreement", owner, "None, True, 'answers_agree' or a callable "
                       "(answer_a, answer_b) -> bool", value, type_error=True)
 
@@ -523,7 +523,7 @@ class Cascade:
             raise param_error("tiers[0].policy", owner, "None (every query enters the first "
                               "tier)", tiers[0].policy)
         costs = [t.nominal_cost for t in tiers]
-        if any(b < a for a, b in zip(costs, costs[1:])):
+        if any(b < a for a, b in itertools.pairwise(costs)):
             raise param_error("tiers", owner, "ordered by non-decreasing cost (cost of one call "
                               "or of a reference 1000-in/100-out call)", costs)
         self.tiers = list(tiers)
@@ -607,8 +607,9 @@ class Cascade:
         last = j == len(self.tiers) - 1
         for s, sm, pi in zip(states, samples, p):
             text = None if sm.greedy is None else sm.greedy.text
-            agreed = (self._agree is not None and s.texts and text is not None
-                      and s.texts[-1] is not None and bool(self._agree(s.texts[-1], text)))
+            prev = s.texts[-1] if s.texts else None
+            agreed = (self._agree is not None and prev is not None and text is not None
+                      and bool(self._agree(prev, text)))
             s.record(text, tier.call_cost(s.prompt, sm), float(pi))
             if last:
                 s.stop(j, "last tier answers")
@@ -691,3 +692,174 @@ class _State:
             cost=float(sum(self.costs)), tier_costs=tuple(self.costs), p_good=tuple(self.p),
             reason=self.reason, degraded=self.error is not None, error=self.error,
         )
+
+
+# --------------------------------------------------------------------------- k-way selector
+
+
+def _success_probability(predictor: Any, X: np.ndarray) -> np.ndarray:
+    """P(success) from a query router (``p_strong``) or a scikit-learn classifier."""
+    if callable(getattr(predictor, "p_strong", None)):
+        return np.asarray(predictor.p_strong(X), dtype=np.float64)
+    proba = np.asarray(predictor.predict_proba(X), dtype=np.float64)
+    classes = list(getattr(predictor, "classes_", [0, 1]))
+    return proba[:, classes.index(1)] if 1 in classes else np.zeros(len(X))
+
+
+def select_models(p_success: np.ndarray, costs: np.ndarray, rule: str, value: float
+                  ) -> np.ndarray:
+    r"""Model index per query, shape (n,).
+
+    ``rule="threshold"``: the cheapest model with :math:`\hat p_m(x) \ge` ``value``,
+    else the model with the highest :math:`\hat p_m(x)`. ``rule="utility"``:
+    :math:`\arg\max_m \hat p_m(x) - \lambda c_m` with :math:`\lambda` = ``value``.
+    Ties go to the cheaper model (columns are in cost order).
+    """
+    if rule == "utility":
+        return np.asarray(np.argmax(p_success - value * costs[None, :], axis=1))
+    ok = p_success >= value
+    fallback = np.argmax(p_success, axis=1)
+    return np.where(ok.any(axis=1), np.argmax(ok, axis=1), fallback)
+
+
+class KWaySelector:
+    r"""Pick one of k models per query before any generation.
+
+    One query-only predictor per model estimates :math:`\hat p_m(x)`, the
+    probability that model :math:`m` answers query :math:`x` correctly; the
+    selector picks the cheapest model with :math:`\hat p_m(x) \ge \tau` (else
+    the most likely one), or, with ``rule="utility"``, maximises
+    :math:`\hat p_m(x) - \lambda c_m`. :meth:`fit_threshold` chooses
+    :math:`\tau` (or :math:`\lambda`) on calibration data under a cost cap.
+
+    Parameters
+    ----------
+    predictors : estimator or sequence of k estimators
+        Binary classifiers of "the model is right" on query embeddings: the
+        query routers of :mod:`confroute.predictive.routers` (their
+        ``p_strong`` is read as P(success)) or any scikit-learn classifier with
+        ``predict_proba``. A single estimator is cloned once per model.
+    costs : array-like of shape (k,)
+        Cost of one call of each model, non-decreasing (models in cost order).
+    rule : {"threshold", "utility"}, default "threshold"
+    value : float, default 0.5
+        :math:`\tau` (in [0, 1]) or :math:`\lambda` (>= 0).
+
+    Attributes
+    ----------
+    predictors_ : list
+        The fitted predictors, one per model.
+    operating_point_ : OperatingPoint or None
+    """
+
+    def __init__(self, predictors: Any, *, costs: Any, rule: str = "threshold",
+                 value: float = 0.5) -> None:
+        self.predictors = predictors
+        self.costs = costs
+        self.rule = rule
+        self.value = value
+        self.operating_point_: OperatingPoint | None = None
+
+    def _checked(self, owner: str) -> tuple[np.ndarray, str, float]:
+        from confroute._validation import check_choice
+
+        c = check_array(self.costs, "costs", owner)
+        if (c < 0).any() or (np.diff(c) < 0).any():
+            raise param_error("costs", owner, "non-negative and non-decreasing (models in cost "
+                              "order)", c.tolist())
+        rule = check_choice(self.rule, "rule", owner, ("threshold", "utility"))
+        hi = 1.0 if rule == "threshold" else None
+        v = float(check_float(self.value, "value", owner, min_value=0.0, max_value=hi))
+        return c, rule, v
+
+    def fit(self, embeddings: Any, correct: Any) -> KWaySelector:
+        """Fit one predictor per model on its 0/1 correctness labels.
+
+        Parameters
+        ----------
+        embeddings : array-like of shape (n, d)
+        correct : array-like of shape (n, k)
+            1 where the model answered the query correctly.
+        """
+        from sklearn.base import clone
+
+        owner = "KWaySelector.fit"
+        c, _, _ = self._checked(owner)
+        X = check_array(embeddings, "embeddings", owner, ndim=2)
+        y = check_array(correct, "correct", owner, ndim=2)
+        if y.shape != (X.shape[0], len(c)):
+            raise param_error("correct", owner, f"of shape ({X.shape[0]}, {len(c)})",
+                              f"shape {y.shape}")
+        if not np.isin(y, (0.0, 1.0)).all():
+            raise param_error("correct", owner, "0/1 labels", "other values")
+        preds = self.predictors
+        if isinstance(preds, Sequence):
+            if len(preds) != len(c):
+                raise param_error("predictors", owner, f"one estimator or {len(c)} (one per "
+                                  "model)", f"{len(preds)} estimators")
+            preds = [clone(p) for p in preds]
+        else:
+            preds = [clone(preds) for _ in range(len(c))]
+        self.predictors_ = [p.fit(X, y[:, m].astype(np.int64)) for m, p in enumerate(preds)]
+        return self
+
+    def p_success(self, embeddings: Any) -> np.ndarray:
+        """Predicted P(correct) of each model, shape (n, k)."""
+        if not hasattr(self, "predictors_"):
+            from confroute.errors import NotFittedError
+
+            raise NotFittedError("This KWaySelector is not fitted yet; call "
+                                 "fit(embeddings, correct) first.")
+        X = check_array(embeddings, "embeddings", "KWaySelector.p_success", ndim=2)
+        return np.column_stack([_success_probability(p, X) for p in self.predictors_])
+
+    def select(self, embeddings: Any) -> np.ndarray:
+        """Index of the chosen model for each query, shape (n,)."""
+        c, rule, v = self._checked("KWaySelector.select")
+        return select_models(self.p_success(embeddings), c, rule, v)
+
+    def fit_threshold(
+        self, embeddings: Any, correct: Any, costs: Any = None, *, max_cost: float,
+        n_grid: int = 101,
+    ) -> OperatingPoint:
+        """Choose and set ``value`` maximising mean quality with mean cost <= ``max_cost``.
+
+        A grid of ``n_grid`` quantiles of the predicted probabilities
+        (``rule="threshold"``) or of :math:`\\lambda` values spanning the
+        predicted-gain-per-cost ratios (``rule="utility"``) is searched exhaustively.
+
+        Parameters
+        ----------
+        embeddings : array-like of shape (n, d)
+            Calibration queries (not the ones the predictors were fitted on).
+        correct : array-like of shape (n, k)
+        costs : array-like of shape (k,) or (n, k), optional
+            Per-query costs for the evaluation (default: ``self.costs``).
+        max_cost : float >= 0
+        """
+        owner = "KWaySelector.fit_threshold"
+        c, rule, _ = self._checked(owner)
+        cap = float(check_float(max_cost, "max_cost", owner, min_value=0.0))
+        P = self.p_success(embeddings)
+        q = check_array(correct, "correct", owner, ndim=2)
+        if q.shape != P.shape:
+            raise param_error("correct", owner, f"of shape {P.shape}", f"shape {q.shape}")
+        cq = np.broadcast_to(check_array(c if costs is None else costs, "costs", owner,
+                                         ndim=(1, 2)), q.shape)
+        g = int(check_int(n_grid, "n_grid", owner, min_value=2))
+        if rule == "threshold":
+            grid = np.unique(np.concatenate([np.quantile(P, np.linspace(0, 1, g)), [0.0, 1.0]]))
+        else:
+            span = float(np.ptp(c)) or 1.0
+            grid = np.concatenate([[0.0], np.geomspace(1e-4 / span, 1e2 / span, g)])
+        rows = np.arange(len(q))
+        picks = [select_models(P, c, rule, float(v)) for v in grid]
+        qual = np.array([q[rows, m].mean() for m in picks])
+        cost = np.array([cq[rows, m].mean() for m in picks])
+        best = _best(qual, cost, "max_cost", cap, owner)
+        self.value = float(grid[best])
+        m = picks[best]
+        shares = np.bincount(m, minlength=len(c)) / len(m)
+        self.operating_point_ = measure((self.value,), q[rows, m], cq[rows, m], shares,
+                                        constraint=f"max_cost {cap:g}")
+        return self.operating_point_
