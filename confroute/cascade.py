@@ -61,6 +61,9 @@ __all__ = [
     "KWaySelector",
     "OperatingPoint",
     "Tier",
+    "fit_cascade_thresholds",
+    "measure",
+    "select_models",
     "simulate_cascade",
 ]
 

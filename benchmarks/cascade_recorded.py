@@ -1,0 +1,332 @@
+"""k-model routing on recorded answers: MMLU-Redux x helm_combined (docs/results-cascade.md).
+
+No model is run: every answer is HELM's recorded prediction. Questions are the
+MMLU-Redux questions annotated "ok" that join helm_combined and have an answer
+from all eight priced models (gold = the MMLU label). Split by question id
+(:func:`confroute.evaluation.datasets.split`): 40% **train** (fits one query-only
+success predictor per model), 20% **calibration** (chooses thresholds, pairs,
+tiers), 40% **test** (everything reported).
+
+* Confidence signal per tier: the recorded data has no log-probabilities
+  (HELM's ``logprob`` is always 0), so a tier's ``p_good`` is a query-only
+  predictor's P(this model is right): :class:`~confroute.predictive.KNNRouter`
+  (k = 40) on all-MiniLM-L6-v2 embeddings of the question, fitted on the train
+  part on the model's 0/1 correctness. The cascade also stops when a tier's
+  letter agrees with the previous tier's (answer agreement).
+* Cost: approximate mid-2024 list prices (:mod:`confroute.prices`); prompt
+  tokens = ceil(chars / 4) of the zero-shot prompt, 1 output token (a letter).
+  Reported as US dollars per 1,000 questions.
+
+Usage: ``python benchmarks/cascade_recorded.py --data-dir ../shared/data
+--out runs/cascade --write-doc docs/results-cascade.md`` (``nox -s cascade``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from confroute.cascade import (
+    KWaySelector,
+    OperatingPoint,
+    fit_cascade_thresholds,
+    measure,
+    simulate_cascade,
+)
+from confroute.errors import InvalidParameterError
+from confroute.evaluation.datasets import Example, load_helm_combined, split
+from confroute.prices import estimate_tokens, lookup_price
+
+COLUMNS = {  # helm_combined column -> short name, cheapest first
+    "google_gemini-1.5-flash-preview-0514": "gemini-1.5-flash",
+    "meta_llama-3-70b": "llama-3-70b",
+    "mistralai_mixtral-8x22b": "mixtral-8x22b",
+    "google_gemini-1.5-pro-preview-0409": "gemini-1.5-pro",
+    "openai_gpt-4o-2024-05-13": "gpt-4o",
+    "openai_gpt-4-1106-preview": "gpt-4-1106-preview",
+    "anthropic_claude-3-opus-20240229": "claude-3-opus",
+    "openai_gpt-4-0613": "gpt-4-0613",
+}
+CAP_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 0.8, 1.0)
+K_NEIGHBOURS = 40
+PER_K = 1000.0  # report dollars per 1,000 questions
+
+
+def load(data_dir: str) -> list[Example]:
+    ex = load_helm_combined(f"{data_dir}/mmlu_redux/helm_combined",
+                            f"{data_dir}/mmlu_redux/questions", models=list(COLUMNS))
+    return [x for x in ex if x.meta.get("error_type") == "ok"
+            and all(c in x.recorded for c in COLUMNS)]
+
+
+def arrays(part: Sequence[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(correct (n, k), per-query cost (n, k) in $ per 1,000 questions, letters (n, k))."""
+    letters = np.array([[x.recorded[c].strip() for c in COLUMNS] for x in part])
+    gold = [set(x.gold) for x in part]
+    correct = np.array([[a in g for a in row] for row, g in zip(letters, gold)], dtype=float)
+    prices = [lookup_price(c) for c in COLUMNS]
+    cost = np.array([[p.cost(estimate_tokens(x.prompt), 1) * PER_K for p in prices]
+                     for x in part])
+    return correct, cost, letters
+
+
+def embed(parts: Sequence[Sequence[Example]], out: Path) -> list[np.ndarray]:
+    from confroute.models.embedded import load_default_embedder
+    from confroute.predictive import QueryEmbedder
+
+    qe = QueryEmbedder(load_default_embedder(), cache_path=out / "emb.sqlite")
+    return [qe.encode([str(x.meta["question"]) for x in p]) for p in parts]
+
+
+def point_dict(name: str, pt: OperatingPoint, extra: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    return {"method": name, "quality": pt.quality, "quality_ci": pt.quality_ci,
+            "cost": pt.cost, "cost_ci": pt.cost_ci, "params": pt.params,
+            "shares": pt.shares, **(extra or {})}
+
+
+def singles(q: np.ndarray, c: np.ndarray) -> list[dict[str, Any]]:
+    names = list(COLUMNS.values())
+    rows = []
+    for m, name in enumerate(names):
+        share = np.eye(len(names))[m]
+        rows.append(point_dict(name, measure((), q[:, m], c[:, m], share)))
+    return rows
+
+
+def oracle(q: np.ndarray, c: np.ndarray) -> dict[str, Any]:
+    """Cheapest correct model per question (the cheapest model when none is right)."""
+    pick = np.where(q.any(axis=1), np.argmax(q > 0, axis=1), 0)
+    rows = np.arange(len(q))
+    share = np.bincount(pick, minlength=q.shape[1]) / len(q)
+    return point_dict("oracle", measure((), q[rows, pick], c[rows, pick], share))
+
+
+def selector_points(name: str, cols: list[int], P: dict[str, np.ndarray], data: dict[str, Any],
+                    caps: Sequence[float]) -> list[dict[str, Any]]:
+    """A KWaySelector over ``cols`` (threshold rule), one point per cost cap."""
+    out = []
+    for cap in caps:
+        sel = KWaySelector(None, costs=data["cal_c"][:, cols].mean(axis=0))
+        sel.predictors_ = [data["predictors"][m] for m in cols]
+        try:
+            sel.fit_threshold(data["X_cal"], data["cal_q"][:, cols], data["cal_c"][:, cols],
+                              max_cost=cap)
+        except InvalidParameterError:
+            continue
+        pick = sel.select(data["X_test"])
+        rows = np.arange(len(pick))
+        share = np.bincount(pick, minlength=len(cols)) / len(pick)
+        pt = measure((sel.value,), data["test_q"][:, cols][rows, pick],
+                     data["test_c"][:, cols][rows, pick], share)
+        out.append(point_dict(name, pt, {"cap": cap, "models": [_name(m) for m in cols]}))
+    return out
+
+
+def _name(m: int) -> str:
+    return list(COLUMNS.values())[m]
+
+
+def best_pair_points(P: dict[str, np.ndarray], data: dict[str, Any], caps: Sequence[float]
+                     ) -> list[dict[str, Any]]:
+    """Per cap: the 2-model pre-generation router whose calibration quality is best."""
+    out = []
+    for cap in caps:
+        best: tuple[float, list[int]] | None = None
+        for a, b in itertools.combinations(range(len(COLUMNS)), 2):
+            pts = selector_points("pair", [a, b], P, {**data, "X_test": data["X_cal"],
+                                                      "test_q": data["cal_q"],
+                                                      "test_c": data["cal_c"]}, [cap])
+            if pts and (best is None or pts[0]["quality"] > best[0]):
+                best = (pts[0]["quality"], [a, b])
+        if best is not None:
+            out += selector_points("best 2-model router", best[1], P, data, [cap])
+    return out
+
+
+def cascade_points(P: dict[str, np.ndarray], data: dict[str, Any], caps: Sequence[float],
+                   n_tiers: int = 3) -> list[dict[str, Any]]:
+    """Per cap: the n-tier cascade (tiers, thresholds) best on calibration, measured on test."""
+    out = []
+    for cap in caps:
+        best: tuple[float, tuple[int, ...], tuple[float, ...]] | None = None
+        for tiers in itertools.combinations(range(len(COLUMNS)), n_tiers):
+            cols = list(tiers)
+            agree = _agree(data["cal_l"][:, cols])
+            try:
+                pt = fit_cascade_thresholds(P["cal"][:, cols], data["cal_q"][:, cols],
+                                            data["cal_c"][:, cols], max_cost=cap, agree=agree,
+                                            n_grid=15)
+            except InvalidParameterError:
+                continue
+            if best is None or pt.quality > best[0]:
+                best = (pt.quality, tiers, pt.params)
+        if best is None:
+            continue
+        cols = list(best[1])
+        res = simulate_cascade(P["test"][:, cols], data["test_q"][:, cols],
+                               data["test_c"][:, cols], list(best[2]),
+                               agree=_agree(data["test_l"][:, cols]))
+        pt = measure(best[2], res.quality, res.cost, res.tier_shares(len(cols)))
+        out.append(point_dict(f"{n_tiers}-tier cascade", pt,
+                              {"cap": cap, "models": [_name(m) for m in cols]}))
+    return out
+
+
+def _agree(letters: np.ndarray) -> np.ndarray:
+    return letters[:, 1:] == letters[:, :-1]
+
+
+def run(data_dir: str, out: Path, seed: int) -> dict[str, Any]:
+    from confroute.predictive import KNNRouter
+
+    t0 = time.perf_counter()
+    ex = load(data_dir)
+    dev, test = split(ex, 0.6, seed=seed)
+    train, cal = split(dev, 2 / 3, seed=seed + 1)
+    X_tr, X_cal, X_te = embed([train, cal, test], out)
+    data: dict[str, Any] = {"X_cal": X_cal, "X_test": X_te}
+    for key, part in (("train", train), ("cal", cal), ("test", test)):
+        data[f"{key}_q"], data[f"{key}_c"], data[f"{key}_l"] = arrays(part)
+    data["predictors"] = [KNNRouter(k=K_NEIGHBOURS).fit(X_tr, data["train_q"][:, m])
+                          for m in range(len(COLUMNS))]
+    P = {k: np.column_stack([p.p_strong(X) for p in data["predictors"]])
+         for k, X in (("cal", X_cal), ("test", X_te))}
+    single = singles(data["test_q"], data["test_c"])
+    best_single = max(single, key=lambda r: r["quality"])
+    ref_cost = float(data["cal_c"][:, list(COLUMNS.values()).index(best_single["method"])]
+                     .mean())
+    caps = [f * ref_cost for f in CAP_FRACTIONS]
+    results = {
+        "n": len(ex), "n_train": len(train), "n_cal": len(cal), "n_test": len(test),
+        "seed": seed, "singles": single, "oracle": oracle(data["test_q"], data["test_c"]),
+        "pair": best_pair_points(P, data, caps),
+        "cascade3": cascade_points(P, data, caps, 3),
+        "selector": selector_points("k-way selector", list(range(len(COLUMNS))), P, data, caps),
+        "best_single": best_single["method"],
+    }
+    results["seconds"] = time.perf_counter() - t0
+    return results
+
+
+def _fmt_pt(r: dict[str, Any]) -> str:
+    q, (ql, qh) = r["quality"], r["quality_ci"]
+    c, (cl, ch) = r["cost"], r["cost_ci"]
+    return f"{q:.3f} [{ql:.3f}, {qh:.3f}] | {c:.3f} [{cl:.3f}, {ch:.3f}]"
+
+
+def goals(res: dict[str, Any]) -> list[str]:
+    best = next(r for r in res["singles"] if r["method"] == res["best_single"])
+    gpt4 = next(r for r in res["singles"] if r["method"] == "gpt-4-0613")
+    routed = res["cascade3"] + res["pair"] + res["selector"]
+    lines = []
+    reach = [r for r in routed if r["quality"] >= best["quality_ci"][0]]
+    cheapest = min(reach, key=lambda r: r["cost"]) if reach else None
+    if cheapest is None:
+        lines.append(f"- **Not met**: no routed point reaches {best['method']}'s interval "
+                     f"(lower bound {best['quality_ci'][0]:.3f}).")
+    else:
+        ratio = cheapest["cost"] / best["cost"]
+        verdict = "**Met**" if ratio <= 0.30 else "**Not met**"
+        lines.append(
+            f"- {verdict}: the most accurate single model is {best['method']} "
+            f"({best['quality']:.3f}, 95% CI [{best['quality_ci'][0]:.3f}, "
+            f"{best['quality_ci'][1]:.3f}], ${best['cost']:.3f} per 1,000 questions). The "
+            f"cheapest routed point inside its interval is the {cheapest['method']} "
+            f"({', '.join(cheapest.get('models', []))}) at {cheapest['quality']:.3f} for "
+            f"${cheapest['cost']:.3f} = {100 * ratio:.0f}% of its cost (goal <= 30%).")
+    cas = [r for r in res["cascade3"] if r["quality"] >= gpt4["quality"]]
+    if cas:
+        c = min(cas, key=lambda r: r["cost"])
+        lines.append(
+            f"- GPT-4-0613's accuracy ({gpt4['quality']:.3f}, ${gpt4['cost']:.3f}) is reached by "
+            f"the 3-tier cascade ({', '.join(c['models'])}) at ${c['cost']:.3f} per 1,000 "
+            f"questions ({100 * c['cost'] / gpt4['cost']:.1f}% of GPT-4-0613's cost; quality "
+            f"{c['quality']:.3f}).")
+    else:
+        lines.append("- GPT-4-0613's accuracy is not reached by any 3-tier cascade point.")
+    return lines
+
+
+def render(res: dict[str, Any], plot_name: str) -> str:
+    head = (
+        "# k-model routing on recorded answers (MMLU-Redux x HELM)\n\n"
+        "Written by `nox -s cascade` (`benchmarks/cascade_recorded.py`); no model is run.\n\n"
+        f"{res['n']} MMLU-Redux questions annotated `ok` with a recorded answer of all eight "
+        "priced HELM models (gold = MMLU label; the two unpriced HELM models, palmyra-x-v3 and "
+        "text-unicorn@001, are left out). Split by question id: "
+        f"{res['n_train']} train (success predictors), {res['n_cal']} calibration "
+        f"(thresholds, tier and pair choice), {res['n_test']} **test** (all numbers below).\n\n"
+        "Cost: approximate mid-2024 list prices (`confroute.prices`, USD per million tokens), "
+        "prompt tokens = ceil(chars / 4) of the zero-shot prompt, one output token; in "
+        "**dollars per 1,000 questions**. A cascade pays for every tier a question reaches. "
+        "Confidence per tier: the recorded data has no usable log-probabilities, so each "
+        f"tier's p_good is a query-only kNN predictor (k = {K_NEIGHBOURS}, all-MiniLM-L6-v2 "
+        "question embeddings) of that model's success, plus answer agreement with the "
+        "previous tier as a stopping signal. Intervals: Clopper-Pearson (accuracy) and "
+        "percentile bootstrap (cost), 95%, on the test part.\n\n"
+        f"![quality vs cost]({plot_name})\n\n## Goals\n\n" + "\n".join(goals(res)) + "\n\n"
+    )
+    rows = ["| method | models / tiers | cap | accuracy [95% CI] | $ / 1k q [95% CI] |",
+            "|---|---|---|---|---|"]
+    for r in [*res["singles"], res["oracle"]]:
+        rows.append(f"| {r['method']} | single | - | {_fmt_pt(r)} |")
+    for key in ("pair", "cascade3", "selector"):
+        for r in res[key]:
+            models = ", ".join(r.get("models", [])) if key != "selector" else "all 8"
+            rows.append(f"| {r['method']} | {models} | {r['cap']:.3f} | {_fmt_pt(r)} |")
+    tail = (f"\n\nSeed {res['seed']}; run time {res['seconds']:.0f} s.\n")
+    return head + "\n".join(rows) + tail
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in res["singles"]:
+        ax.scatter(r["cost"], r["quality"], color="grey")
+        ax.annotate(r["method"], (r["cost"], r["quality"]), fontsize=7)
+    ax.scatter(res["oracle"]["cost"], res["oracle"]["quality"], marker="*", s=120,
+               color="gold", label="oracle")
+    for key, label in (("pair", "best 2-model router"), ("cascade3", "3-tier cascade"),
+                       ("selector", "k-way selector")):
+        pts = sorted(res[key], key=lambda r: r["cost"])
+        ax.plot([r["cost"] for r in pts], [r["quality"] for r in pts], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("cost, $ per 1,000 questions (log scale)")
+    ax.set_ylabel("accuracy (test)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--out", type=Path, default=Path("runs/cascade"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write-doc", type=Path, default=None)
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    res = run(a.data_dir, a.out, a.seed)
+    if a.write_doc is not None:
+        png = a.write_doc.with_suffix(".png")
+        plot(res, png)
+        a.write_doc.write_text(render(res, png.name), encoding="utf-8")
+    print("\n".join(goals(res)), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
