@@ -62,6 +62,7 @@ __all__ = [
     "OperatingPoint",
     "Tier",
     "fit_cascade_thresholds",
+    "fit_selector_threshold",
     "measure",
     "select_models",
     "simulate_cascade",
@@ -842,27 +843,57 @@ class KWaySelector:
         """
         owner = "KWaySelector.fit_threshold"
         c, rule, _ = self._checked(owner)
-        cap = float(check_float(max_cost, "max_cost", owner, min_value=0.0))
-        P = self.p_success(embeddings)
-        q = check_array(correct, "correct", owner, ndim=2)
-        if q.shape != P.shape:
-            raise param_error("correct", owner, f"of shape {P.shape}", f"shape {q.shape}")
-        cq = np.broadcast_to(check_array(c if costs is None else costs, "costs", owner,
-                                         ndim=(1, 2)), q.shape)
-        g = int(check_int(n_grid, "n_grid", owner, min_value=2))
-        if rule == "threshold":
-            grid = np.unique(np.concatenate([np.quantile(P, np.linspace(0, 1, g)), [0.0, 1.0]]))
-        else:
-            span = float(np.ptp(c)) or 1.0
-            grid = np.concatenate([[0.0], np.geomspace(1e-4 / span, 1e2 / span, g)])
-        rows = np.arange(len(q))
-        picks = [select_models(P, c, rule, float(v)) for v in grid]
-        qual = np.array([q[rows, m].mean() for m in picks])
-        cost = np.array([cq[rows, m].mean() for m in picks])
-        best = _best(qual, cost, "max_cost", cap, owner)
-        self.value = float(grid[best])
-        m = picks[best]
-        shares = np.bincount(m, minlength=len(c)) / len(m)
-        self.operating_point_ = measure((self.value,), q[rows, m], cq[rows, m], shares,
-                                        constraint=f"max_cost {cap:g}")
-        return self.operating_point_
+        point = fit_selector_threshold(
+            self.p_success(embeddings), correct, c if costs is None else costs, rule=rule,
+            max_cost=max_cost, n_grid=n_grid, owner=owner)
+        self.value = point.params[0]
+        self.operating_point_ = point
+        return point
+
+
+def fit_selector_threshold(
+    p_success: Any, correct: Any, costs: Any, *, max_cost: float, rule: str = "threshold",
+    n_grid: int = 101, owner: str = "fit_selector_threshold",
+) -> OperatingPoint:
+    """The threshold (or lambda) of :func:`select_models` maximising quality under a cost cap.
+
+    Parameters
+    ----------
+    p_success : array-like of shape (n, k)
+        Predicted P(correct) per model, columns in non-decreasing cost order.
+    correct : array-like of shape (n, k)
+    costs : array-like of shape (k,) or (n, k)
+    max_cost : float >= 0
+    rule : {"threshold", "utility"}
+    n_grid : int >= 2
+
+    Returns
+    -------
+    OperatingPoint
+        ``params == (value,)``.
+    """
+    from confroute._validation import check_choice
+
+    rule = check_choice(rule, "rule", owner, ("threshold", "utility"))
+    cap = float(check_float(max_cost, "max_cost", owner, min_value=0.0))
+    P = check_array(p_success, "p_success", owner, ndim=2)
+    q = check_array(correct, "correct", owner, ndim=2)
+    if q.shape != P.shape:
+        raise param_error("correct", owner, f"of shape {P.shape}", f"shape {q.shape}")
+    cq = np.broadcast_to(check_array(costs, "costs", owner, ndim=(1, 2)), q.shape)
+    c = cq.mean(axis=0)
+    g = int(check_int(n_grid, "n_grid", owner, min_value=2))
+    if rule == "threshold":
+        grid = np.unique(np.concatenate([np.quantile(P, np.linspace(0, 1, g)), [0.0, 1.0]]))
+    else:
+        span = float(np.ptp(c)) or 1.0
+        grid = np.concatenate([[0.0], np.geomspace(1e-4 / span, 1e2 / span, g)])
+    rows = np.arange(len(q))
+    picks = [select_models(P, c, rule, float(v)) for v in grid]
+    qual = np.array([q[rows, m].mean() for m in picks])
+    cost = np.array([cq[rows, m].mean() for m in picks])
+    best = _best(qual, cost, "max_cost", cap, owner)
+    m = picks[best]
+    shares = np.bincount(m, minlength=q.shape[1]) / len(m)
+    return measure((float(grid[best]),), q[rows, m], cq[rows, m], shares,
+                   constraint=f"max_cost {cap:g}")
