@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from confroute._stats import bootstrap_ci, clopper_pearson
 from confroute._validation import (
     check_array,
     check_float,
@@ -100,10 +101,11 @@ class Tier:
     router : Router, optional
         A calibrated :class:`~confroute.router.Router` for this tier's model; its
         ``predict_proba`` gives ``p_good`` (instead of estimator + calibrator).
-    policy : online policy, optional
-        A budget for entering this tier: an object with ``admit(p_good) ->
-        ticket`` (``ticket.escalate``) and ``settle(ticket, spent)``, such as a
-        fitted :class:`~confroute.policies.BudgetPolicy`. It is asked for every
+    policy : OnlinePolicy, optional
+        A budget for entering this tier: a fitted
+        :class:`~confroute.policies.OnlinePolicy` such as
+        :class:`~confroute.policies.BudgetPolicy` (anything with ``admit(p_good)
+        -> ticket``, ``ticket.escalate`` and ``settle(ticket, spent)``). It is asked for every
         query that reaches the previous tier, with that tier's ``p_good``; a
         query enters this tier only if the threshold asks for it **and** the
         ticket escalates. Not allowed on the first tier.
@@ -364,32 +366,19 @@ class OperatingPoint:
 def measure(params: Sequence[float], quality: Any, cost: Any, shares: Any, *,
             constraint: str = "", seed: int = 0) -> OperatingPoint:
     """Build an :class:`OperatingPoint` from per-query quality and cost (shape (n,))."""
-    from scipy import stats
-
     qv = check_array(quality, "quality", "measure")
     cv = check_array(cost, "cost", "measure")
     n = len(qv)
-    rng = np.random.default_rng(seed)
     if np.isin(qv, (0.0, 1.0)).all():
-        ci = stats.binomtest(int(qv.sum()), n).proportion_ci(0.95, method="exact")
-        q_ci = (float(ci.low), float(ci.high))
+        q_ci = clopper_pearson(int(qv.sum()), n)
     else:
-        q_ci = _boot(qv, rng)
+        q_ci = bootstrap_ci(np.mean, qv, seed=seed)[1:]
+    c_ci = bootstrap_ci(np.mean, cv, seed=seed)[1:] if np.ptp(cv) > 0 else (cv[0], cv[0])
     return OperatingPoint(
         params=tuple(float(x) for x in params), quality=float(qv.mean()), cost=float(cv.mean()),
-        quality_ci=q_ci, cost_ci=_boot(cv, rng), shares=tuple(float(s) for s in shares), n=n,
-        constraint=constraint,
+        quality_ci=(float(q_ci[0]), float(q_ci[1])), cost_ci=(float(c_ci[0]), float(c_ci[1])),
+        shares=tuple(float(s) for s in shares), n=n, constraint=constraint,
     )
-
-
-def _boot(x: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
-    from scipy import stats
-
-    if len(x) < 2 or np.ptp(x) == 0:
-        return float(x.mean()), float(x.mean())
-    res = stats.bootstrap((x,), np.mean, n_resamples=1000, method="percentile",
-                          random_state=rng, vectorized=True)
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def _constraint(max_cost: Any, min_quality: Any, owner: str) -> tuple[str, float]:

@@ -189,6 +189,21 @@ def test_tier_budget_limits_who_enters_and_failures_are_refunded():
     assert out[5].degraded and out[5].tier == 1 and "big" in (out[5].error or "")
 
 
+def test_tier_wrapping_a_calibrated_router():
+    from confroute.router import Router
+
+    est, _ = _signal({3, 4, 5})
+    small = _recorded("small")
+    router = Router(est, "isotonic", "threshold", edge=small)
+    router.calibrate(PROMPTS, [1, 1, 1, 0, 0, 0])
+    tiers = _three_tiers()
+    tiers[0] = Tier(None, name="small", cost_per_call=1.0, router=router)
+    assert tiers[0].model is small
+    out = Cascade(tiers)(PROMPTS)
+    assert [r.tier for r in out] == [0, 0, 0, 1, 1, 2]
+    assert out[0].p_good[0] == pytest.approx(float(router.predict_proba(PROMPTS[:1])[0]))
+
+
 def test_cascade_bad_input_names_the_parameter():
     tiers = _three_tiers()
     with pytest.raises(InvalidParameterError, match=r"'tiers'.*at least two"):
