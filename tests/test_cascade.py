@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import LogisticRegression
 
@@ -346,3 +348,23 @@ def test_price_table_bad_input():
         Price(-1.0, 2.0)
     with pytest.raises(InvalidTypeError, match=r"'text'"):
         estimate_tokens(12)
+
+
+# ------------------------------------------------------------------ properties
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.integers(2, 4), st.integers(0, 10_000))
+def test_cascade_rule_invariants(n, k, seed):
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(size=(n, k - 1))
+    q = (rng.uniform(size=(n, k)) < 0.6).astype(float)
+    costs = np.sort(rng.uniform(0.0, 5.0, size=k))
+    t = list(rng.uniform(size=k - 1))
+    out = simulate_cascade(p, q, costs, t)
+    assert ((out.stop >= 0) & (out.stop < k)).all()
+    np.testing.assert_allclose(out.cost, np.cumsum(costs)[out.stop])
+    np.testing.assert_array_equal(out.quality, q[np.arange(n), out.stop])
+    cap = float(np.cumsum(costs)[-1]) * rng.uniform(0.3, 1.0)
+    if cap >= costs[0]:
+        point = fit_cascade_thresholds(p, q, costs, max_cost=cap, n_grid=5)
+        assert point.cost <= cap + 1e-9
