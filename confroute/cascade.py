@@ -105,10 +105,12 @@ class Tier:
         A budget for entering this tier: a fitted
         :class:`~confroute.policies.OnlinePolicy` such as
         :class:`~confroute.policies.BudgetPolicy` (anything with ``admit(p_good)
-        -> ticket``, ``ticket.escalate`` and ``settle(ticket, spent)``). It is asked for every
-        query that reaches the previous tier, with that tier's ``p_good``; a
-        query enters this tier only if the threshold asks for it **and** the
-        ticket escalates. Not allowed on the first tier.
+        -> ticket``, ``ticket.escalate`` and ``settle(ticket, spent)``). It is
+        asked for every query that reaches the previous tier, with that tier's
+        ``p_good``, so its budget caps the share of those queries that enter
+        this tier; a query enters only if the previous tier's threshold sends it
+        on **and** the ticket escalates (a ticket for a query that stops anyway
+        is settled unspent). Not allowed on the first tier.
     max_new_tokens : int >= 1, default 64
         Length of the tier's answer.
     """
@@ -606,24 +608,35 @@ class Cascade:
             s.record(text, tier.call_cost(s.prompt, sm), float(pi))
             if last:
                 s.stop(j, "last tier answers")
-            elif agreed:
-                s.stop(j, f"answer agrees with tier {j - 1}")
-            elif not (pi >= self.thresholds[j]):
-                self._escalate(j, s, float(pi))
-            else:
-                s.stop(j, f"p_good {pi:.2f} >= threshold {self.thresholds[j]:.2f}")
+                continue
+            if agreed:
+                reason: str | None = f"answer agrees with tier {j - 1}"
+            elif pi >= self.thresholds[j]:
+                reason = f"p_good {pi:.2f} >= threshold {self.thresholds[j]:.2f}"
+            else:  # below the threshold, or NaN
+                reason = None
+            self._next_tier(j, s, float(pi), reason)
         return [True] * len(states)
 
-    def _escalate(self, j: int, s: _State, p: float) -> None:
+    def _next_tier(self, j: int, s: _State, p: float, reason: str | None) -> None:
+        """Stop ``s`` at tier ``j`` with ``reason``, or send it on (within the next tier's budget).
+
+        The next tier's policy sees every query that reached tier ``j`` (so its
+        budget is the share of them that may go on); a ticket that would escalate
+        a query stopping here anyway is given back at once.
+        """
         nxt = self.tiers[j + 1]
-        if nxt.policy is None:
-            return
-        ticket = nxt.policy.admit(p)
-        if bool(getattr(ticket, "escalate", ticket)):
+        ticket = None if nxt.policy is None else nxt.policy.admit(p)
+        admitted = ticket is None or bool(getattr(ticket, "escalate", ticket))
+        if reason is not None:
+            if ticket is not None and admitted:
+                nxt.policy.settle(ticket, spent=False)
+            s.stop(j, reason)
+        elif not admitted:
+            s.stop(j, f"p_good {p:.2f} < threshold {self.thresholds[j]:.2f} but tier "
+                   f"{nxt.name!r} budget refused")
+        elif ticket is not None:
             s.tickets.append((nxt.policy, ticket))
-            return
-        s.stop(j, f"p_good {p:.2f} < threshold {self.thresholds[j]:.2f} but tier "
-               f"{nxt.name!r} budget refused")
 
     def __repr__(self) -> str:
         names = ", ".join(t.name for t in self.tiers)

@@ -183,8 +183,11 @@ def test_tier_budget_limits_who_enters_and_failures_are_refunded():
     tiers[1] = Tier(tiers[1].model, tiers[1].estimator, tiers[1].calibrator, name="medium",
                     cost_per_call=2.0, policy=budget)
     responses = Cascade(tiers)(PROMPTS)
-    assert sum(r.tier >= 1 for r in responses) <= 1
+    entered = sum(r.tier >= 1 for r in responses)
+    assert entered <= 1
     assert any("budget refused" in r.reason for r in responses)
+    snap = budget.snapshot()
+    assert snap.requests == len(PROMPTS) and snap.cloud == entered  # stoppers refunded
     # the last tier has no answer for prompt 5: the medium answer is served, marked degraded
     broken = RecordedModel({p: "y" for p in PROMPTS[:5]}, name="big")
     out = Cascade(_three_tiers(model=broken))(PROMPTS)
