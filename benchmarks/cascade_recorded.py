@@ -292,6 +292,15 @@ def render(res: dict[str, Any], plot_name: str) -> str:
         "question embeddings) of that model's success, plus answer agreement with the "
         "previous tier as a stopping signal. Intervals: Clopper-Pearson (accuracy) and "
         "percentile bootstrap (cost), 95%, on the test part.\n\n"
+        "Methods, one point per cost cap (a fraction of the most accurate single model's "
+        "calibration cost; a cap no rule can meet gives no point): **best 2-model router**, "
+        "the pre-generation router of the pair best on calibration at that cap (the cheaper "
+        "model when its predicted success >= a threshold, else the other; one model paid per "
+        "question); **3-tier cascade**, the three models and two thresholds best on "
+        "calibration (`fit_cascade_thresholds`, 15 quantiles per tier; every tier reached is "
+        "paid); **k-way selector**, `KWaySelector` over all eight models (the cheapest model "
+        "whose predicted success >= a threshold chosen under the cap); **oracle**, the "
+        "cheapest correct model per question.\n\n"
         f"![quality vs cost]({plot_name})\n\n## Goals\n\n" + "\n".join(goals(res)) + "\n\n"
     )
     rows = ["| method | models / tiers | cap | accuracy [95% CI] | $ / 1k q [95% CI] |",
