@@ -162,3 +162,15 @@ def default_router(session: nox.Session) -> None:
         "confroute", "calibrate", "--out", "confroute/data/default_router.json",
         "--estimator", "sequence_logprob:normalize=false", env=OFFLINE,
     )
+
+
+@nox.session
+def cascade(session: nox.Session) -> None:
+    """k-model routing on recorded HELM answers (docs/results-cascade.md + .png); no live model.
+
+    Reads ../shared/data (or CONFROUTE_DATA_DIR); embeddings cached in runs/cascade.
+    """
+    _install(session, "embedded,plot")
+    data = os.environ.get("CONFROUTE_DATA_DIR", "../shared/data")
+    session.run("python", "benchmarks/cascade_recorded.py", "--data-dir", data,
+                "--out", "runs/cascade", "--write-doc", "docs/results-cascade.md", env=OFFLINE)

@@ -62,6 +62,10 @@ _LAZY: dict[str, str] = {
     "CostAwarePolicy": "confroute.policies",
     "RiskControlPolicy": "confroute.policies",
     "Router": "confroute.router",
+    # k models
+    "Cascade": "confroute.cascade",
+    "Tier": "confroute.cascade",
+    "KWaySelector": "confroute.cascade",
     # calibration on your own traffic
     "CloudAgreementLabeler": "confroute.labeling",
     "JudgeLabeler": "confroute.labeling",
