@@ -303,6 +303,57 @@ class Router:
             **record,
         }
 
+    def recalibrate(
+        self,
+        log: Any,
+        *,
+        labeler: Any = None,
+        min_labels: int = 50,
+        weight_recent: int | None = None,
+        merge_calibration: tuple[Any, Any] | None = None,
+        policy_window: int | None = None,
+    ) -> Router:
+        """A copy of this router with calibrator and policy refitted on a decision log.
+
+        The labelled rows of ``log`` (a :class:`~confroute.traffic.DecisionLog`
+        written by this router, e.g. by ``confroute serve --decision-log
+        --shadow-rate``) are the new calibration set; estimators, models and
+        parameters are shared, this router is unchanged. Same as
+        :func:`confroute.traffic.recalibrate` (the weighting, merging and policy
+        refit are described there).
+
+        Parameters
+        ----------
+        log : DecisionLog
+        labeler : Labeler, optional
+            The labeler that made the log's labels (its ``describe()`` is recorded).
+        min_labels : int >= 2, default 50
+        weight_recent : int >= 1, optional
+            Half-life of the recency weights, in labelled rows.
+        merge_calibration : (scores, labels), optional
+            The original calibration set: scores of shape (n,) or (n, k), labels (n,).
+        policy_window : int >= 1, optional
+            Logged rows the policy is refitted on (default: all).
+
+        Returns
+        -------
+        Router
+            A new calibrated router with a new fingerprint.
+
+        Raises
+        ------
+        InvalidParameterError
+            A log written by another router, too few labels, or a bad argument
+            (checked before anything is fitted).
+        """
+        from confroute.recalibration import recalibrate_router
+
+        new: Router = recalibrate_router(
+            self, log, labeler=labeler, min_labels=min_labels, weight_recent=weight_recent,
+            merge_calibration=merge_calibration, policy_window=policy_window,
+            owner="Router.recalibrate")
+        return new
+
     # ----------------------------------------------------------------- decide
     def predict_proba(
         self, prompts: Sequence[Prompt], *, samples: Sequence[Samples] | None = None

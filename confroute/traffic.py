@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 
-from confroute._persist import part_to_spec
 from confroute._validation import (
     check_array,
     check_bool,
@@ -49,6 +48,7 @@ from confroute._validation import (
     param_error,
 )
 from confroute.errors import InvalidParameterError, SerializationError
+from confroute.recalibration import fingerprint, recalibrate_router
 from confroute.router import Router
 from confroute.types import Decision, RoutedResponse, prompt_key
 
@@ -103,22 +103,7 @@ def router_fingerprint(router: Router) -> str:
     """
     if not isinstance(router, Router):
         raise param_error("router", "router_fingerprint", "a Router", router, type_error=True)
-    payload = {
-        "estimators": [part_to_spec(e, "estimator") for e in router.estimators],
-        "calibrator": part_to_spec(router.calibrator, "calibrator")
-        if router.calibration_ is not None else None,
-        "policy": part_to_spec(router.policy, "policy"),
-    }
-    text = json.dumps(payload, sort_keys=True, default=_jsonable)
-    return _sha(text)[:16]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)
+    return fingerprint(router)
 
 
 # --------------------------------------------------------------------------- decision log
@@ -858,112 +843,10 @@ def recalibrate(
         Fewer than ``min_labels`` usable labelled rows, a single class, or bad
         parameters (checked before anything is fitted).
     """
-    owner = "recalibrate"
-    _check_recalibrate_args(router, log, labeler, owner)
-    n_min = check_int(min_labels, "min_labels", owner, min_value=2)
-    half = check_int(weight_recent, "weight_recent", owner, min_value=1, allow_none=True)
-    pwin = check_int(policy_window, "policy_window", owner, min_value=1, allow_none=True)
-    names = router.feature_names
-    x, y = _features(log.labelled(), names)
-    if len(y) < n_min:
-        raise param_error("log", owner, f"at least {n_min} labelled rows with scores "
-                          f"{names} (min_labels)", f"{len(y)} usable labelled rows")
-    w = np.ones(len(y)) if half is None else 0.5 ** (np.arange(len(y))[::-1] / half)
-    if merge_calibration is not None:
-        mx, my = _check_merge(merge_calibration, len(names), owner)
-        x, y = np.vstack([mx, x]), np.concatenate([my, y])
-        w = np.concatenate([np.full(len(my), w[0]), w])
-    reps = np.rint(10.0 * w).astype(int)
-    new = _copy_router(router)
-    new.calibrator.fit(np.repeat(x, reps, axis=0).squeeze(axis=1) if x.shape[1] == 1
-                       else np.repeat(x, reps, axis=0), np.repeat(y, reps))
-    _fit_policy(new, log, names, x, y, pwin)
-    new.calibration_ = _record(router, log, labeler, y, half, merge_calibration is not None)
-    return new
-
-
-def _record(router: Router, log: DecisionLog, labeler: Any, y: np.ndarray, half: int | None,
-            merged: bool) -> dict[str, Any]:
-    return {
-        **dict(router.calibration_ or {}),
-        "n": len(y),
-        "n_unscored": 0,
-        "edge_accuracy": float(np.mean(y)),
-        "source": "traffic",
-        "log": str(log.path),
-        "previous_fingerprint": router_fingerprint(router),
-        "weight_recent": half,
-        "merged_calibration": merged,
-        "labeler": labeler.describe() if labeler is not None else None,
-    }
-
-
-def _check_recalibrate_args(router: Any, log: Any, labeler: Any, owner: str) -> None:
     if not isinstance(router, Router):
-        raise param_error("router", owner, "a Router", router, type_error=True)
-    if router.calibration_ is None:
-        raise param_error("router", owner, "a calibrated Router (call calibrate first)", router)
+        raise param_error("router", "recalibrate", "a Router", router, type_error=True)
     if not isinstance(log, DecisionLog):
-        raise param_error("log", owner, "a DecisionLog", log, type_error=True)
-    if labeler is not None and not callable(getattr(labeler, "describe", None)):
-        raise param_error("labeler", owner, "a labeler (with describe()) or None", labeler,
-                          type_error=True)
-
-
-def _features(rows: Sequence[Mapping[str, Any]], names: Sequence[str]
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Score matrix (n, k) and labels (n,) of the rows that have every score, finite."""
-    xs, ys = [], []
-    for r in rows:
-        v = [r["scores"].get(n, math.nan) for n in names]
-        if all(math.isfinite(s) for s in v):
-            xs.append(v)
-            ys.append(r["label"])
-    return np.array(xs, dtype=float).reshape(-1, len(names)), np.array(ys, dtype=float)
-
-
-def _check_merge(merge: Any, k: int, owner: str) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(merge, (tuple, list)) or len(merge) != 2:
-        raise param_error("merge_calibration", owner, "a (scores, labels) pair", merge,
-                          type_error=True)
-    from confroute._validation import check_labels
-
-    mx = check_array(merge[0], "merge_calibration", owner, ndim=(1, 2))
-    mx = mx[:, None] if mx.ndim == 1 else mx
-    my = check_labels(merge[1], "merge_calibration", owner, require_both=False).astype(float)
-    if mx.shape[1] != k or mx.shape[0] != my.size:
-        raise param_error("merge_calibration", owner, f"scores of shape (n, {k}) and n labels",
-                          f"scores {mx.shape}, {my.size} labels")
-    return mx, my
-
-
-def _copy_router(router: Router) -> Router:
-    from sklearn.base import clone
-
-    return Router(
-        list(router.estimators), clone(router.calibrator), clone(router.policy),
-        edge=router.edge, cloud=router.cloud, on_cloud_error=router.on_cloud_error,  # type: ignore[arg-type]
-        cloud_config=router.cloud_config, edge_max_new_tokens=router.edge_max_new_tokens,
-    )
-
-
-def _fit_policy(new: Router, log: DecisionLog, names: Sequence[str], x: np.ndarray,
-                y: np.ndarray, window: int | None) -> None:
-    from confroute.policies import RiskControlPolicy
-
-    if isinstance(new.policy, RiskControlPolicy):
-        new.policy.fit(_p_good(new.calibrator, x), y.astype(int))
-        return
-    rows = log.rows(last=window)
-    mat = np.array([[r["scores"].get(n, math.nan) for n in names] for r in rows], dtype=float)
-    new.policy.fit(_p_good(new.calibrator, mat.reshape(-1, len(names))))
-
-
-def _p_good(calibrator: Any, x: np.ndarray) -> np.ndarray:
-    """P(good) of shape (n,) from scores (n, k), whether the calibrator's
-    ``predict_proba`` gives (n,) or the scikit-learn (n, 2) with a ``p_good`` method."""
-    scores = x if x.shape[1] > 1 else x[:, 0]
-    fn = getattr(calibrator, "p_good", None)
-    p = np.asarray(fn(scores) if callable(fn) else calibrator.predict_proba(scores), dtype=float)
-    return p[:, 1] if p.ndim == 2 else p
-
+        raise param_error("log", "recalibrate", "a DecisionLog", log, type_error=True)
+    return recalibrate_router(router, log, labeler=labeler, min_labels=min_labels,
+                              weight_recent=weight_recent, merge_calibration=merge_calibration,
+                              policy_window=policy_window, owner="recalibrate")
