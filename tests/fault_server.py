@@ -38,7 +38,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -180,7 +180,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, probs: Sequence[float], ignore_n: bool, latency: float,
-                 model_id: str) -> None:
+                 model_id: str, answer: Callable[[dict[str, Any]], str] | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.tool_arguments: dict[str, Any] = {}
         self.json_content: Any = {}
@@ -188,6 +188,7 @@ class _Server(ThreadingHTTPServer):
         self.ignore_n = ignore_n
         self.latency = latency
         self.model_id = model_id
+        self.answer = answer
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._script: list[Step] = []
@@ -221,6 +222,8 @@ class _Server(ThreadingHTTPServer):
         completion_tokens = 0
         for i in range(n):
             toks, cut = _tokens(i, max_tokens)
+            if self.answer is not None:  # the scripted text, as one token
+                toks, cut = [self.answer(body)], False
             completion_tokens += len(toks)
             choice: dict[str, Any] = {"index": i, "finish_reason": "length" if cut else "stop"}
             alts = [f"<alt{j}>" for j in range(1, len(self.probs))]
@@ -311,14 +314,18 @@ class FaultServer:
         JSON arguments of the tool call returned to a chat request with ``tools``.
     json_content : JSON value, optional
         The content returned to a chat request asking for a JSON ``response_format``.
+    answer : callable, optional
+        ``answer(request_body) -> str``: the text of every choice (one token),
+        instead of ``"The answer is i"``.
     """
 
     def __init__(self, script: Iterable[Step | str] = (), *,
                  probs: Sequence[float] = DEFAULT_PROBS, ignore_n: bool = False,
                  latency: float = 0.0, model_id: str = "test-model",
                  tool_arguments: dict[str, Any] | None = None,
-                 json_content: Any = None) -> None:
-        self._server = _Server(probs, ignore_n, latency, model_id)
+                 json_content: Any = None,
+                 answer: Callable[[dict[str, Any]], str] | None = None) -> None:
+        self._server = _Server(probs, ignore_n, latency, model_id, answer)
         self._server.tool_arguments = dict(tool_arguments or {})
         self._server.json_content = {} if json_content is None else json_content
         self.push(*script)
