@@ -76,6 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from confroute.policies import LedgerSnapshot, Policy
     from confroute.router import Router
     from confroute.serve_schema import ChatCompletionRequest
+    from confroute.shadow import TrafficTap
 
 __all__ = [
     "EdgeBatcher",
@@ -679,6 +680,7 @@ class _Server:
     model_name: str
     created: int
     metrics: _Metrics
+    traffic: TrafficTap | None = None
 
 
 def create_app(
@@ -694,6 +696,7 @@ def create_app(
     max_cloud_cost: float | None = None,
     period: str | float | None = None,
     prices: Mapping[str, float] | None = None,
+    traffic: TrafficTap | None = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible routing server around a calibrated router.
 
@@ -720,6 +723,8 @@ def create_app(
     max_cloud_fraction, max_cloud_cost, period, prices : optional
         Serve with an enforced budget: the router is replaced by
         ``apply_budget(router, ...)`` (see :func:`apply_budget`).
+    traffic : TrafficTap, optional
+        Decision log, shadow labels and drift gauges (:mod:`confroute.shadow`).
 
     Returns
     -------
@@ -751,15 +756,23 @@ def create_app(
         max_n=check_int(max_n, "max_n", owner, min_value=1, max_value=1),
     )
     wait = check_float(batch_wait_ms, "batch_wait_ms", owner, min_value=0.0)
+    router = _budgeted(router, max_cloud_fraction, max_cloud_cost, period, prices)
+    batcher = EdgeBatcher(router, max_batch=max_batch, max_wait=wait / 1000.0)
+    server = _Server(router, batcher, limits, model_name, int(time.time()), _Metrics(router),
+                     traffic)
+    return _build_app(server)
+
+
+def _budgeted(router: Router, max_cloud_fraction: float | None, max_cloud_cost: float | None,
+              period: str | float | None, prices: Mapping[str, float] | None) -> Router:
+    """The router to serve: ``apply_budget(router, ...)`` when a budget is given."""
     if max_cloud_fraction is not None or max_cloud_cost is not None:
-        router = apply_budget(router, max_cloud_fraction=max_cloud_fraction,
-                              max_cloud_cost=max_cloud_cost, period=period, prices=prices)
-    elif period is not None or prices is not None:
+        return apply_budget(router, max_cloud_fraction=max_cloud_fraction,
+                            max_cloud_cost=max_cloud_cost, period=period, prices=prices)
+    if period is not None or prices is not None:
         raise InvalidParameterError("The 'period' and 'prices' parameters of create_app need "
                                     "max_cloud_fraction or max_cloud_cost.")
-    batcher = EdgeBatcher(router, max_batch=max_batch, max_wait=wait / 1000.0)
-    server = _Server(router, batcher, limits, model_name, int(time.time()), _Metrics(router))
-    return _build_app(server)
+    return router
 
 
 def _build_app(server: _Server) -> FastAPI:
@@ -770,6 +783,8 @@ def _build_app(server: _Server) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await server.batcher.aclose()
+        if server.traffic is not None:
+            await server.traffic.aclose()
 
     app = FastAPI(title="confroute routing server", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url="/openapi.json")
@@ -777,6 +792,9 @@ def _build_app(server: _Server) -> FastAPI:
     app.state.batcher = server.batcher
     app.state.model_name = server.model_name
     app.state.registry = server.metrics.registry
+    app.state.traffic = server.traffic
+    if server.traffic is not None:
+        server.traffic.register_metrics(server.metrics.registry)
     _add_error_handlers(app, server)
     _add_routes(app, server)
     return app
@@ -861,6 +879,14 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     app.add_route("/metrics", metrics, methods=["GET"])
 
 
+async def _record(traffic: TrafficTap, resp: RoutedResponse) -> None:
+    """Log an answered request; a failing log write is logged, never the user's error."""
+    try:
+        await traffic.record(resp)
+    except Exception:
+        logger.exception("could not record the request in the decision log")
+
+
 def _model_card(server: _Server) -> dict[str, Any]:
     return {"id": server.model_name, "object": "model", "created": server.created,
             "owned_by": "confroute"}
@@ -880,6 +906,7 @@ def _health(server: _Server) -> dict[str, Any]:
         "batches": batcher.batches,
         "routed": batcher.routed,
         "largest_batch": batcher.largest_batch,
+        "traffic": None if server.traffic is None else server.traffic.health(),
     }
 
 
@@ -904,6 +931,8 @@ async def _chat(server: _Server, req: ChatCompletionRequest) -> Response:
                       type_="server_error", code="edge_failed")
     (resp,) = await router.aanswer([decision], cloud_config=cloud_config)
     server.metrics.observe(_outcome(resp), time.perf_counter() - t0)
+    if server.traffic is not None:
+        await _record(server.traffic, resp)
     record = decision_record(resp)
     headers = _headers(resp)
     if resp.text is None:

@@ -278,6 +278,7 @@ def build_traffic_tap(
     labeler: str | AnswerLabeler = "cloud_agreement",
     drift_bounds: Mapping[str, Any] | None = None,
     drift_window: int = 500,
+    drift_min_samples: int = 30,
     seed: int | None = None,
 ) -> TrafficTap:
     """Check the traffic options and build the tap of a serving router.
@@ -302,6 +303,9 @@ def build_traffic_tap(
     drift_bounds : mapping, optional
         :class:`~confroute.traffic.DriftMonitor` bounds (default its own).
     drift_window : int >= 1, default 500
+        Rolling window of the drift metrics.
+    drift_min_samples : int >= 1, default 30
+        Observations before a drift metric is reported (NaN until then).
     seed : int >= 0, optional
         Seed of the shadow sampler.
 
@@ -324,8 +328,10 @@ def build_traffic_tap(
                           "requests are answered by the cloud)", shadow_rate)
     lab = _resolve_labeler(labeler, router, owner)
     check_int(drift_window, "drift_window", owner, min_value=1)
+    check_int(drift_min_samples, "drift_min_samples", owner, min_value=1)
     monitor = DriftMonitor(_calibration_scores(router), feature_names=router.feature_names,
-                           window=drift_window, bounds=drift_bounds)
+                           window=drift_window, bounds=drift_bounds,
+                           min_samples=drift_min_samples)
     log = DecisionLog(decision_log, router_fingerprint=fingerprint(router),
                       store_prompts=store_prompts)
     return TrafficTap(log, cloud=router.cloud, sampler=sampler, labeler=lab, monitor=monitor,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from confroute._validation import check_float, check_int
 from confroute.cli._common import load_router
-from confroute.errors import MissingDependencyError
+from confroute.errors import InvalidParameterError, MissingDependencyError
 
-__all__ = ["app_from_args", "cmd_serve", "register"]
+__all__ = ["app_from_args", "check_traffic_args", "cmd_serve", "register"]
 
 _INSTALL_HINT = 'pip install "confroute[serve]"'
 
@@ -53,7 +54,48 @@ def register(sub: Any) -> None:
     p.add_argument("--price-output", type=float, default=None,
                    help="cloud price per million output tokens (for --max-cloud-cost)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    _add_traffic_options(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _add_traffic_options(p: Any) -> None:
+    g = p.add_argument_group(
+        "learning from traffic",
+        "Log every decision, label a share of the kept answers with background cloud calls "
+        "(never delaying a response), and watch for drift: gauges confroute_drift_cloud_share, "
+        "_agreement, _ece and _psi on /metrics and under 'traffic' in /health, a warning in "
+        "the log when a bound is crossed. Refit later with 'confroute recalibrate'.")
+    g.add_argument("--decision-log", metavar="FILE",
+                   help="append one row per request to this SQLite decision log")
+    g.add_argument("--store-prompts", choices=("hash", "text"), default="hash",
+                   help="keep a SHA-256 of each prompt (default) or its text")
+    g.add_argument("--shadow-rate", type=float, default=0.0, metavar="R",
+                   help="share of kept requests also answered by the cloud in the background "
+                   "and labelled (default 0); needs --decision-log and --cloud")
+    g.add_argument("--shadow-max-calls", type=int, metavar="N",
+                   help="at most N shadow calls in this process")
+    g.add_argument("--shadow-max-cost", type=float, metavar="C",
+                   help="at most C of shadow cost in this process (a full-length answer's "
+                   "price is reserved per call)")
+    g.add_argument("--labeler", default="cloud_agreement", choices=("cloud_agreement", "judge"),
+                   help="how a shadow answer pair is labelled: cloud_agreement (default; "
+                   "escalated requests are then labelled too, at no extra call) or judge (the "
+                   "cloud model judges)")
+
+
+def check_traffic_args(args: argparse.Namespace) -> None:
+    """Check the traffic options before any model is loaded."""
+    owner = "confroute serve"
+    check_float(args.shadow_rate, "--shadow-rate", owner, min_value=0.0, max_value=1.0)
+    check_int(args.shadow_max_calls, "--shadow-max-calls", owner, min_value=0, allow_none=True)
+    check_float(args.shadow_max_cost, "--shadow-max-cost", owner, min_value=0.0,
+                allow_none=True)
+    if args.decision_log is None and (args.shadow_rate > 0 or args.store_prompts != "hash"):
+        raise InvalidParameterError(f"The '--shadow-rate' and '--store-prompts' options of "
+                                    f"{owner} need '--decision-log FILE' (where labels go).")
+    if args.shadow_rate > 0 and not args.cloud:
+        raise InvalidParameterError(f"The '--shadow-rate' option of {owner} needs '--cloud' "
+                                    "(the model that answers shadow requests).")
 
 
 def _require_server() -> Any:
@@ -76,9 +118,18 @@ def app_from_args(args: argparse.Namespace) -> Any:
     fastapi.FastAPI
     """
     _require_server()
+    check_traffic_args(args)
     from confroute.serve import create_app
 
     router = load_router(args.router, args.edge, args.cloud)
+    tap = None
+    if args.decision_log:  # the log's fingerprint is the saved router's, before any budget
+        from confroute.shadow import build_traffic_tap
+
+        tap = build_traffic_tap(router, args.decision_log, store_prompts=args.store_prompts,
+                                shadow_rate=args.shadow_rate,
+                                shadow_max_calls=args.shadow_max_calls,
+                                shadow_max_cost=args.shadow_max_cost, labeler=args.labeler)
     prices = None
     if args.price_input is not None or args.price_output is not None:
         prices = {"input": args.price_input or 0.0, "output": args.price_output or 0.0}
@@ -86,7 +137,8 @@ def app_from_args(args: argparse.Namespace) -> Any:
                       max_messages=args.max_messages, max_batch=args.max_batch,
                       batch_wait_ms=args.batch_wait_ms,
                       max_cloud_fraction=args.max_cloud_fraction,
-                      max_cloud_cost=args.max_cloud_cost, period=args.period, prices=prices)
+                      max_cloud_cost=args.max_cloud_cost, period=args.period, prices=prices,
+                      traffic=tap)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
