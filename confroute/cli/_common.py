@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from confroute._stats import id_split
 from confroute._validation import check_float, check_int
 from confroute.errors import InvalidParameterError
