@@ -198,10 +198,14 @@ class TrafficTap:
         return len(self._tasks)
 
     # -- reporting --------------------------------------------------------------------------
+    def totals(self) -> tuple[dict[str, int], float]:
+        """A consistent copy of :attr:`counts` and :attr:`shadow_cost`."""
+        with self._lock:
+            return dict(self.counts), self.shadow_cost
+
     def health(self) -> dict[str, Any]:
         """JSON-safe state for ``/health``: log, shadow budget and counters, drift."""
-        with self._lock:
-            counts, cost = dict(self.counts), self.shadow_cost
+        counts, cost = self.totals()
         out: dict[str, Any] = {
             "decision_log": str(self.log.path), "store_prompts": self.log.store_prompts,
             "router_fingerprint": self.log.router_fingerprint, "counts": counts,
@@ -241,8 +245,7 @@ class _TapCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         tap = self.tap
-        with tap._lock:
-            counts, cost = dict(tap.counts), tap.shadow_cost
+        counts, cost = tap.totals()
         rows = CounterMetricFamily("confroute_decision_log_rows",
                                    "Requests appended to the decision log")
         rows.add_metric([], counts["logged"])
