@@ -233,3 +233,29 @@ def test_cli_serve_with_a_decision_log(tmp_path, edge):
                      store_prompts="text") as log:
         assert [json.loads(r["prompt"]) for r in log.rows()] == [
             [{"role": "user", "content": q}] for q in ("What is 2 + 2?", "Who wrote Hamlet?")]
+
+
+def test_escalations_are_labelled_for_free_and_a_crossed_bound_warns(tmp_path, edge, caplog):
+    n = 12
+    with FaultServer() as cloud_srv:
+        router = keep_all_router(edge, _cloud(cloud_srv))
+        router.policy.set_params(min_p_good=1.0)  # every request escalates
+        tap = build_traffic_tap(router, tmp_path / "d.sqlite", shadow_rate=1.0, seed=0,
+                                drift_bounds={"cloud_share": (None, 0.5)}, drift_min_samples=5)
+        app = create_app(router, max_batch=4, traffic=tap)
+        with caplog.at_level("WARNING", logger="confroute.traffic"), serve_in_thread(app) as srv:
+            responses = asyncio.run(_ask_all(srv.base_url, n))
+            health = _wait_idle(srv.url)
+        assert len(cloud_srv.requests) == n  # the user's cloud calls only: no shadow call
+    assert all(r.model_extra["confroute"]["source"] == "cloud" for r in responses)
+    counts = health["traffic"]["counts"]
+    assert counts["escalated_labelled"] == n and counts["shadow_ok"] == 0
+    assert health["traffic"]["drift"]["n_labelled"] == 0  # kept-answer agreement only
+    assert health["traffic"]["drift"]["cloud_share"] == 1.0
+    with DecisionLog(tmp_path / "d.sqlite", router_fingerprint=router_fingerprint(router),
+                     store_prompts=None) as log:
+        rows = log.rows()
+    assert [r["decision"] for r in rows] == ["cloud"] * n
+    assert all(r["label"] in (0.0, 1.0) and r["cloud_answer_hash"] for r in rows)
+    warnings = [r.getMessage() for r in caplog.records if "confroute drift" in r.getMessage()]
+    assert len(warnings) == 1 and "cloud_share = 1" in warnings[0]
