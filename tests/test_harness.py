@@ -132,7 +132,7 @@ def test_end_to_end_report_matches_records_and_cache(lm, tmp_path: Path) -> None
     data = tmp_path / "nq.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _nq_rows()), encoding="utf-8")
     out = tmp_path / "run1"
-    report, counting, t_first = _run(lm, data, out, tmp_path / "cache.sqlite")
+    report, counting, _ = _run(lm, data, out, tmp_path / "cache.sqlite")
     assert counting.n_calls > 0
     _assert_matches_reference(report)
     for f in ("report.json", "report.md", "records.jsonl", "routing.png", "reliability.png"):
@@ -177,10 +177,10 @@ def test_end_to_end_report_matches_records_and_cache(lm, tmp_path: Path) -> None
     md = (out / "report.md").read_text()
     assert "assume-correct" in md and "| semantic_entropy |" in md
 
-    # second run from the same cache: zero model calls, same numbers, faster
-    report2, counting2, t_second = _run(lm, data, tmp_path / "run2", tmp_path / "cache.sqlite")
+    # second run from the same cache: zero model calls, same numbers (how much faster
+    # that is belongs to the benchmarks, not to a timed unit test)
+    report2, counting2, _ = _run(lm, data, tmp_path / "run2", tmp_path / "cache.sqlite")
     assert counting2.n_calls == 0
-    assert t_second < t_first
     _assert_matches_reference(report2)
     for name in saved["estimators"]:
         a = report["estimators"][name]["metrics"]["apgr"]["value"]
