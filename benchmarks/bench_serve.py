@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 router.policy.reset()  # a fresh ledger per level
                 level = asyncio.run(run_level(srv.base_url, clients, args.requests_per_client,
                                               args.max_seconds))
-                snap = router.policy.ledger()
+                snap = router.policy.snapshot()
                 level.ledger_requests, level.ledger_cloud = snap.requests, snap.cloud
                 rows.append(check(level))
             batcher = app.state.batcher

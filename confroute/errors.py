@@ -16,6 +16,7 @@ __all__ = [
     "EstimationError",
     "InvalidParameterError",
     "InvalidTypeError",
+    "LedgerUnavailableError",
     "MissingDependencyError",
     "ModelLoadError",
     "NotFittedError",
@@ -89,6 +90,10 @@ class MissingDependencyError(ConfrouteError, ImportError):
 
 class SerializationError(ConfrouteError, ValueError):
     """A saved file is corrupted, truncated, tampered with or of an unknown version."""
+
+
+class LedgerUnavailableError(ConfrouteError, ConnectionError):
+    """A shared budget ledger's store (Redis) cannot be reached when it must be."""
 
 
 class EstimationError(ConfrouteError, RuntimeError):

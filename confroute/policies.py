@@ -43,9 +43,8 @@ import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -64,16 +63,31 @@ from confroute._validation import (
     check_int,
     check_labels,
     check_same_length,
+    param_error,
 )
 from confroute.errors import InvalidParameterError, NotFittedError
+from confroute.ledgers import (
+    FAILURE_MODES,
+    Ledger,
+    LedgerSnapshot,
+    LedgerSpec,
+    MemoryLedger,
+    RedisLedger,
+    Ticket,
+    check_ledger_url,
+    make_ticket,
+)
 
 __all__ = [
     "BudgetPolicy",
     "BudgetThresholdPolicy",
     "CostAwarePolicy",
     "LedgerSnapshot",
+    "LedgerSpec",
+    "MemoryLedger",
     "OnlinePolicy",
     "Policy",
+    "RedisLedger",
     "RiskControlPolicy",
     "ThresholdPolicy",
     "Ticket",
@@ -130,146 +144,32 @@ def _pct(x: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# online ledger
-@dataclass(eq=False)
-class Ticket:
-    """One online decision made by :meth:`OnlinePolicy.admit`.
-
-    Attributes
-    ----------
-    seq : int
-        Arrival index in the ledger (0-based since the last reset or period
-        boundary, assigned under the lock).
-    p_good : float
-        The probability the decision was made on (NaN if unscorable).
-    escalate : bool
-        True if the request goes to the cloud.
-    wanted : bool
-        True if the policy's rule alone asked to escalate.
-    denied_by_budget : bool
-        True if the rule asked to escalate but the budget refused.
-    cost : float
-        Cloud cost reserved in the ledger (0 when the request stays on the edge).
-    reason : str
-        Short human-readable reason.
-    settled : bool
-        True once :meth:`OnlinePolicy.settle` was called for this ticket.
-    """
-
-    seq: int
-    p_good: float
-    escalate: bool
-    wanted: bool
-    denied_by_budget: bool
-    cost: float
-    reason: str
-    settled: bool = False
-    _token: object = field(default=None, repr=False)
+# parameter checks of the ledger (shared by the online policies)
+def _c_ledger(value: Any, name: str, owner: str) -> str | None:
+    return check_ledger_url(value, name, owner)
 
 
-class LedgerSnapshot(NamedTuple):
-    """Counts of an online ledger at one instant (since the last reset or period boundary).
-
-    Calling a snapshot returns it unchanged, so code written for the former
-    method form ``policy.ledger()`` keeps working with the property
-    ``policy.ledger``.
-    """
-
-    requests: int
-    """Requests admitted."""
-    cloud: int
-    """Escalations counted (failed cloud calls given back by ``settle`` are not)."""
-    window_cloud: int
-    """Escalations among the last ``window`` requests (BudgetPolicy with enforce="window")."""
-    spent: float
-    """Cloud spend counted: reservations, corrected by ``settle(..., cost=...)``."""
-
-    def __call__(self) -> LedgerSnapshot:
-        return self
+def _c_ledger_key(value: Any, name: str, owner: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise param_error(name, owner, "a non-empty str (prefix of the Redis keys)", value)
+    return value
 
 
-@dataclass(frozen=True)
-class _LedgerSpec:
-    """What a ledger enforces; fixed for the ledger's life (read at reset)."""
-
-    share: Fraction | None = None  # cloud count <= floor(share * requests)
-    window: int | None = None  # ... counted over the last `window` requests only
-    period: float | None = None  # counts restart every `period` seconds (monotonic clock)
-    spend_cap: Fraction | None = None  # counted spend + reservation <= spend_cap
+def _c_failure_mode(value: Any, name: str, owner: str) -> str:
+    return check_choice(value, name, owner, FAILURE_MODES)
 
 
-class _Ledger:
-    """Mutable counts; only touched while holding the owning policy's lock."""
+def _c_nonneg_int(value: Any, name: str, owner: str) -> int:
+    return check_int(value, name, owner, min_value=0)
 
-    def __init__(self, spec: _LedgerSpec, now: float) -> None:
-        self.spec = spec
-        self.period_start = now
-        self._new_counts()
 
-    def _new_counts(self) -> None:
-        self.token = object()  # tickets from before carry another token: not settleable
-        self.requests = 0
-        self.cloud = 0
-        w = self.spec.window
-        self.ring = np.zeros(w, dtype=bool) if w else None
-        self.window_cloud = 0
-        self.spent = Fraction(0)
-
-    def roll(self, now: float) -> None:
-        """Start a new period when ``now`` crossed a period boundary."""
-        period = self.spec.period
-        if period is not None and now - self.period_start >= period:
-            self.period_start += math.floor((now - self.period_start) / period) * period
-            self._new_counts()
-
-    def snapshot(self) -> LedgerSnapshot:
-        return LedgerSnapshot(self.requests, self.cloud, self.window_cloud, float(self.spent))
-
-    def admit(self, wanted: bool, cost: Fraction) -> tuple[int, bool]:
-        """Count one request; (seq, escalate)."""
-        spec, seq = self.spec, self.requests
-        self.requests += 1
-        ring, w = self.ring, spec.window
-        if ring is not None and w is not None:
-            if seq >= w and ring[seq % w]:  # the request leaving the window
-                self.window_cloud -= 1
-            ring[seq % w] = False
-        allowed = True
-        if spec.share is not None:
-            used, n = self.cloud, self.requests
-            if ring is not None and w is not None:
-                used, n = self.window_cloud, min(self.requests, w)
-            allowed = used + 1 <= budget_allowance(spec.share, n)
-        if spec.spend_cap is not None:
-            allowed = allowed and self.spent + cost <= spec.spend_cap
-        escalate = wanted and allowed
-        if escalate:
-            self.cloud += 1
-            self.spent += cost
-            if ring is not None and w is not None:
-                ring[seq % w] = True
-                self.window_cloud += 1
-        return seq, escalate
-
-    def settle(self, ticket: Ticket, spent: bool, cost: float | None) -> bool:
-        if ticket._token is not self.token or ticket.settled:
-            return False
-        ticket.settled = True
-        if not ticket.escalate:
-            return False
-        if spent:
-            if cost is None or Fraction(cost) == Fraction(ticket.cost):
-                return False
-            self.spent += Fraction(cost) - Fraction(ticket.cost)
-            return True
-        self.cloud -= 1
-        self.spent -= Fraction(ticket.cost)
-        ring, w = self.ring, self.spec.window
-        in_window = w is not None and ticket.seq >= self.requests - w
-        if ring is not None and w is not None and in_window and ring[ticket.seq % w]:
-            ring[ticket.seq % w] = False
-            self.window_cloud -= 1
-        return True
+_LEDGER_CHECKS: Mapping[str, ParamCheck] = {
+    "ledger": _c_ledger,
+    "ledger_key": _c_ledger_key,
+    "ledger_failure_mode": _c_failure_mode,
+    "ledger_emergency_allowance": _c_nonneg_int,
+}
+_LedgerSpec = LedgerSpec  # the former private name, for code written against it
 
 
 class Policy(ParamsMixin, ABC):
@@ -547,25 +447,27 @@ class OnlinePolicy(Policy):
     def reset(self) -> None:
         """Empty the ledger and re-read its parameters (budget, mode, window, period).
 
-        Tickets issued before the reset can no longer be settled.
+        Tickets issued before the reset can no longer be settled. With a shared
+        ``ledger`` (Redis) this empties the counts of **every** process sharing
+        ``ledger_key``.
         """
         params = self._params()
         self._check_fitted()
-        self._new_ledger(params)
+        led = self._build_ledger(params)
+        led.reset()
+        with self._lock:
+            self.__dict__["_ledger_obj"] = led
 
     def snapshot(self) -> LedgerSnapshot:
-        """Counts of the ledger now (since the last reset or period boundary)."""
+        """Counts of the ledger now (since the last reset or period boundary).
+
+        With a shared ``ledger`` the counts are those of all processes;
+        ``store_up`` is False while Redis is unreachable.
+        """
         params = self._params()
         self._check_fitted()
         with self._lock:
-            led = self._ledger_locked(params)
-            led.roll(time.monotonic())
-            return led.snapshot()
-
-    @property
-    def ledger(self) -> LedgerSnapshot:
-        """Alias of :meth:`snapshot` (``policy.ledger()`` also works)."""
-        return self.snapshot()
+            return self._ledger_locked(params).snapshot()
 
     def set_params(self, **params: Any) -> OnlinePolicy:
         """Set parameters (see :meth:`get_params`); the ledger starts afresh with them."""
@@ -580,7 +482,7 @@ class OnlinePolicy(Policy):
         """The rule alone: True where a request would escalate without a budget."""
 
     @abstractmethod
-    def _ledger_spec(self, params: dict[str, Any]) -> _LedgerSpec:
+    def _ledger_spec(self, params: dict[str, Any]) -> LedgerSpec:
         """What the ledger enforces, from validated parameters."""
 
     def _default_cost(self, params: dict[str, Any]) -> float:
@@ -601,12 +503,9 @@ class OnlinePolicy(Policy):
 
     def _admit_one(self, p: float, c: float, wanted: bool, params: dict[str, Any]) -> Ticket:
         """Admit one validated request; the caller holds the lock."""
-        led = self._ledger_locked(params)
-        led.roll(time.monotonic())
-        seq, escalate = led.admit(wanted, Fraction(c))
-        return Ticket(seq=seq, p_good=p, escalate=escalate, wanted=wanted,
-                      denied_by_budget=wanted and not escalate, cost=c if escalate else 0.0,
-                      reason=self._explain(p, escalate, c), _token=led.token)
+        adm = self._ledger_locked(params).admit(wanted, Fraction(c))
+        return make_ticket(adm, p_good=p, wanted=wanted, cost=c,
+                           reason=self._explain(p, adm.escalate, c))
 
     def _costs(self, cost: Any, n: int, params: dict[str, Any]) -> np.ndarray:
         """Per-request cloud costs, shape (n,), from None, a float or an array."""
@@ -627,15 +526,29 @@ class OnlinePolicy(Policy):
             )
         return c
 
-    def _ledger_locked(self, params: dict[str, Any]) -> _Ledger:
+    def _ledger_locked(self, params: dict[str, Any]) -> Ledger:
         led = self.__dict__.get("_ledger_obj")
         if led is None:
-            led = _Ledger(self._ledger_spec(params), time.monotonic())
+            led = self._build_ledger(params)
             self.__dict__["_ledger_obj"] = led
         return led
 
+    def _build_ledger(self, params: dict[str, Any]) -> Ledger:
+        """In-process ledger, or a connection to the shared one named by ``ledger``.
+
+        A shared ledger is not emptied here (a starting replica joins the shared
+        counts); only :meth:`reset` empties it.
+        """
+        spec = self._ledger_spec(params)
+        url = params.get("ledger")
+        if url is None:
+            return MemoryLedger(spec, time.monotonic())
+        return RedisLedger(url, spec=spec, key=params["ledger_key"],
+                           failure_mode=params["ledger_failure_mode"],
+                           emergency_allowance=params["ledger_emergency_allowance"])
+
     def _new_ledger(self, params: dict[str, Any]) -> None:
-        led = _Ledger(self._ledger_spec(params), time.monotonic())
+        led = self._build_ledger(params)
         with self._lock:
             self.__dict__["_ledger_obj"] = led
 
@@ -740,6 +653,20 @@ class BudgetPolicy(OnlinePolicy):
     confidence : float in (0, 1), default=0.95
         Level of ``cloud_fraction_interval_``.
     nan_policy : {"escalate", "edge"}, default="escalate"
+    ledger : str or None, default=None
+        None: the in-process ledger (exact inside this process). A Redis URL
+        (``"redis://127.0.0.1:6379/0"``): the shared :class:`RedisLedger`, so
+        every process using the same URL and ``ledger_key`` enforces one exact
+        budget. The budget parameters are stored with it; a policy with other
+        ones on the same key gets an error naming ``ledger``. Unreachable at
+        the first use (fit, reset): :class:`~confroute.errors.LedgerUnavailableError`.
+    ledger_key : str, default="confroute:ledger"
+        Prefix of the Redis keys of the shared ledger.
+    ledger_failure_mode : {"fail_closed", "fail_open"}, default="fail_closed"
+        While Redis is unreachable later: keep every answer on the edge, or let
+        up to ``ledger_emergency_allowance`` escalations through (counted locally).
+    ledger_emergency_allowance : int >= 0, default=0
+        Escalations this process may make while Redis is unreachable (``fail_open``).
 
     Attributes
     ----------
@@ -766,6 +693,7 @@ class BudgetPolicy(OnlinePolicy):
         "period": _c_period,
         "confidence": _c_open_unit,
         "nan_policy": _c_nan_policy,
+        **_LEDGER_CHECKS,
     }
     _state_spec: ClassVar[Mapping[str, str]] = {
         "threshold_": "float",
@@ -783,6 +711,10 @@ class BudgetPolicy(OnlinePolicy):
         period: float | None = None,
         confidence: float = 0.95,
         nan_policy: str = "escalate",
+        ledger: str | None = None,
+        ledger_key: str = "confroute:ledger",
+        ledger_failure_mode: str = "fail_closed",
+        ledger_emergency_allowance: int = 0,
     ) -> None:
         self.max_cloud_fraction = max_cloud_fraction
         self.enforce = enforce
@@ -790,6 +722,10 @@ class BudgetPolicy(OnlinePolicy):
         self.period = period
         self.confidence = confidence
         self.nan_policy = nan_policy
+        self.ledger = ledger
+        self.ledger_key = ledger_key
+        self.ledger_failure_mode = ledger_failure_mode
+        self.ledger_emergency_allowance = ledger_emergency_allowance
 
     @property
     def enforced(self) -> bool:
@@ -840,9 +776,9 @@ class BudgetPolicy(OnlinePolicy):
         return params
 
     # -- online hooks ---------------------------------------------------------------------
-    def _ledger_spec(self, params: dict[str, Any]) -> _LedgerSpec:
+    def _ledger_spec(self, params: dict[str, Any]) -> LedgerSpec:
         mode = params["enforce"]
-        return _LedgerSpec(
+        return LedgerSpec(
             share=None if mode == "none" else exact_fraction(params["max_cloud_fraction"]),
             window=params["window"] if mode == "window" else None,
             period=params["period"] if mode == "period" else None,
@@ -955,6 +891,20 @@ class CostAwarePolicy(OnlinePolicy):
     period : float > 0 or None, default=None
         Seconds per spend period (None: one period for the ledger's whole life).
     nan_policy : {"escalate", "edge"}, default="escalate"
+    ledger : str or None, default=None
+        None: the in-process ledger (exact inside this process). A Redis URL
+        (``"redis://127.0.0.1:6379/0"``): the shared :class:`RedisLedger`, so
+        every process using the same URL and ``ledger_key`` enforces one exact
+        budget. The budget parameters are stored with it; a policy with other
+        ones on the same key gets an error naming ``ledger``. Unreachable at
+        the first use (fit, reset): :class:`~confroute.errors.LedgerUnavailableError`.
+    ledger_key : str, default="confroute:ledger"
+        Prefix of the Redis keys of the shared ledger.
+    ledger_failure_mode : {"fail_closed", "fail_open"}, default="fail_closed"
+        While Redis is unreachable later: keep every answer on the edge, or let
+        up to ``ledger_emergency_allowance`` escalations through (counted locally).
+    ledger_emergency_allowance : int >= 0, default=0
+        Escalations this process may make while Redis is unreachable (``fail_open``).
     """
 
     _param_checks: ClassVar[Mapping[str, ParamCheck]] = {
@@ -965,6 +915,7 @@ class CostAwarePolicy(OnlinePolicy):
         "spend_budget": _c_nonneg_or_none,
         "period": _c_period,
         "nan_policy": _c_nan_policy,
+        **_LEDGER_CHECKS,
     }
 
     def __init__(
@@ -977,6 +928,10 @@ class CostAwarePolicy(OnlinePolicy):
         spend_budget: float | None = None,
         period: float | None = None,
         nan_policy: str = "escalate",
+        ledger: str | None = None,
+        ledger_key: str = "confroute:ledger",
+        ledger_failure_mode: str = "fail_closed",
+        ledger_emergency_allowance: int = 0,
     ) -> None:
         self.edge_cost = edge_cost
         self.cloud_cost = cloud_cost
@@ -985,6 +940,10 @@ class CostAwarePolicy(OnlinePolicy):
         self.spend_budget = spend_budget
         self.period = period
         self.nan_policy = nan_policy
+        self.ledger = ledger
+        self.ledger_key = ledger_key
+        self.ledger_failure_mode = ledger_failure_mode
+        self.ledger_emergency_allowance = ledger_emergency_allowance
 
     @property
     def enforced(self) -> bool:
@@ -994,9 +953,9 @@ class CostAwarePolicy(OnlinePolicy):
     def _default_cost(self, params: dict[str, Any]) -> float:
         return float(params["cloud_cost"])
 
-    def _ledger_spec(self, params: dict[str, Any]) -> _LedgerSpec:
+    def _ledger_spec(self, params: dict[str, Any]) -> LedgerSpec:
         budget = params["spend_budget"]
-        return _LedgerSpec(spend_cap=None if budget is None else Fraction(budget),
+        return LedgerSpec(spend_cap=None if budget is None else Fraction(budget),
                            period=params["period"])
 
     def _wants(self, p: np.ndarray, c: np.ndarray, params: dict[str, Any]) -> np.ndarray:

@@ -310,7 +310,7 @@ def test_budget_ledger_counts_only_cloud_calls_that_happened():
     policy = BudgetPolicy(max_cloud_fraction=0.5, enforce="total")
     router = _fitted(policy=policy, cloud=ScriptedCloud(fail=set(prompts)))
     router(prompts, samples=samples)
-    assert policy.ledger().cloud == 0  # every cloud call failed: nothing was spent
+    assert policy.snapshot().cloud == 0  # every cloud call failed: nothing was spent
 
 
 # ---------------------------------------------------- pre-generation estimator

@@ -171,7 +171,7 @@ def test_acall_failed_cloud_calls_give_budget_back():
     router = _fitted(policy=policy, cloud=AsyncCloud(delay=0.0, fail=set(prompts)))
     responses = asyncio.run(router.acall(prompts, samples=samples))
     assert any(r.degraded for r in responses)
-    assert policy.ledger().requests == 30 and policy.ledger().cloud == 0
+    assert policy.snapshot().requests == 30 and policy.snapshot().cloud == 0
 
 
 def test_acall_budget_ledger_counts_successful_calls():
@@ -180,7 +180,7 @@ def test_acall_budget_ledger_counts_successful_calls():
     router = _fitted(policy=policy, cloud=AsyncCloud(delay=0.0))
     responses = asyncio.run(router.acall(prompts, samples=samples))
     n_cloud = sum(r.source == "cloud" for r in responses)
-    assert policy.ledger().cloud == n_cloud <= 6
+    assert policy.snapshot().cloud == n_cloud <= 6
 
 
 def test_acall_without_cloud_degrades():

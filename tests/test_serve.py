@@ -439,7 +439,7 @@ def _fault_rows(tiny_llama) -> list[dict[str, object]]:
                     if steps:
                         fsrv.push(*(steps * attempts * PER_FAULT))
                     sent = len(fsrv.requests)
-                    led0 = policy.ledger()
+                    led0 = policy.snapshot()
                     msgs = [[{"role": "user", "content": f"{name} {mode} #{i}"}]
                             for i in range(PER_FAULT)]
 
@@ -451,7 +451,7 @@ def _fault_rows(tiny_llama) -> list[dict[str, object]]:
 
                     responses = asyncio.run(fire())
                     assert fsrv.remaining_steps == 0
-                    led1 = policy.ledger()
+                    led1 = policy.snapshot()
                     bodies = [r.json() for r in responses]
                     # zero lost: every request got an answer or an explicit error record
                     assert len(responses) == PER_FAULT
