@@ -184,12 +184,19 @@ def make_ticket(adm: Admission, *, p_good: float, wanted: bool, cost: float,
                   cost=cost if adm.escalate else 0.0, reason=reason, _token=adm.token)
 
 
-def _micro_floor(x: Fraction) -> int:
-    return math.floor(x * MICRO)
+def _decimal(x: float | Fraction) -> Fraction:
+    """The decimal the user wrote (0.3 -> 3/10), not its binary approximation."""
+    return Fraction(repr(float(x)))
 
 
-def _micro_ceil(x: float) -> int:
-    return math.ceil(Fraction(x) * MICRO)
+def _micro_floor(x: float | Fraction) -> int:
+    """A cap in micro-units, rounded down (never above the cap)."""
+    return math.floor(_decimal(x) * MICRO)
+
+
+def _micro_ceil(x: float | Fraction) -> int:
+    """A cost in micro-units, rounded up (never below the cost)."""
+    return math.ceil(_decimal(x) * MICRO)
 
 
 class Ledger(ABC):
@@ -425,7 +432,8 @@ class RedisLedger(Ledger):
     every prefix, cloud count :math:`\le \lfloor b N \rfloor` (total), the same
     over the last ``window`` admissions (window), or per period of the server
     clock (period); spend :math:`\le` ``spend_cap`` in integer micro-units
-    (reservations rounded up, the cap rounded down, so never above the exact cap).
+    of the decimals written (reservations rounded up, the cap rounded down, so
+    never above the cap).
 
     The budget signature is stored with the ledger: a process whose ``spec``
     differs from the one stored under ``key`` gets an
