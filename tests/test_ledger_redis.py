@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from confroute.errors import InvalidParameterError, LedgerUnavailableError
 from confroute.ledgers import LedgerSpec, MemoryLedger, RedisLedger, make_ticket, redact_url
-from confroute.policies import BudgetPolicy, CostAwarePolicy
+from confroute.policies import BudgetPolicy, CostAwarePolicy, ThresholdPolicy
 from tests.redis_server import REDIS_SERVER, RedisServer
 
 pytest.importorskip("redis", reason="the redis client is needed (pip install 'confroute[redis]')")
@@ -273,3 +273,43 @@ def test_a_copied_policy_shares_the_same_ledger(redis_url: str) -> None:
     assert twin.admit(0.0).escalate and pol.snapshot().cloud == 1
     fresh = clone(pol).fit(CAL)
     assert fresh.get_params()["ledger"] == redis_url and fresh.snapshot().requests == 2
+
+
+# ------------------------------------------------------------ confroute serve replicas
+def test_two_served_replicas_share_the_ledger_and_report_its_state(tiny_llama, own_server):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import httpx
+
+    from confroute.cli.serve import apply_ledger
+    from confroute.models.hf import HFLanguageModel
+    from confroute.serve import create_app, serve_in_thread
+    from tests.test_serve import EchoCloud, calibrated_router
+
+    edge = HFLanguageModel(*tiny_llama, use_chat_template=False)
+    routers = []
+    for _ in range(2):
+        router = calibrated_router(edge, EchoCloud(), BudgetPolicy(max_cloud_fraction=0.25))
+        router.policy.threshold_ = 1.0  # every request asks for the cloud: the budget decides
+        apply_ledger(router.policy, own_server.url, key="serve")
+        routers.append(router)
+    with pytest.raises(InvalidParameterError, match="'--ledger'"):
+        apply_ledger(ThresholdPolicy(), own_server.url)
+    body = {"model": "routed", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with serve_in_thread(create_app(routers[0])) as a, serve_in_thread(create_app(routers[1])) as b:
+        def ask(srv: Any) -> bool:
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 200
+            return bool(r.json()["confroute"]["routed_to"] == "cloud")
+
+        got = [ask((a, b)[i % 2]) for i in range(8)]
+        assert sum(got) == 2  # floor(0.25 * 8) across both replicas
+        health = httpx.get(b.url + "/health", timeout=10).json()["ledger"]
+        assert health["requests"] == 8 and health["cloud"] == 2
+        assert health["backend"] == "redis" and health["store_up"] is True
+        own_server.kill()
+        assert not any(ask(a) for _ in range(4))  # fail_closed: answered on the edge
+        assert httpx.get(a.url + "/health", timeout=10).json()["ledger"]["store_up"] is False
+        own_server.start()
+        time.sleep(1.1)
+        assert httpx.get(a.url + "/health", timeout=10).json()["ledger"]["store_up"] is True

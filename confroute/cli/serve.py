@@ -9,7 +9,7 @@ from confroute._validation import check_float, check_int
 from confroute.cli._common import load_router
 from confroute.errors import InvalidParameterError, MissingDependencyError
 
-__all__ = ["app_from_args", "check_traffic_args", "cmd_serve", "register"]
+__all__ = ["app_from_args", "apply_ledger", "check_traffic_args", "cmd_serve", "register"]
 
 _INSTALL_HINT = 'pip install "confroute[serve]"'
 
@@ -53,6 +53,19 @@ def register(sub: Any) -> None:
                    "the cloud model's price table)")
     p.add_argument("--price-output", type=float, default=None,
                    help="cloud price per million output tokens (for --max-cloud-cost)")
+    p.add_argument("--ledger", default=None, metavar="URL",
+                   help="keep the policy's budget ledger in Redis (e.g. "
+                   "redis://127.0.0.1:6379/0) so every replica using the same URL and "
+                   "--ledger-key enforces one exact budget (default: in-process)")
+    p.add_argument("--ledger-key", default="confroute:ledger",
+                   help="prefix of the shared ledger's Redis keys (default confroute:ledger)")
+    p.add_argument("--ledger-failure-mode", default="fail_closed",
+                   choices=("fail_closed", "fail_open"),
+                   help="while Redis is unreachable: keep answers on the edge (fail_closed, "
+                   "default) or escalate up to --ledger-emergency-allowance (fail_open)")
+    p.add_argument("--ledger-emergency-allowance", type=int, default=0,
+                   help="escalations this replica may make while Redis is unreachable "
+                   "(fail_open; default 0)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     _add_traffic_options(p)
     p.set_defaults(func=cmd_serve)
@@ -133,12 +146,48 @@ def app_from_args(args: argparse.Namespace) -> Any:
     prices = None
     if args.price_input is not None or args.price_output is not None:
         prices = {"input": args.price_input or 0.0, "output": args.price_output or 0.0}
+    budget: dict[str, Any] = {"max_cloud_fraction": args.max_cloud_fraction,
+                              "max_cloud_cost": args.max_cloud_cost, "period": args.period,
+                              "prices": prices}
+    if getattr(args, "ledger", None) is not None:
+        if args.max_cloud_fraction is not None or args.max_cloud_cost is not None:
+            from confroute.serve import apply_budget
+
+            router = apply_budget(router, **budget)  # the budget first, then its ledger
+            budget = {}
+        apply_ledger(router.policy, args.ledger, key=args.ledger_key,
+                     failure_mode=args.ledger_failure_mode,
+                     emergency_allowance=args.ledger_emergency_allowance)
     return create_app(router, model_name=args.model_name, max_prompt_chars=args.max_prompt_chars,
                       max_messages=args.max_messages, max_batch=args.max_batch,
-                      batch_wait_ms=args.batch_wait_ms,
-                      max_cloud_fraction=args.max_cloud_fraction,
-                      max_cloud_cost=args.max_cloud_cost, period=args.period, prices=prices,
-                      traffic=tap)
+                      batch_wait_ms=args.batch_wait_ms, traffic=tap, **budget)
+
+
+def apply_ledger(policy: Any, url: str, *, key: str = "confroute:ledger",
+                 failure_mode: str = "fail_closed", emergency_allowance: int = 0) -> None:
+    """Move an online policy's budget ledger to the shared Redis ledger at ``url``.
+
+    Connects at once, so an unreachable Redis or a budget that differs from the
+    one stored under ``key`` stops the server before it starts. The counts of
+    the shared ledger are kept (a starting replica joins them).
+
+    Raises
+    ------
+    InvalidParameterError
+        The policy keeps no ledger, a bad URL, or another budget under ``key``.
+    LedgerUnavailableError
+        Redis does not answer.
+    """
+    from confroute.policies import OnlinePolicy
+
+    if not isinstance(policy, OnlinePolicy) or "ledger" not in policy.get_params():
+        raise InvalidParameterError(
+            "The '--ledger' option of confroute serve needs a router whose policy keeps a "
+            "budget ledger (BudgetPolicy or CostAwarePolicy). Got "
+            f"{type(policy).__name__}.")
+    policy.set_params(ledger=url, ledger_key=key, ledger_failure_mode=failure_mode,
+                      ledger_emergency_allowance=emergency_allowance)
+    policy.snapshot()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
