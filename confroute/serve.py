@@ -343,7 +343,9 @@ def ledger_report(policy: Any) -> dict[str, Any] | None:
         ``cloud_share`` (cloud / requests, 0 before any request), ``spent``,
         ``budget_kind`` ("cloud_fraction" or "spend"), ``budget`` and, for a
         cloud-fraction budget, ``allowance`` = floor(budget * requests), the
-        escalations allowed so far.
+        escalations allowed so far; ``backend`` ("memory" or "redis"),
+        ``store_up`` (False while a shared ledger's Redis is unreachable and its
+        failure mode holds) and ``emergency_used`` (fail_open escalations).
     """
     snap = _snapshot(policy)
     if snap is None:
@@ -361,6 +363,9 @@ def ledger_report(policy: Any) -> dict[str, Any] | None:
         "budget_kind": kind,
         "budget": budget,
         "allowance": allowance,
+        "backend": getattr(snap, "backend", "memory"),
+        "store_up": bool(getattr(snap, "store_up", True)),
+        "emergency_used": int(getattr(snap, "emergency_used", 0)),
     }
 
 
@@ -655,7 +660,11 @@ class _Metrics:
                   "cloud": "Escalations counted by the ledger (failed calls given back)",
                   "spent": "Cloud spend counted by the ledger (CostAwarePolicy)",
                   "budget": "The budget: cloud fraction or spend cap (NaN without one)",
-                  "allowance": "Escalations allowed so far, floor(budget * requests)"}
+                  "allowance": "Escalations allowed so far, floor(budget * requests)",
+                  "store_up": "1 while the ledger's store answers, 0 while a shared (Redis) "
+                  "ledger is unreachable and its failure mode holds",
+                  "emergency_used": "Escalations let through while the shared ledger was "
+                  "unreachable (fail_open)"}
         for key, doc in fields.items():
             gauge = Gauge(f"confroute_ledger_{key}", doc, registry=self.registry)
             gauge.set_function(functools.partial(_ledger_value, router, key))
