@@ -32,6 +32,7 @@ lost its data meanwhile (no persistence), counting starts again from zero.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import uuid
@@ -53,6 +54,7 @@ from confroute.errors import (
 
 __all__ = [
     "FAILURE_MODES",
+    "PASSWORD_ENV",
     "Admission",
     "Ledger",
     "LedgerSnapshot",
@@ -67,6 +69,9 @@ __all__ = [
 
 FAILURE_MODES = ("fail_closed", "fail_open")
 _SCHEMES = ("redis", "rediss", "unix")
+#: Environment variable with the Redis password, used when the URL has none (a ledger URL
+#: is a policy parameter, so it is written into saved router files: keep secrets out of it).
+PASSWORD_ENV = "CONFROUTE_LEDGER_PASSWORD"
 MICRO = 10**6  # Redis counts spend in integer micro-units of the policy's cost unit
 
 
@@ -319,7 +324,8 @@ def redact_url(url: str) -> str:
         return "<unparseable URL>"
     if parts.username is None and parts.password is None:
         return url
-    return urlunsplit(parts._replace(netloc=f"***@{host}{port}"))
+    return urlunsplit((parts.scheme, f"***@{host}{port}", parts.path, parts.query,
+                       parts.fragment))
 
 
 def check_ledger_url(value: Any, name: str, owner: str) -> str | None:
@@ -443,6 +449,9 @@ class RedisLedger(Ledger):
     ----------
     url : str
         ``redis://[user:password@]host:port/db`` (or ``rediss://``, ``unix://``).
+        The URL is a policy parameter and so is written into saved routers: put
+        the password in the environment variable ``CONFROUTE_LEDGER_PASSWORD``
+        instead (used when the URL has none).
     spec : LedgerSpec
         The budget to enforce.
     key : str, default="confroute:ledger"
@@ -496,10 +505,14 @@ class RedisLedger(Ledger):
                 'A Redis ledger needs the redis client: pip install "confroute[redis]"') from exc
         self._errors: tuple[type[BaseException], ...] = (redis.ConnectionError,
                                                          redis.TimeoutError, OSError)
+        extra: dict[str, Any] = {}
+        secret = os.environ.get(PASSWORD_ENV)
+        if secret and urlsplit(str(self.url)).password is None:
+            extra["password"] = secret  # credentials kept out of URLs and saved routers
         try:
             self._client = redis.Redis.from_url(
                 str(self.url), socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-                retry=Retry(NoBackoff(), 0), decode_responses=True)
+                retry=Retry(NoBackoff(), 0), decode_responses=True, **extra)
         except ValueError as exc:
             raise InvalidParameterError(
                 f"The 'ledger' parameter of RedisLedger must be a valid Redis URL. Got "
@@ -608,7 +621,8 @@ class RedisLedger(Ledger):
         with self._lock:
             out = self._call("snapshot", create=False)
             if out is None:
-                return self._last._replace(store_up=False, emergency_used=self._emergency_used)
+                r, c, w, s = self._last[:4]
+                return LedgerSnapshot(r, c, w, s, "redis", False, self._emergency_used)
             if out[0] == -2:  # Redis answered but lost the ledger (restart): nothing counted yet
                 out = [0, 0, 0, 0]
             r, c, w, s = out
