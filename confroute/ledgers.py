@@ -116,9 +116,8 @@ class Ticket:
 class LedgerSnapshot(NamedTuple):
     """Counts of an online ledger at one instant (since the last reset or period boundary).
 
-    Calling a snapshot returns it unchanged, so code written for the former
-    method form ``policy.ledger()`` keeps working with the property
-    ``policy.ledger``.
+    Read with ``policy.snapshot()`` (``policy.ledger`` is now the parameter that
+    names the ledger's store). Calling a snapshot returns it unchanged.
     """
 
     requests: int

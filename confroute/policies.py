@@ -169,7 +169,6 @@ _LEDGER_CHECKS: Mapping[str, ParamCheck] = {
     "ledger_failure_mode": _c_failure_mode,
     "ledger_emergency_allowance": _c_nonneg_int,
 }
-_LedgerSpec = LedgerSpec  # the former private name, for code written against it
 
 
 class Policy(ParamsMixin, ABC):
