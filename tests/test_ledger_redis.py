@@ -307,12 +307,47 @@ def test_two_served_replicas_share_the_ledger_and_report_its_state(tiny_llama, o
         health = httpx.get(b.url + "/health", timeout=10).json()["ledger"]
         assert health["requests"] == 8 and health["cloud"] == 2
         assert health["backend"] == "redis" and health["store_up"] is True
+        assert "confroute_ledger_store_up 1.0" in httpx.get(a.url + "/metrics").text
         own_server.kill()
         assert not any(ask(a) for _ in range(4))  # fail_closed: answered on the edge
         assert httpx.get(a.url + "/health", timeout=10).json()["ledger"]["store_up"] is False
+        assert "confroute_ledger_store_up 0.0" in httpx.get(a.url + "/metrics").text
         own_server.start()
         time.sleep(1.1)
         assert httpx.get(a.url + "/health", timeout=10).json()["ledger"]["store_up"] is True
+
+
+def test_cli_serve_ledger_flags(tmp_path: Any, tiny_llama: Any, redis_url: str) -> None:
+    pytest.importorskip("fastapi")
+    from confroute.cli import build_parser
+    from confroute.cli.serve import app_from_args
+    from confroute.models.hf import HFLanguageModel
+    from tests.test_serve import EchoCloud, calibrated_router
+    from tests.tiny_models import save_causal_lm
+
+    edge = HFLanguageModel(*tiny_llama, use_chat_template=False)
+    calibrated_router(edge, EchoCloud(), ThresholdPolicy(min_p_good=1.0)).save(
+        tmp_path / "router.json")
+    key = new_key()
+    base = ["serve", "--router", str(tmp_path / "router.json"), "--edge",
+            str(save_causal_lm(tmp_path / "edge")), "--ledger", redis_url, "--ledger-key", key]
+    args = build_parser().parse_args([*base, "--max-cloud-fraction", "0.3",
+                                      "--ledger-failure-mode", "fail_open",
+                                      "--ledger-emergency-allowance", "5"])
+    policy = app_from_args(args).state.router.policy
+    assert isinstance(policy, BudgetPolicy) and policy.ledger == redis_url
+    assert (policy.ledger_key, policy.ledger_failure_mode, policy.ledger_emergency_allowance) == (
+        key, "fail_open", 5)
+    assert policy.snapshot().backend == "redis"
+    with pytest.raises(InvalidParameterError, match=r"'ledger'.*another budget"):
+        app_from_args(build_parser().parse_args([*base, "--max-cloud-fraction", "0.4"]))
+    with pytest.raises(InvalidParameterError, match="'--ledger'"):
+        app_from_args(build_parser().parse_args(base))  # a ThresholdPolicy keeps no ledger
+    from tests.redis_server import free_port
+
+    base[base.index(redis_url)] = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(LedgerUnavailableError, match="unreachable"):
+        app_from_args(build_parser().parse_args([*base, "--max-cloud-fraction", "0.3"]))
 
 
 def test_the_password_can_stay_out_of_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
