@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             ticket = make_ticket(adm, p_good=0.0, wanted=True, cost=0.1, reason="")
             led.settle(ticket, bool(i % 2), None)
         raw = n / (time.perf_counter() - start)
+        client = led.client
+        start = time.perf_counter()
+        for _ in range(n):
+            client.ping()
+        pings = n / (time.perf_counter() - start)  # the floor any client round trip has here
         p50_mem, p50_redis = statistics.median(lat_mem), statistics.median(lat_redis)
         ctx = mp.get_context("spawn")
         barrier, out = ctx.Barrier(args.procs), ctx.Queue()
@@ -102,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         ("policy admit+settle pairs/s, in-process ledger", f"{rate_mem:,.0f}"),
         ("policy admit+settle pairs/s, Redis ledger (1 client)", f"{rate_redis:,.0f}"),
         ("raw RedisLedger admit+settle pairs/s (1 client)", f"{raw:,.0f}"),
+        ("for scale: bare PING round trips/s (1 client)", f"{pings:,.0f}"),
         (f"aggregate pairs/s, {args.procs} processes sharing one ledger", f"{total / wall:,.0f}"),
         ("admit p50, in-process / Redis (ms)", f"{1e3 * p50_mem:.3f} / {1e3 * p50_redis:.3f}"),
         ("added latency per admission, p50 (ms)", f"{1e3 * (p50_redis - p50_mem):.3f}"),

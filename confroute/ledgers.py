@@ -559,6 +559,11 @@ class RedisLedger(Ledger):
         self._down_since = None
         return out
 
+    @property
+    def client(self) -> Any:
+        """The :class:`redis.Redis` client of this ledger (for health checks and tooling)."""
+        return self._client
+
     # -- ledger API -----------------------------------------------------------------------
     def admit(self, wanted: bool, cost: Fraction) -> Admission:
         spec = self.spec
