@@ -57,8 +57,9 @@ def _worker(conn: Any) -> None:
         job = conn.recv()
         if job is None:
             return
-        url, key, b, wants, refunds, barrier_key = job
-        pol = budget(url, key, b)
+        url, key, b, window, wants, refunds, barrier_key = job
+        mode = {"enforce": "window", "window": window} if window else {}
+        pol = budget(url, key, b, **mode)
         import redis  # wait for the other worker: both start admitting together
 
         client = redis.Redis.from_url(url)
@@ -96,29 +97,35 @@ arrivals = st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_siz
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(b=st.integers(5, 95).map(lambda x: x / 100), a=arrivals, c=arrivals,
-       refunds_on=st.booleans())
+       refunds_on=st.booleans(), window=st.sampled_from([0, 0, 5, 16]))
 def test_two_processes_never_exceed_the_budget_at_any_prefix(
     redis_url: str, workers: list[Any], b: float, a: list[tuple[bool, bool]],
-    c: list[tuple[bool, bool]], refunds_on: bool,
+    c: list[tuple[bool, bool]], refunds_on: bool, window: int,
 ) -> None:
+    """Total (window=0) and sliding-window budgets across two OS processes."""
     key = new_key()
     for conn, lst in zip(workers, (a, c)):
         wants = [w for w, _ in lst]
         refunds = [r and refunds_on for _, r in lst]
-        conn.send((redis_url, key, b, wants, refunds, key + ":barrier"))
+        conn.send((redis_url, key, b, window, wants, refunds, key + ":barrier"))
     got = sorted(workers[0].recv() + workers[1].recv())
     n = len(a) + len(c)
     assert [seq for seq, *_ in got] == list(range(n))  # one global order, nothing lost
     budget_frac = Fraction(repr(b))
-    spent = np.cumsum([esc and not refunded for _, _, esc, refunded in got])
-    bound = [(budget_frac.numerator * (k + 1)) // budget_frac.denominator for k in range(n)]
-    assert all(s <= lim for s, lim in zip(spent, bound))
+    kept = np.array([esc and not refunded for _, _, esc, refunded in got], dtype=int)
+    for k in range(n):  # every prefix (and, for a window, the last `window` of it)
+        lo = max(0, k + 1 - window) if window else 0
+        allowed = (budget_frac.numerator * (k + 1 - lo)) // budget_frac.denominator
+        assert kept[lo:k + 1].sum() <= allowed
     if not refunds_on:  # exact: the same decisions as one in-process ledger on that order
-        mem = MemoryLedger(LedgerSpec(share=budget_frac))
+        mem = MemoryLedger(LedgerSpec(share=budget_frac, window=window or None))
         assert [mem.admit(w, Fraction(0)).escalate for _, w, _, _ in got] == [
             esc for _, _, esc, _ in got]
-    snap = budget(redis_url, key, b).snapshot()
-    assert snap.requests == n and snap.cloud == int(spent[-1]) and snap.backend == "redis"
+    mode = {"enforce": "window", "window": window} if window else {}
+    snap = budget(redis_url, key, b, **mode).snapshot()
+    assert snap.requests == n and snap.cloud == int(kept.sum()) and snap.backend == "redis"
+    if window:
+        assert snap.window_cloud == int(kept[max(0, n - window):].sum())
 
 
 # ------------------------------------------------------------------ refunds, modes
