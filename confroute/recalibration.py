@@ -170,7 +170,7 @@ def _copy_router(router: Any) -> Any:
 
     return type(router)(
         list(router.estimators), clone(router.calibrator), clone(router.policy),
-        edge=router.edge, cloud=router.cloud, on_cloud_error=router.on_cloud_error,
+        edge=router.edge, cloud=list(router.clouds), on_cloud_error=router.on_cloud_error,
         cloud_config=router.cloud_config, edge_max_new_tokens=router.edge_max_new_tokens,
     )
 

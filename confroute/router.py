@@ -72,10 +72,17 @@ class Router:
     edge : LanguageModel, optional
         The local model whose answers are kept. Needed by ``calibrate``,
         ``decide`` / ``route`` and ``__call__`` unless samples are passed in.
-    cloud : LanguageModel, optional
+    cloud : LanguageModel or sequence of LanguageModel, optional
         The model escalated prompts go to in ``answer`` / ``__call__`` (any object with the
         protocol: :class:`~confroute.models.OpenAIModel`, a second local
-        :class:`~confroute.models.HFLanguageModel`, a recorded model, ...).
+        :class:`~confroute.models.HFLanguageModel`, a recorded model, ...). A
+        sequence ``[primary, fallback, ...]`` is a fallback chain: a prompt whose
+        call to one cloud fails after that cloud's own retries goes to the next;
+        the first that answers is named in ``RoutedResponse.answered_by`` and its
+        cost is charged. Failed attempts are assumed not billed (a failed call
+        returns no completion), so only the answering cloud is charged.
+        ``router.cloud`` is the primary (assigning a model or a list replaces the
+        chain) and ``router.clouds`` the whole chain.
     on_cloud_error : {"degrade", "raise", "error"}, default "degrade"
         What ``answer`` / ``__call__`` do when a cloud call fails after its retries:
         ``"degrade"`` serves the edge answer marked ``degraded=True`` with the
@@ -95,6 +102,8 @@ class Router:
     >>> responses = router.answer(decisions)  # doctest: +SKIP
     """
 
+    _clouds: tuple[LanguageModel, ...]
+
     def __init__(
         self,
         estimator: EstimatorLike = "sequence_logprob",
@@ -102,7 +111,7 @@ class Router:
         policy: Any = "threshold",
         *,
         edge: LanguageModel | None = None,
-        cloud: LanguageModel | None = None,
+        cloud: LanguageModel | Sequence[LanguageModel] | None = None,
         on_cloud_error: Literal["degrade", "raise", "error"] = "degrade",
         cloud_config: GenerationConfig | None = None,
         edge_max_new_tokens: int = 64,
@@ -124,7 +133,7 @@ class Router:
         self.calibrator = calibrator_registry.resolve(calibrator, "calibrator", owner)
         self.policy = policy_registry.resolve(policy, "policy", owner)
         self.edge = edge
-        self.cloud = cloud
+        self.cloud = cloud  # the setter accepts a chain
         self.on_cloud_error = check_choice(
             on_cloud_error, "on_cloud_error", owner, ["degrade", "raise", "error"]
         )
@@ -136,6 +145,21 @@ class Router:
             check_int(edge_max_new_tokens, "edge_max_new_tokens", owner, min_value=1) or 1
         )
         self.calibration_: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------- clouds
+    @property
+    def cloud(self) -> LanguageModel | None:
+        """The primary cloud model (the first of :attr:`clouds`), or None."""
+        return self._clouds[0] if self._clouds else None
+
+    @cloud.setter
+    def cloud(self, value: LanguageModel | Sequence[LanguageModel] | None) -> None:
+        self._clouds = _check_clouds(value, "Router")
+
+    @property
+    def clouds(self) -> tuple[LanguageModel, ...]:
+        """The cloud fallback chain, in the order it is tried (empty without a cloud)."""
+        return self._clouds
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -468,11 +492,12 @@ class Router:
         up = [i for i, d in enumerate(ds) if d.source == "cloud"]
         for i, d in enumerate(ds):
             if d.source == "edge":
-                out[i] = RoutedResponse(text=d.edge_answer, source="edge", decision=d)
+                out[i] = RoutedResponse(text=d.edge_answer, source="edge", decision=d,
+                                        answered_by=_model_name(self.edge))
         if up:
             results = self._call_cloud([ds[i].prompt for i in up], config)
-            for i, res in zip(up, results):
-                out[i] = self._settle_and_respond(ds[i], res)
+            for i, (res, model) in zip(up, results):
+                out[i] = self._settle_and_respond(ds[i], res, model)
         return [r for r in out if r is not None]
 
     async def aanswer(
@@ -493,19 +518,22 @@ class Router:
 
         async def one(d: Decision) -> RoutedResponse:
             if d.source == "edge":
-                return RoutedResponse(text=d.edge_answer, source="edge", decision=d)
-            return self._settle_and_respond(d, await self._acloud_one(d.prompt, config))
+                return RoutedResponse(text=d.edge_answer, source="edge", decision=d,
+                                        answered_by=_model_name(self.edge))
+            return self._settle_and_respond(d, *await self._acloud_one(d.prompt, config))
 
         return list(await asyncio.gather(*(one(d) for d in ds)))
 
-    def _settle_and_respond(self, d: Decision, res: Any) -> RoutedResponse:
+    def _settle_and_respond(self, d: Decision, res: Any, model: Any = None) -> RoutedResponse:
         """Settle the ticket of an escalated prompt and build its response.
 
-        ``res`` is the cloud's samples for the prompt or the CloudError its call
-        ended with; a failed call gives its ticket back (``spent=False``).
+        ``res`` is the samples of the cloud ``model`` that answered the prompt, or
+        the CloudError the last cloud of the chain ended with; a failed call gives
+        its ticket back (``spent=False``). The ledger is settled once, with the
+        cost of the cloud that answered.
         """
         failed = isinstance(res, CloudError)
-        cost_of = getattr(self.cloud, "cost_of", None)
+        cost_of = getattr(model, "cost_of", None)
         cost = None if failed or cost_of is None else float(cost_of(res))
         if d.ticket is not None and isinstance(self.policy, OnlinePolicy):
             # the ledger charges what was really spent (the reservation is corrected)
@@ -517,56 +545,49 @@ class Router:
             "completion_tokens": int(sum(s.n_tokens for s in res)),
         }
         return RoutedResponse(text=res[0].text, source="cloud", decision=d,
-                              cost=cost or 0.0, usage=usage)
+                              cost=cost or 0.0, usage=usage, answered_by=_model_name(model))
 
     def _failed(self, d: Decision, err: CloudError) -> RoutedResponse:
         why = f"cloud call failed ({err.reason}): {err}"
         if self.on_cloud_error == "degrade" and d.edge_answer is not None:
             return RoutedResponse(text=d.edge_answer, source="edge", decision=d, degraded=True,
-                                  error=why, cloud_error=err)
+                                  error=why, cloud_error=err,
+                                  answered_by=_model_name(self.edge))
         return RoutedResponse(text=None, source="cloud", decision=d, error=why, cloud_error=err)
 
     def _call_cloud(self, prompts: list[Prompt], config: GenerationConfig) -> list[Any]:
-        """Cloud samples per prompt, or the CloudError that prompt ended with."""
-        if self.cloud is None:
+        """(samples, cloud that answered) per prompt, or (CloudError, None).
+
+        Each cloud of the chain gets the prompts every earlier cloud failed on.
+        """
+        if not self._clouds:
             err = CloudError("no cloud model is configured on this Router", reason="no_cloud")
-            return [err] * len(prompts)
-        cloud = self.cloud
-        try:
-            return list(cloud.generate(prompts, config))
-        except Exception as exc:  # isolate the failing prompts, keep the others
-            if len(prompts) == 1:
-                return [_as_cloud_error(exc)]
-            logger.warning("batched cloud call failed (%s); retrying prompt by prompt", exc)
+            return [(err, None)] * len(prompts)
+        out: list[Any] = [None] * len(prompts)
+        todo = list(range(len(prompts)))
+        for k, cloud in enumerate(self._clouds):
+            results = _generate_isolated(cloud, [prompts[i] for i in todo], config)
+            for i, res in zip(todo, results):
+                out[i] = (res, None if isinstance(res, CloudError) else cloud)
+            todo = [i for i in todo if isinstance(out[i][0], CloudError)]
+            if not todo:
+                break
+            if k + 1 < len(self._clouds):
+                logger.warning("%d prompt(s) failed on cloud %r; trying fallback %r", len(todo),
+                               _model_name(cloud), _model_name(self._clouds[k + 1]))
+        return out
 
-        def one(p: Prompt) -> Any:
-            try:
-                return cloud.generate([p], config)[0]
-            except Exception as exc:
-                return _as_cloud_error(exc)
-
-        with ThreadPoolExecutor(max_workers=min(8, len(prompts))) as pool:
-            return list(pool.map(one, prompts))
-
-    async def _acloud_one(self, prompt: Prompt, config: GenerationConfig) -> Any:
-        """Cloud samples for one prompt, or the CloudError the call ended with."""
-        import asyncio
-
-        cloud = self.cloud
-        if cloud is None:
-            return CloudError("no cloud model is configured on this Router", reason="no_cloud")
-        agenerate = getattr(cloud, "agenerate", None)
-        try:
-            if agenerate is not None:
-                out = await agenerate([prompt], config)
-            else:
-                out = await asyncio.to_thread(cloud.generate, [prompt], config)
-            if not out or not out[0]:
-                raise CloudError("the cloud model returned no sample",
-                                 reason="malformed_response")
-            return list(out[0])
-        except Exception as exc:
-            return _as_cloud_error(exc)
+    async def _acloud_one(self, prompt: Prompt, config: GenerationConfig) -> tuple[Any, Any]:
+        """(samples, cloud that answered) for one prompt, or (CloudError, None)."""
+        res: Any = CloudError("no cloud model is configured on this Router", reason="no_cloud")
+        for k, cloud in enumerate(self._clouds):
+            res = await _agenerate_one(cloud, prompt, config)
+            if not isinstance(res, CloudError):
+                return res, cloud
+            if k + 1 < len(self._clouds):
+                logger.warning("cloud %r failed (%s); trying fallback %r", _model_name(cloud),
+                               res.reason, _model_name(self._clouds[k + 1]))
+        return res, None
 
     def _raise_first_failure(self, responses: list[RoutedResponse]) -> None:
         if self.on_cloud_error == "raise":
@@ -659,7 +680,7 @@ class Router:
         data: dict[str, Any],
         *,
         edge: LanguageModel | None = None,
-        cloud: LanguageModel | None = None,
+        cloud: LanguageModel | Sequence[LanguageModel] | None = None,
     ) -> Router:
         """Rebuild a router from :meth:`to_dict`'s output; only registered classes are built.
 
@@ -717,7 +738,7 @@ class Router:
         path: str | os.PathLike[str],
         *,
         edge: LanguageModel | None = None,
-        cloud: LanguageModel | None = None,
+        cloud: LanguageModel | Sequence[LanguageModel] | None = None,
         signing_key: str | bytes | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> Router:
@@ -847,6 +868,65 @@ def _edge_text(s: Samples) -> str:
             f"No edge answer was generated for prompt {prompt_text(s.prompt)[:60]!r}."
         )
     return s.greedy.text
+
+
+def _check_clouds(value: Any, owner: str) -> tuple[LanguageModel, ...]:
+    """The cloud chain as a tuple: None -> (), a model -> (model,), a sequence -> its models."""
+    if value is None:
+        return ()
+    chain = list(value) if isinstance(value, (list, tuple)) else [value]
+    for k, model in enumerate(chain):
+        if not callable(getattr(model, "generate", None)):
+            name = "cloud" if chain == [value] else f"cloud[{k}]"
+            raise param_error(name, owner, "a LanguageModel (with a generate method)", model,
+                              type_error=True)
+    return tuple(chain)
+
+
+def _model_name(model: Any) -> str | None:
+    if model is None:
+        return None
+    name = getattr(model, "name", None)
+    return name if isinstance(name, str) else type(model).__name__
+
+
+def _generate_isolated(cloud: Any, prompts: list[Prompt], config: GenerationConfig) -> list[Any]:
+    """Samples per prompt from one cloud, or the CloudError that prompt ended with.
+
+    A failed batch is retried prompt by prompt, so one bad prompt never fails the others.
+    """
+    try:
+        return list(cloud.generate(prompts, config))
+    except Exception as exc:  # isolate the failing prompts, keep the others
+        if len(prompts) == 1:
+            return [_as_cloud_error(exc)]
+        logger.warning("batched cloud call failed (%s); retrying prompt by prompt", exc)
+
+    def one(p: Prompt) -> Any:
+        try:
+            return cloud.generate([p], config)[0]
+        except Exception as exc:
+            return _as_cloud_error(exc)
+
+    with ThreadPoolExecutor(max_workers=min(8, len(prompts))) as pool:
+        return list(pool.map(one, prompts))
+
+
+async def _agenerate_one(cloud: Any, prompt: Prompt, config: GenerationConfig) -> Any:
+    """Samples for one prompt from one cloud, or the CloudError the call ended with."""
+    import asyncio
+
+    agenerate = getattr(cloud, "agenerate", None)
+    try:
+        if agenerate is not None:
+            out = await agenerate([prompt], config)
+        else:
+            out = await asyncio.to_thread(cloud.generate, [prompt], config)
+        if not out or not out[0]:
+            raise CloudError("the cloud model returned no sample", reason="malformed_response")
+        return list(out[0])
+    except Exception as exc:
+        return _as_cloud_error(exc)
 
 
 def _as_cloud_error(exc: Exception) -> CloudError:

@@ -320,6 +320,10 @@ class RoutedResponse:
         The error a failed cloud call ended with (also summarised in ``error``);
         None when the cloud was not called or answered. Not part of the repr or
         of equality.
+    answered_by : str or None
+        Name of the model that produced ``text``: the cloud of the fallback chain
+        that answered, or the edge model (for edge and degraded answers); None
+        for error records and when the model is unknown.
     """
 
     text: str | None
@@ -330,3 +334,4 @@ class RoutedResponse:
     cost: float = 0.0
     usage: Mapping[str, int] = field(default_factory=dict)
     cloud_error: CloudError | None = field(default=None, repr=False, compare=False)
+    answered_by: str | None = None
