@@ -12,6 +12,7 @@ from typing import Any
 from confroute._version import __version__
 from confroute.errors import (
     CloudError,
+    ConfigError,
     ConfrouteError,
     EstimationError,
     InvalidParameterError,
@@ -62,6 +63,10 @@ _LAZY: dict[str, str] = {
     "CostAwarePolicy": "confroute.policies",
     "RiskControlPolicy": "confroute.policies",
     "Router": "confroute.router",
+    # deployment configuration
+    "Config": "confroute.config",
+    "ServeOptions": "confroute.config",
+    "load_config": "confroute.config",
     # k models
     "Cascade": "confroute.cascade",
     "Tier": "confroute.cascade",
@@ -87,6 +92,7 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "CloudError",
+    "ConfigError",
     "ConfrouteError",
     "Decision",
     "Estimate",

@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "CloudError",
+    "ConfigError",
     "ConfrouteError",
     "EstimationError",
     "InvalidParameterError",
@@ -30,6 +31,14 @@ class ConfrouteError(Exception):
 
 class InvalidParameterError(ConfrouteError, ValueError):
     """A parameter or input has a value outside what is accepted."""
+
+
+class ConfigError(InvalidParameterError):
+    """A configuration file (``confroute.toml``) has a bad, unknown or missing key.
+
+    The message names the key path (e.g. ``clouds[1].timeout``) and never echoes
+    a value that may be a secret.
+    """
 
 
 class InvalidTypeError(ConfrouteError, TypeError):

@@ -6,12 +6,16 @@ import argparse
 from typing import Any
 
 from confroute._validation import check_float, check_int
-from confroute.cli._common import load_router
+from confroute.cli._common import default_router_path, load_model, load_router
 from confroute.errors import InvalidParameterError, MissingDependencyError
 
 __all__ = ["app_from_args", "apply_ledger", "check_traffic_args", "cmd_serve", "register"]
 
 _INSTALL_HINT = 'pip install "confroute[serve]"'
+# defaults of the options a --config file may set (a flag left at its default does not override)
+_DEFAULTS: dict[str, Any] = {"edge": "embedded", "host": "127.0.0.1", "port": 8000,
+                             "model_name": "confroute", "max_cloud_fraction": None,
+                             "max_cloud_cost": None, "period": None}
 
 
 def register(sub: Any) -> None:
@@ -24,13 +28,16 @@ def register(sub: Any) -> None:
         "returned in the 'confroute' response field and the X-Confroute-* headers. Needs "
         f"{_INSTALL_HINT}.",
     )
+    p.add_argument("--config", default=None,
+                   help="a confroute.toml naming the edge, the cloud fallback chain, the router, "
+                   "the budget and the server options (options given here override it)")
     p.add_argument("--router", help="saved router file (default: the built-in one)")
-    p.add_argument("--edge", default="embedded", help="edge model spec (default: embedded)")
+    p.add_argument("--edge", default=_DEFAULTS["edge"], help="edge model spec (default: embedded)")
     p.add_argument("--cloud", help="cloud model spec (without it, escalations follow the "
                    "router's on_cloud_error)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--model-name", default="confroute",
+    p.add_argument("--host", default=_DEFAULTS["host"], help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=_DEFAULTS["port"], help="port (default 8000)")
+    p.add_argument("--model-name", default=_DEFAULTS["model_name"],
                    help="model id reported to clients (default confroute)")
     p.add_argument("--max-prompt-chars", type=int, default=32000,
                    help="largest conversation, in content characters (default 32000)")
@@ -126,6 +133,9 @@ def _require_server() -> Any:
 def app_from_args(args: argparse.Namespace) -> Any:
     """Load the router and models named by ``confroute serve`` options and build the app.
 
+    With ``--config``, the file gives every option the command line leaves at its
+    default (an option given with its default value does not override the file).
+
     Returns
     -------
     fastapi.FastAPI
@@ -134,7 +144,7 @@ def app_from_args(args: argparse.Namespace) -> Any:
     check_traffic_args(args)
     from confroute.serve import create_app
 
-    router = load_router(args.router, args.edge, args.cloud)
+    router, opts = _router_and_options(args)
     tap = None
     if args.decision_log:  # the log's fingerprint is the saved router's, before any budget
         from confroute.shadow import build_traffic_tap
@@ -143,14 +153,10 @@ def app_from_args(args: argparse.Namespace) -> Any:
                                 shadow_rate=args.shadow_rate,
                                 shadow_max_calls=args.shadow_max_calls,
                                 shadow_max_cost=args.shadow_max_cost, labeler=args.labeler)
-    prices = None
-    if args.price_input is not None or args.price_output is not None:
-        prices = {"input": args.price_input or 0.0, "output": args.price_output or 0.0}
-    budget: dict[str, Any] = {"max_cloud_fraction": args.max_cloud_fraction,
-                              "max_cloud_cost": args.max_cloud_cost, "period": args.period,
-                              "prices": prices}
+    budget: dict[str, Any] = {k: opts[k] for k in ("max_cloud_fraction", "max_cloud_cost",
+                                                   "period", "prices")}
     if getattr(args, "ledger", None) is not None:
-        if args.max_cloud_fraction is not None or args.max_cloud_cost is not None:
+        if budget["max_cloud_fraction"] is not None or budget["max_cloud_cost"] is not None:
             from confroute.serve import apply_budget
 
             router = apply_budget(router, **budget)  # the budget first, then its ledger
@@ -158,9 +164,10 @@ def app_from_args(args: argparse.Namespace) -> Any:
         apply_ledger(router.policy, args.ledger, key=args.ledger_key,
                      failure_mode=args.ledger_failure_mode,
                      emergency_allowance=args.ledger_emergency_allowance)
-    return create_app(router, model_name=args.model_name, max_prompt_chars=args.max_prompt_chars,
-                      max_messages=args.max_messages, max_batch=args.max_batch,
-                      batch_wait_ms=args.batch_wait_ms, traffic=tap, **budget)
+    return create_app(router, model_name=opts["model_name"],
+                      max_prompt_chars=args.max_prompt_chars, max_messages=args.max_messages,
+                      max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, traffic=tap,
+                      **budget)
 
 
 def apply_ledger(policy: Any, url: str, *, key: str = "confroute:ledger",
@@ -188,6 +195,39 @@ def apply_ledger(policy: Any, url: str, *, key: str = "confroute:ledger",
     policy.set_params(ledger=url, ledger_key=key, ledger_failure_mode=failure_mode,
                       ledger_emergency_allowance=emergency_allowance)
     policy.snapshot()
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    return bool(getattr(args, name) != _DEFAULTS.get(name))
+
+
+def _router_and_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The router and create_app options, from the flags and the ``--config`` file."""
+    prices = None
+    if args.price_input is not None or args.price_output is not None:
+        prices = {"input": args.price_input or 0.0, "output": args.price_output or 0.0}
+    flags = {"model_name": args.model_name, "max_cloud_fraction": args.max_cloud_fraction,
+             "max_cloud_cost": args.max_cloud_cost, "period": args.period, "prices": prices}
+    if getattr(args, "config", None) is None:
+        return load_router(args.router, args.edge, args.cloud), flags
+    from confroute.config import load_config
+    from confroute.router import Router
+
+    cfg = load_config(args.config)
+    edge = load_model(args.edge, role="edge") if _given(args, "edge") else cfg.build_edge()
+    cloud = load_model(args.cloud, role="cloud") if args.cloud else cfg.build_clouds() or None
+    path = args.router or cfg.router["path"] or default_router_path()
+    router = Router.load(path, edge=edge, cloud=cloud)
+    if cfg.router["on_cloud_error"] is not None:
+        router.on_cloud_error = cfg.router["on_cloud_error"]
+    opts = cfg.serve.app_kwargs()
+    for key, value in flags.items():
+        if (_given(args, key) if key != "prices" else value is not None):
+            opts[key] = value
+    for key in ("host", "port"):  # cmd_serve reads them from args
+        if not _given(args, key):
+            setattr(args, key, getattr(cfg.serve, key))
+    return router, opts
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -109,6 +109,10 @@ class OpenAIModel(ParamsMixin):
         them (see :func:`approximate_entropy`); with 0, entropies stay None.
     system_prompt : str or None, default=None
         System message prepended to string prompts (not to conversations).
+    headers : mapping or None, default=None
+        Extra HTTP headers sent with every request (e.g. an ``OpenAI-Organization``
+        or a gateway's routing header); ``Authorization`` comes from the key.
+        Header values are kept out of error messages.
     extra_body : mapping or None, default=None
         Extra JSON fields merged into every request body, overriding the ones
         built here (e.g. ``{"top_k": 20}`` for vLLM, ``{"max_completion_tokens": 64}``).
@@ -161,6 +165,7 @@ class OpenAIModel(ParamsMixin):
         name: str | None = None,
         price_table: Mapping[str, float] | None = None,
         seed: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self._init_runtime()
         self.model = model
@@ -181,6 +186,7 @@ class OpenAIModel(ParamsMixin):
         self.name = name
         self.price_table = price_table
         self.seed = seed
+        self.headers = headers
 
     # -- runtime state (never part of params, never pickled) -----------------
 
@@ -284,6 +290,12 @@ class OpenAIModel(ParamsMixin):
         ):
             raise param_error("extra_body", o, "a mapping with str keys or None", extra,
                               type_error=True)
+        hdrs = self.headers
+        if hdrs is not None and (not isinstance(hdrs, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in hdrs.items()
+        )):
+            raise param_error("headers", o, "a mapping of str to str or None",
+                              "a value", type_error=True)
         if self._name is not None and not isinstance(self._name, str):
             raise param_error("name", o, "a str or None", self._name, type_error=True)
         check_price_table(self.price_table, o)
@@ -310,6 +322,7 @@ class OpenAIModel(ParamsMixin):
             system_prompt=self.system_prompt,
             extra_body=dict(extra or {}),
             api_key=key,
+            headers=dict(hdrs or {}),
         )
 
     # -- small shared helpers ------------------------------------------------

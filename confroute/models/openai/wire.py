@@ -240,11 +240,12 @@ class Settings:
     system_prompt: str | None
     extra_body: dict[str, Any]
     api_key: str | None = field(repr=False)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def request_headers(s: Settings) -> dict[str, str]:
-    """JSON headers, with the bearer token when there is one."""
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    """JSON headers and the configured extra headers, with the bearer token when there is one."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json", **s.headers}
     if s.api_key:
         headers["Authorization"] = f"Bearer {s.api_key}"
     return headers
