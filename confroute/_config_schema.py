@@ -131,9 +131,8 @@ def validate(data: dict[str, Any], source: str, from_env: set[str]) -> ConfigDoc
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         path = _key_path(tuple(err["loc"]))
-        expected = err["msg"]
+        expected = str(err["msg"])
         if err["type"] == "extra_forbidden":
-            expected = "one of the documented keys (see confroute.config)"
-        raise ConfigError(f"The '{path}' key of {source} is invalid: expected "
-                          f"{expected[0].lower() + expected[1:]}. Got "
+            expected = "Not a key of the config (the keys are listed in confroute.config)"
+        raise ConfigError(f"The '{path}' key of {source} is invalid ({expected}). Got "
                           f"{_received(err, path, from_env)}.") from None

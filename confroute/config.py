@@ -112,7 +112,7 @@ class Config:
     """
 
     edge: dict[str, Any]
-    clouds: list[dict[str, Any]]
+    clouds: list[dict[str, Any]] = field(repr=False)  # headers may hold secrets
     router: dict[str, Any]
     serve: ServeOptions
 

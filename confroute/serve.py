@@ -569,7 +569,9 @@ def decision_record(resp: RoutedResponse, ticket: Any = None) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``source`` (who answered), ``routed_to`` (the decision), ``p_good`` (None
+        ``source`` (who answered), ``answered_by`` (the name of the model that
+        answered: the cloud of the fallback chain, or the edge), ``routed_to`` (the
+        decision), ``p_good`` (None
         if unscorable), ``scores``, ``reason``, ``degraded``, ``error``, ``cost``,
         ``ledger_seq`` (the request's arrival index in the budget ledger, or None)
         and ``prompt_hash`` (the first 16 hex digits of the SHA-256 of the UTF-8 of
@@ -581,6 +583,7 @@ def decision_record(resp: RoutedResponse, ticket: Any = None) -> dict[str, Any]:
     seq = getattr(d.ticket if ticket is None else ticket, "seq", None)
     return {
         "source": resp.source,
+        "answered_by": resp.answered_by,
         "routed_to": d.source,
         "p_good": _finite(d.p_good),
         "scores": {k: _finite(float(v)) for k, v in d.scores.items()},
