@@ -958,7 +958,8 @@ async def _chat(server: _Server, req: ChatCompletionRequest) -> Response:
 
     payload = {
         "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
-        "created": int(time.time()), "model": server.model_name,
+        # the model that answered; the alias (model_name) stays the id clients address
+        "created": int(time.time()), "model": resp.answered_by or server.model_name,
         "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
                      "message": {"role": "assistant", "content": resp.text}}],
         "usage": _usage(resp),
@@ -977,7 +978,7 @@ def _stream(server: _Server, resp: RoutedResponse, record: dict[str, Any],
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         obj = {"id": cid, "object": "chat.completion.chunk", "created": now,
-               "model": server.model_name, "choices": choices, **extra}
+               "model": resp.answered_by or server.model_name, "choices": choices, **extra}
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     def delta(content: dict[str, Any], finish: str | None) -> list[dict[str, Any]]:

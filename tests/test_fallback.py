@@ -162,6 +162,7 @@ def test_server_with_16_concurrent_clients_is_answered_by_the_fallback(edge):
         ("cloud", "fallback", None)}
     for _, body in results:
         assert body["choices"][0]["message"]["content"].startswith("The answer is")
+        assert body["model"] == "fallback"  # the served model field names who answered
         assert body["confroute"]["cost"] == pytest.approx(_expected_cost(body["usage"]))
     ledger = health["ledger"]
     assert ledger["cloud"] == len(PROMPTS)  # one charge per answered request

@@ -170,7 +170,7 @@ def test_chat_completion_round_trip(server):
     )
     completion = raw.parse()
     expected = router.route([[{"role": "user", "content": "What is 2 + 2?"}]])[0]
-    assert completion.model == "routed"
+    assert completion.model == "recording-edge"  # the model that answered (the alias: routed)
     assert completion.object == "chat.completion"
     assert completion.choices[0].message.role == "assistant"
     assert completion.choices[0].message.content == expected.edge_answer
