@@ -586,11 +586,23 @@ def decision_record(resp: RoutedResponse, ticket: Any = None) -> dict[str, Any]:
         "scores": {k: _finite(float(v)) for k, v in d.scores.items()},
         "reason": d.reason,
         "degraded": resp.degraded,
-        "error": resp.error,
+        "error": client_error(resp),
         "cost": resp.cost,
         "ledger_seq": int(seq) if isinstance(seq, int) else None,
         "prompt_hash": prompt_hash(d.prompt),
     }
+
+
+def client_error(resp: RoutedResponse) -> str | None:
+    """What a client is told about a failed cloud call: its reason, never its details.
+
+    The details (the cloud's URL, its reply) stay in the server's log: they can
+    name internal hosts. Other errors are returned as they are.
+    """
+    err = resp.cloud_error
+    if err is None:
+        return resp.error
+    return f"the cloud call failed ({getattr(err, 'reason', 'error')})"
 
 
 def prompt_hash(prompt: Prompt) -> str:
@@ -944,8 +956,10 @@ async def _chat(server: _Server, req: ChatCompletionRequest) -> Response:
         await _record(server.traffic, resp)
     record = decision_record(resp)
     headers = _headers(resp)
+    if resp.cloud_error is not None:
+        logger.warning("cloud call failed: %s", resp.error)
     if resp.text is None:
-        return _error(502, resp.error or "the cloud call failed", type_="cloud_error",
+        return _error(502, client_error(resp) or "the cloud call failed", type_="cloud_error",
                       code=getattr(resp.cloud_error, "reason", None) or "cloud_failed",
                       extra={"confroute": record}, headers=headers)
     if req.stream:
