@@ -93,7 +93,7 @@ def check_samples(
 
 
 def _same_prompt(given: Any, prompt: Prompt) -> bool:
-    """True when ``given`` (a Samples' prompt) is ``prompt``, a conversation in any sequence type."""
+    """True when ``given`` (a Samples' prompt) is ``prompt`` (a conversation: any sequence)."""
     if isinstance(given, str) or isinstance(prompt, str):
         return given == prompt
     if not isinstance(given, Sequence) or len(given) != len(prompt):

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 from confroute._validation import check_float, check_int, param_error
 from confroute.errors import InvalidParameterError, MissingDependencyError
+from confroute.serve_guard import guard_options, with_guard
 from confroute.types import Decision, GenerationConfig, Prompt, RoutedResponse, Sample, prompt_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -718,6 +719,7 @@ def create_app(
     period: str | float | None = None,
     prices: Mapping[str, float] | None = None,
     traffic: TrafficTap | None = None,
+    max_body_bytes: int = 1 << 20, max_json_depth: int = 64,
 ) -> FastAPI:
     """Build the OpenAI-compatible routing server around a calibrated router.
 
@@ -746,6 +748,8 @@ def create_app(
         ``apply_budget(router, ...)`` (see :func:`apply_budget`).
     traffic : TrafficTap, optional
         Decision log, shadow labels and drift gauges (:mod:`confroute.shadow`).
+    max_body_bytes, max_json_depth : int, default=1048576 (1 MiB) and 64
+        Larger bodies get a 413, deeper JSON nesting a 400 (see :mod:`confroute.serve_guard`).
 
     Returns
     -------
@@ -777,11 +781,12 @@ def create_app(
         max_n=check_int(max_n, "max_n", owner, min_value=1, max_value=1),
     )
     wait = check_float(batch_wait_ms, "batch_wait_ms", owner, min_value=0.0)
+    guard = guard_options(max_body_bytes, max_json_depth, owner)
     router = _budgeted(router, max_cloud_fraction, max_cloud_cost, period, prices)
     batcher = EdgeBatcher(router, max_batch=max_batch, max_wait=wait / 1000.0)
     server = _Server(router, batcher, limits, model_name, int(time.time()), _Metrics(router),
                      traffic)
-    return _build_app(server)
+    return with_guard(_build_app(server), guard)
 
 
 def _budgeted(router: Router, max_cloud_fraction: float | None, max_cloud_cost: float | None,

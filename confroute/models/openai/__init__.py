@@ -49,7 +49,13 @@ from confroute.models.openai.cost import (
     flatten_samples,
 )
 from confroute.models.openai.retry import RetryState
-from confroute.models.openai.wire import Parsed, Settings, approximate_entropy, request_body
+from confroute.models.openai.wire import (
+    Parsed,
+    Settings,
+    approximate_entropy,
+    request_body,
+    split_userinfo,
+)
 from confroute.types import GenerationConfig, Prompt, Sample
 
 __all__ = ["OpenAIModel", "approximate_entropy"]
@@ -294,12 +300,13 @@ class OpenAIModel(ParamsMixin):
         if key is None and self.api_key_env:
             key = os.environ.get(self.api_key_env) or None
         path = "/chat/completions" if endpoint == "chat" else "/completions"
+        url, basic = split_userinfo(self.base_url)
         assert timeout is not None and max_retries is not None and backoff_base is not None
         assert backoff_max is not None and max_retry_time is not None and max_conc is not None
         assert top is not None
         return Settings(
             model=self.model,
-            url=self.base_url.rstrip("/") + path,
+            url=url.rstrip("/") + path,
             endpoint=endpoint,
             timeout=timeout,
             max_retries=max_retries,
@@ -312,6 +319,7 @@ class OpenAIModel(ParamsMixin):
             system_prompt=self.system_prompt,
             extra_body=dict(extra or {}),
             api_key=key,
+            basic_auth=basic,
         )
 
     # -- small shared helpers ------------------------------------------------
