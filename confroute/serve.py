@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 from confroute._validation import check_float, check_int, param_error
 from confroute.errors import InvalidParameterError, MissingDependencyError
-from confroute.serve_guard import guard_options, with_guard
+from confroute.serve_guard import with_guard
 from confroute.types import Decision, GenerationConfig, Prompt, RoutedResponse, Sample, prompt_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -718,8 +718,7 @@ def create_app(
     max_cloud_cost: float | None = None,
     period: str | float | None = None,
     prices: Mapping[str, float] | None = None,
-    traffic: TrafficTap | None = None,
-    max_body_bytes: int = 1 << 20, max_json_depth: int = 64,
+    traffic: TrafficTap | None = None, max_body_bytes: int = 1 << 20, max_json_depth: int = 64,
 ) -> FastAPI:
     """Build the OpenAI-compatible routing server around a calibrated router.
 
@@ -781,12 +780,11 @@ def create_app(
         max_n=check_int(max_n, "max_n", owner, min_value=1, max_value=1),
     )
     wait = check_float(batch_wait_ms, "batch_wait_ms", owner, min_value=0.0)
-    guard = guard_options(max_body_bytes, max_json_depth, owner)
     router = _budgeted(router, max_cloud_fraction, max_cloud_cost, period, prices)
     batcher = EdgeBatcher(router, max_batch=max_batch, max_wait=wait / 1000.0)
     server = _Server(router, batcher, limits, model_name, int(time.time()), _Metrics(router),
                      traffic)
-    return with_guard(_build_app(server), guard)
+    return with_guard(_build_app(server), max_body_bytes, max_json_depth, owner)
 
 
 def _budgeted(router: Router, max_cloud_fraction: float | None, max_cloud_cost: float | None,

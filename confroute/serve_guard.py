@@ -149,9 +149,13 @@ def guard_options(max_body_bytes: Any, max_json_depth: Any, owner: str) -> dict[
     }
 
 
-def with_guard(app: Any, options: dict[str, int]) -> Any:
-    """``app`` (a Starlette/FastAPI app) with a :class:`BodyGuard` in front; returns it."""
-    app.add_middleware(BodyGuard, **options)
+def with_guard(app: Any, max_body_bytes: Any, max_json_depth: Any, owner: str) -> Any:
+    """``app`` (a Starlette/FastAPI app) with a :class:`BodyGuard` in front; returns it.
+
+    The bounds are checked first (see :func:`guard_options`); ``owner`` is named
+    in the error.
+    """
+    app.add_middleware(BodyGuard, **guard_options(max_body_bytes, max_json_depth, owner))
     return app
 
 

@@ -221,8 +221,8 @@ def _from_pretrained(
         # resolved (links, "..") and refused when it leaves the model folder
         check_path_within(gguf_file, source, "gguf_file", _OWNER)
     _check_source(source, {**kwargs, "gguf_file": gguf_file})
-    from transformers import AutoModelForCausalLM
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     load = dict(kwargs)
     if gguf_file is not None:
