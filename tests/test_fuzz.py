@@ -203,13 +203,17 @@ def test_served_openapi_schema_never_gives_a_5xx(served: str) -> None:
     operations = [r.ok() for r in schema.get_all_operations()]
     assert any(op.path == "/v1/chat/completions" for op in operations)
     for op in operations:
-        label = f"{op.method.upper()} {op.path}"
+        _fuzz_operation(op, served)
 
-        @FUZZ
-        @given(case=op.as_strategy())
-        def call(case: Any, label: str = label) -> None:
-            r = case.call(base_url=served, timeout=120)
-            COUNTS[f"{label}: {r.status_code}"] += 1
-            assert r.status_code < 500, (r.status_code, r.text[:300], case.body)
 
-        call()
+def _fuzz_operation(op: Any, base_url: str) -> None:
+    label = f"{op.method.upper()} {op.path}"
+
+    @FUZZ
+    @given(case=op.as_strategy())
+    def call(case: Any) -> None:
+        r = case.call(base_url=base_url, timeout=120)
+        COUNTS[f"{label}: {r.status_code}"] += 1
+        assert r.status_code < 500, (r.status_code, r.text[:300], case.body)
+
+    call()
