@@ -287,3 +287,32 @@ def test_client_that_disconnects_mid_body_leaves_no_traceback(
     r = _post(guarded, json.dumps({"messages": [USER], "max_tokens": 2}).encode())
     assert r.status_code == 200  # still serving
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
+
+
+def test_client_that_gives_up_during_its_cloud_call_is_still_charged(tiny_llama: Any) -> None:
+    """The documented policy (docs/security.md): the call completes, is charged, and the
+    ledger counts it, so the ledger agrees with what the cloud bills."""
+    from confroute.models.hf import HFLanguageModel
+    from confroute.serve import ledger_report
+    from tests.test_serve import EchoCloud, calibrated_router
+
+    class SlowCloud(EchoCloud):
+        def generate(self, prompts: Any, config: Any) -> Any:
+            time.sleep(1.0)
+            return super().generate(prompts, config)
+
+    cloud = SlowCloud()
+    edge = HFLanguageModel(*tiny_llama, use_chat_template=False)
+    router = calibrated_router(edge, cloud, ThresholdPolicy(min_p_good=1.0))
+    app = create_app(router, max_cloud_fraction=1.0)
+    with serve_in_thread(app) as srv:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.base_url + "/chat/completions", timeout=0.4,
+                       json={"model": "x", "messages": [USER]})
+        deadline = time.monotonic() + 10
+        while not cloud.prompts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        report = ledger_report(app.state.router.policy)
+    assert len(cloud.prompts) == 1
+    assert report is not None and report["requests"] == 1 and report["cloud"] == 1
