@@ -47,6 +47,15 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def fuzz(session: nox.Session) -> None:
+    """The fuzz stage with more examples (CONFROUTE_FUZZ_EXAMPLES, default 500); prints counts."""
+    _install(session, "dev")
+    examples = os.environ.get("CONFROUTE_FUZZ_EXAMPLES", "500")
+    session.run("pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_fuzz.py",
+                *session.posargs, env={**OFFLINE, "CONFROUTE_FUZZ_EXAMPLES": examples})
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """The main job: route a few prompts on the embedded default edge model."""
     _install(session, "embedded")

@@ -78,11 +78,36 @@ class Registry(Generic[T]):
         if isinstance(obj, self.base):
             return obj
         if isinstance(obj, str):
-            return self.get_class(obj)(**kwargs)
+            return self._build(obj, param, owner, kwargs)
         raise InvalidTypeError(
             f"The '{param}' parameter of {owner} must be a {self.base.__name__} or one of "
             f"{', '.join(repr(n) for n in self.names())}. Got {describe(obj)}."
         )
+
+    def _build(self, name: str, param: str, owner: str, kwargs: dict[str, Any]) -> T:
+        """Instantiate the class registered as ``name``; a missing argument is a typed error."""
+        import inspect
+
+        cls = self.get_class(name)
+        try:
+            bound = inspect.signature(cls).bind_partial(**kwargs)
+        except TypeError:  # unknown keyword: let the constructor say which
+            return cls(**kwargs)
+        missing = [
+            p.name for p in inspect.signature(cls).parameters.values()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.name not in bound.arguments
+        ]
+        if missing:
+            args = ", ".join(f"{m}=..." for m in missing)
+            raise InvalidParameterError(
+                f"The '{param}' parameter of {owner} names {self.kind} {name!r}, which needs "
+                f"the argument(s) {', '.join(repr(m) for m in missing)}; a name alone cannot "
+                f"provide them. Pass an instance instead, e.g. "
+                f"{param}={cls.__name__}({args}). Got {name!r}."
+            )
+        return cls(**kwargs)
 
     def name_of(self, obj: Any) -> str:
         for name, cls in self._classes.items():

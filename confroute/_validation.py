@@ -13,7 +13,7 @@ from typing import Any, Literal, Union, overload
 
 import numpy as np
 
-from confroute.errors import InvalidParameterError, InvalidTypeError, describe
+from confroute.errors import InvalidParameterError, InvalidTypeError, describe, redact
 
 __all__ = [
     "check_array",
@@ -21,12 +21,14 @@ __all__ = [
     "check_choice",
     "check_existing_dir",
     "check_float",
+    "check_http_url",
     "check_int",
     "check_labels",
     "check_path",
     "check_path_within",
     "check_prompts",
     "check_same_length",
+    "has_control_chars",
     "param_error",
 ]
 
@@ -165,6 +167,36 @@ def check_choice(value: Any, name: str, owner: str, choices: Sequence[str]) -> s
     if not isinstance(value, str) or value not in choices:
         expected = "one of " + ", ".join(repr(c) for c in choices)
         raise param_error(name, owner, expected, value, type_error=not isinstance(value, str))
+    return value
+
+
+def has_control_chars(value: str) -> bool:
+    """True if ``value`` holds whitespace or a control character (CR, LF, NUL, DEL, ...)."""
+    return any(ord(c) < 0x21 or 0x7F <= ord(c) < 0xA0 for c in value)
+
+
+def check_http_url(value: Any, name: str, owner: str) -> str:
+    """An ``http://`` or ``https://`` URL with a host and no whitespace or control character.
+
+    CR, LF and other control characters are refused here, at construction, so
+    they can never reach an HTTP request line or header. The received value is
+    shown redacted (:func:`confroute.errors.redact`): a URL may carry a key.
+    """
+    expected = "an http:// or https:// URL with a host and no whitespace or control characters"
+    if not isinstance(value, str):
+        raise param_error(name, owner, expected, value, type_error=True)
+    from urllib.parse import urlsplit
+
+    shown = redact(value)
+    bad = has_control_chars(value)
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        ok = False
+    if bad or not ok:
+        raise param_error(name, owner, expected, shown)
     return value
 
 

@@ -8,6 +8,8 @@ subclass also derives from the built-in exception a Python user would expect
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "ModelLoadError",
     "NotFittedError",
     "SerializationError",
+    "redact",
+    "url_secrets",
 ]
 
 
@@ -137,3 +141,67 @@ def describe(value: Any) -> str:
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} (type {type(value).__name__})" if not isinstance(value, (int, float)) else text
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*@")
+_SECRET_QUERY = re.compile(
+    r"(?P<name>[?&](?:api[_-]?key|key|token|access[_-]?token|secret|password|sig)=)[^&#\s]*",
+    re.IGNORECASE,
+)
+
+
+def url_secrets(url: Any) -> list[str]:
+    """The secret parts of a URL: its user, password and secret-looking query values.
+
+    Parameters
+    ----------
+    url : str
+        Any URL (anything else gives an empty list).
+
+    Returns
+    -------
+    list of str
+        Non-empty strings to pass to :func:`redact`, percent-decoded and raw.
+    """
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    if not isinstance(url, str):
+        return []
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    raw_userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
+    found = [p for p in raw_userinfo.split(":") if p]
+    found += [unquote(p) for p in list(found)]
+    for name, value in parse_qsl(parts.query, keep_blank_values=False):
+        if _SECRET_QUERY.match(f"?{name}=") and value:
+            found.append(value)
+    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with every secret replaced by ``***``.
+
+    Removes each string of ``secrets`` (API keys, header values; ``None`` and
+    empty strings are skipped), the user information of every URL
+    (``http://user:KEY@host`` becomes ``http://***@host``) and the value of
+    secret-looking query parameters (``?api_key=``, ``token``, ...). It is the
+    one helper used wherever a string may leave the process: error messages,
+    logs, served bodies, reprs.
+
+    Parameters
+    ----------
+    text : str
+    secrets : iterable of str or None
+
+    Returns
+    -------
+    str
+    """
+    text = str(text)
+    for secret in sorted((s for s in secrets if isinstance(s, str) and s), key=len,
+                         reverse=True):
+        text = text.replace(secret, "***")
+    text = _USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
+    return _SECRET_QUERY.sub(lambda m: m.group("name") + "***", text)

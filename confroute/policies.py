@@ -123,12 +123,19 @@ def _c_nonneg_or_none(value: Any, name: str, owner: str) -> float | None:
     return check_float(value, name, owner, min_value=0.0, allow_none=True)
 
 
-def _c_pos_int(value: Any, name: str, owner: str) -> int:
-    return check_int(value, name, owner, min_value=1)
+MAX_WINDOW = 10_000_000
+"""Largest ``window`` of a BudgetPolicy: its ring buffer holds one byte per request (10 MB)."""
+
+MAX_GRID_SIZE = 1_000_000
+"""Largest ``grid_size`` of a RiskControlPolicy: a few float arrays of this length (~8 MB each)."""
+
+
+def _c_window(value: Any, name: str, owner: str) -> int:
+    return check_int(value, name, owner, min_value=1, max_value=MAX_WINDOW)
 
 
 def _c_grid(value: Any, name: str, owner: str) -> int:
-    return check_int(value, name, owner, min_value=2)
+    return check_int(value, name, owner, min_value=2, max_value=MAX_GRID_SIZE)
 
 
 def _c_enforce(value: Any, name: str, owner: str) -> str:
@@ -645,8 +652,9 @@ class BudgetPolicy(OnlinePolicy):
         Budget :math:`b`: the largest share of requests sent to the cloud.
     enforce : {"total", "window", "period", "none"}, default="total"
         Online enforcement mode (see above).
-    window : int >= 1, default=1000
-        Sliding-window length for ``enforce="window"``.
+    window : int in [1, 10_000_000], default=1000
+        Sliding-window length for ``enforce="window"``. Bounded because the
+        ledger keeps one byte per request of the window (at most 10 MB).
     period : float > 0 or None, default=None
         Seconds per period for ``enforce="period"`` (required there).
     confidence : float in (0, 1), default=0.95
@@ -688,7 +696,7 @@ class BudgetPolicy(OnlinePolicy):
     _param_checks: ClassVar[Mapping[str, ParamCheck]] = {
         "max_cloud_fraction": _c_unit,
         "enforce": _c_enforce,
-        "window": _c_pos_int,
+        "window": _c_window,
         "period": _c_period,
         "confidence": _c_open_unit,
         "nan_policy": _c_nan_policy,
@@ -1040,8 +1048,9 @@ class RiskControlPolicy(Policy):
         :math:`\alpha`, the largest acceptable error rate among kept answers.
     delta : float in (0, 1), default=0.1
         :math:`\delta`, the allowed probability that the calibration draw misleads.
-    grid_size : int >= 2, default=1001
-        Number of candidate thresholds (spacing 1 / (grid_size - 1)).
+    grid_size : int in [2, 1_000_000], default=1001
+        Number of candidate thresholds (spacing 1 / (grid_size - 1)). Bounded
+        because fitting holds a few float arrays of this length (about 8 MB each).
     nan_policy : {"escalate", "edge"}, default="escalate"
 
     Attributes

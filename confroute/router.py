@@ -6,7 +6,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -47,6 +47,58 @@ __all__ = ["Router"]
 logger = logging.getLogger(__name__)
 
 EstimatorLike = str | Any | Sequence[Any]
+
+
+def check_samples(
+    samples: Any, prompts: Sequence[Prompt], owner: str
+) -> Sequence[Samples] | None:
+    """Check that ``samples`` is None or holds one :class:`Samples` per prompt, in order.
+
+    Parameters
+    ----------
+    samples : sequence of Samples of length n, or None
+    prompts : sequence of Prompt of length n
+        The validated prompts (as returned by ``check_prompts``).
+    owner : str
+        The method named in the error.
+
+    Returns
+    -------
+    sequence of Samples of length n, or None
+        ``samples`` unchanged.
+
+    Raises
+    ------
+    InvalidTypeError
+        If ``samples`` is not a sequence or an element is not a Samples.
+    InvalidParameterError
+        If the lengths differ or an element answers another prompt.
+    """
+    if samples is None:
+        return None
+    if isinstance(samples, (str, bytes)) or not isinstance(samples, Sequence):
+        raise param_error("samples", owner, "a sequence of Samples, one per prompt", samples,
+                          type_error=True)
+    check_same_length(owner, prompts=prompts, samples=samples)
+    for i, (s, p) in enumerate(zip(samples, prompts)):
+        if not isinstance(s, Samples):
+            raise param_error("samples", owner,
+                              f"a sequence of Samples, one per prompt (samples[{i}] is not)",
+                              s, type_error=True)
+        if not _same_prompt(s.prompt, p):
+            raise param_error("samples", owner,
+                              f"one Samples per prompt, in order (samples[{i}].prompt is not "
+                              f"prompts[{i}])", s.prompt)
+    return samples
+
+
+def _same_prompt(given: Any, prompt: Prompt) -> bool:
+    """True when ``given`` (a Samples' prompt) is ``prompt`` (a conversation: any sequence)."""
+    if isinstance(given, str) or isinstance(prompt, str):
+        return given == prompt
+    if not isinstance(given, Sequence) or len(given) != len(prompt):
+        return False
+    return all(isinstance(g, Mapping) and dict(g) == dict(m) for g, m in zip(given, prompt))
 
 
 class Router:
@@ -132,6 +184,12 @@ class Router:
         self.estimators = [estimator_registry.resolve(e, "estimator", owner) for e in members]
         self.calibrator = calibrator_registry.resolve(calibrator, "calibrator", owner)
         self.policy = policy_registry.resolve(policy, "policy", owner)
+        for name, model in (("edge", edge), ("cloud", cloud)):
+            if model is not None and not isinstance(model, LanguageModel):
+                raise param_error(
+                    name, owner, "a LanguageModel (an object with a 'name' and "
+                    "generate(prompts, config)) or None", model, type_error=True,
+                )
         self.edge = edge
         self.cloud = cloud  # the setter accepts a chain
         self.on_cloud_error = check_choice(
@@ -280,13 +338,7 @@ class Router:
                 "'references' (accepted answers per prompt, graded with 'grader') or "
                 "'labeler' (an object with label(prompts, edge_samples))."
             )
-        if samples is not None:
-            if isinstance(samples, (str, bytes)) or not isinstance(samples, Sequence) or not all(
-                isinstance(s, Samples) for s in samples
-            ):
-                raise param_error("samples", owner, "a sequence of Samples, one per prompt",
-                                  samples, type_error=True)
-            check_same_length(owner, prompts=plist, samples=samples)
+        check_samples(samples, plist, owner)
         if labels is not None:
             y = check_labels(labels, "labels", owner, require_both=False)
             check_same_length(owner, prompts=plist, labels=y)
@@ -385,6 +437,7 @@ class Router:
         """P(edge answer good) for each prompt, shape (n,)."""
         self.check_calibrated()
         plist = check_prompts(prompts, "Router.predict_proba")
+        check_samples(samples, plist, "Router.predict_proba")
         feats, _, _ = self._estimate(plist, samples, need_greedy=False)
         return self.p_good_of(feats)
 
@@ -412,13 +465,15 @@ class Router:
             One per prompt, in order, with ``p_good``, the raw scores, the edge
             answer (when one was generated), a short reason and the ticket.
         """
-        return self._decide(check_prompts(prompts, "Router.decide"), samples)
+        plist = check_prompts(prompts, "Router.decide")
+        return self._decide(plist, check_samples(samples, plist, "Router.decide"))
 
     def route(
         self, prompts: Sequence[Prompt], *, samples: Sequence[Samples] | None = None
     ) -> list[Decision]:
         """Decide edge or cloud for each prompt, without calling the cloud (as :meth:`decide`)."""
-        return self._decide(check_prompts(prompts, "Router.route"), samples)
+        plist = check_prompts(prompts, "Router.route")
+        return self._decide(plist, check_samples(samples, plist, "Router.route"))
 
     def _decide(self, plist: list[Prompt], samples: Sequence[Samples] | None) -> list[Decision]:
         self.check_calibrated()

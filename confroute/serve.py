@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 from confroute._validation import check_float, check_int, param_error
 from confroute.errors import InvalidParameterError, MissingDependencyError
+from confroute.serve_guard import with_guard
 from confroute.types import Decision, GenerationConfig, Prompt, RoutedResponse, Sample, prompt_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -589,11 +590,23 @@ def decision_record(resp: RoutedResponse, ticket: Any = None) -> dict[str, Any]:
         "scores": {k: _finite(float(v)) for k, v in d.scores.items()},
         "reason": d.reason,
         "degraded": resp.degraded,
-        "error": resp.error,
+        "error": client_error(resp),
         "cost": resp.cost,
         "ledger_seq": int(seq) if isinstance(seq, int) else None,
         "prompt_hash": prompt_hash(d.prompt),
     }
+
+
+def client_error(resp: RoutedResponse) -> str | None:
+    """What a client is told about a failed cloud call: its reason, never its details.
+
+    The details (the cloud's URL, its reply) stay in the server's log: they can
+    name internal hosts. Other errors are returned as they are.
+    """
+    err = resp.cloud_error
+    if err is None:
+        return resp.error
+    return f"the cloud call failed ({getattr(err, 'reason', 'error')})"
 
 
 def prompt_hash(prompt: Prompt) -> str:
@@ -708,7 +721,7 @@ def create_app(
     max_cloud_cost: float | None = None,
     period: str | float | None = None,
     prices: Mapping[str, float] | None = None,
-    traffic: TrafficTap | None = None,
+    traffic: TrafficTap | None = None, max_body_bytes: int = 1 << 20, max_json_depth: int = 64,
 ) -> FastAPI:
     """Build the OpenAI-compatible routing server around a calibrated router.
 
@@ -737,6 +750,8 @@ def create_app(
         ``apply_budget(router, ...)`` (see :func:`apply_budget`).
     traffic : TrafficTap, optional
         Decision log, shadow labels and drift gauges (:mod:`confroute.shadow`).
+    max_body_bytes, max_json_depth : int, default=1048576 (1 MiB) and 64
+        Larger bodies get a 413, deeper JSON nesting a 400 (see :mod:`confroute.serve_guard`).
 
     Returns
     -------
@@ -772,7 +787,7 @@ def create_app(
     batcher = EdgeBatcher(router, max_batch=max_batch, max_wait=wait / 1000.0)
     server = _Server(router, batcher, limits, model_name, int(time.time()), _Metrics(router),
                      traffic)
-    return _build_app(server)
+    return with_guard(_build_app(server), max_body_bytes, max_json_depth, owner)
 
 
 def _budgeted(router: Router, max_cloud_fraction: float | None, max_cloud_cost: float | None,
@@ -947,8 +962,10 @@ async def _chat(server: _Server, req: ChatCompletionRequest) -> Response:
         await _record(server.traffic, resp)
     record = decision_record(resp)
     headers = _headers(resp)
+    if resp.cloud_error is not None:
+        logger.warning("cloud call failed: %s", resp.error)
     if resp.text is None:
-        return _error(502, resp.error or "the cloud call failed", type_="cloud_error",
+        return _error(502, client_error(resp) or "the cloud call failed", type_="cloud_error",
                       code=getattr(resp.cloud_error, "reason", None) or "cloud_failed",
                       extra={"confroute": record}, headers=headers)
     if req.stream:

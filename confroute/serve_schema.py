@@ -64,6 +64,23 @@ _TYPE_ERRORS = frozenset({
 })
 
 
+def _check_unicode(text: str, where: str = "") -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``).
+
+    JSON can escape a lone surrogate; Python then holds a string that no tokenizer
+    or UTF-8 encoder accepts, so it is a client error (400), not an edge failure.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "invalid_value",
+            "must be valid Unicode text{where}: it holds a lone surrogate "
+            "(U+{code:04X}) at index {at}.",
+            {"where": where, "code": ord(text[exc.start]), "at": exc.start},
+        ) from None
+
+
 class _Open(BaseModel):
     """Strict (no type coercion), finite numbers only, unknown fields kept."""
 
@@ -93,6 +110,7 @@ class ChatMessage(_Open):
     @classmethod
     def _check_content(cls, value: Any) -> Any:
         if isinstance(value, str):
+            _check_unicode(value)
             return value
         if not isinstance(value, list):
             raise PydanticCustomError(
@@ -103,6 +121,7 @@ class ChatMessage(_Open):
         for j, part in enumerate(value):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
+                _check_unicode(part["text"], f" (element {j})")
                 continue
             if isinstance(kind, str) and kind != "text":
                 raise PydanticCustomError(
@@ -168,6 +187,8 @@ class ChatCompletionRequest(_Open):
         stops = [value] if isinstance(value, str) else value
         if value is None or (isinstance(stops, list) and 0 < len(stops) <= 4
                              and all(isinstance(s, str) and s for s in stops)):
+            for stop in stops or ():
+                _check_unicode(stop)
             return value
         raise PydanticCustomError(
             "invalid_value", "must be {expected}. Got {got}.",

@@ -89,7 +89,11 @@ class GenerationConfig:
         check_int(self.top_k, "top_k", owner, min_value=0)
         check_int(self.n, "n", owner, min_value=1)
         check_int(self.seed, "seed", owner, min_value=0, allow_none=True)
-        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+        if (
+            isinstance(self.stop, (str, bytes, Mapping))
+            or not isinstance(self.stop, (tuple, list))
+            or not all(isinstance(s, str) and s for s in self.stop)
+        ):
             raise param_error("stop", owner, "a tuple of non-empty strings", self.stop,
                               type_error=True)
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -221,6 +221,7 @@ def _from_pretrained(
         # resolved (links, "..") and refused when it leaves the model folder
         check_path_within(gguf_file, source, "gguf_file", _OWNER)
     _check_source(source, {**kwargs, "gguf_file": gguf_file})
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     load = dict(kwargs)
@@ -235,10 +236,11 @@ def _from_pretrained(
     except ImportError as exc:
         raise MissingDependencyError(f"Loading {source!r} with {sorted(kwargs)} needs a "
                                      f"package that is not installed: {exc}") from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        # SafetensorError: a truncated or corrupted weights file
         raise ModelLoadError(
-            f"Could not load a causal LM from {source!r} (local files only unless "
-            f"local_files_only=False): {exc}"
+            f"The 'model' parameter of HFLanguageModel: could not load a causal LM from "
+            f"{source!r} (local files only unless local_files_only=False): {exc}"
         ) from exc
     if gguf_file is not None and input_device(loaded) != device:
         loaded = loaded.to(device)  # our own freshly loaded object

@@ -34,11 +34,13 @@ from confroute._validation import (
     check_bool,
     check_choice,
     check_float,
+    check_http_url,
     check_int,
     check_prompts,
+    has_control_chars,
     param_error,
 )
-from confroute.errors import InvalidTypeError
+from confroute.errors import InvalidTypeError, redact, url_secrets
 from confroute.models.openai.client import ClientPool
 from confroute.models.openai.cost import (
     Billing,
@@ -47,7 +49,13 @@ from confroute.models.openai.cost import (
     flatten_samples,
 )
 from confroute.models.openai.retry import RetryState
-from confroute.models.openai.wire import Parsed, Settings, approximate_entropy, request_body
+from confroute.models.openai.wire import (
+    Parsed,
+    Settings,
+    approximate_entropy,
+    request_body,
+    split_userinfo,
+)
 from confroute.types import GenerationConfig, Prompt, Sample
 
 __all__ = ["OpenAIModel", "approximate_entropy"]
@@ -169,6 +177,10 @@ class OpenAIModel(ParamsMixin):
     ) -> None:
         self._init_runtime()
         self.model = model
+        if isinstance(base_url, str) and has_control_chars(base_url):
+            # Refused now (the rest is checked at first use): a CR/LF must never be
+            # stored where it could reach a request line or a log.
+            check_http_url(base_url, "base_url", _OWNER)
         self.base_url = base_url
         self.api_key = api_key
         self.api_key_env = api_key_env
@@ -248,7 +260,7 @@ class OpenAIModel(ParamsMixin):
             if key == "model" or key == "api_key":
                 continue
             if value is not sig.parameters[key].default and value != sig.parameters[key].default:
-                shown.append(f"{key}={value!r}")
+                shown.append(f"{key}={self._redact(repr(value))}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
     # -- validation ----------------------------------------------------------
@@ -258,11 +270,7 @@ class OpenAIModel(ParamsMixin):
         if not isinstance(self.model, str) or not self.model:
             raise param_error("model", o, "a non-empty str", self.model,
                               type_error=not isinstance(self.model, str))
-        if not isinstance(self.base_url, str) or not self.base_url.startswith(
-            ("http://", "https://")
-        ):
-            raise param_error("base_url", o, "an http:// or https:// URL", self.base_url,
-                              type_error=not isinstance(self.base_url, str))
+        check_http_url(self.base_url, "base_url", o)
         if self._api_key is not None and not isinstance(self._api_key, str):
             # Never echo the value: it may be a secret of the wrong type.
             raise InvalidTypeError(
@@ -304,12 +312,13 @@ class OpenAIModel(ParamsMixin):
         if key is None and self.api_key_env:
             key = os.environ.get(self.api_key_env) or None
         path = "/chat/completions" if endpoint == "chat" else "/completions"
+        url, basic = split_userinfo(self.base_url)
         assert timeout is not None and max_retries is not None and backoff_base is not None
         assert backoff_max is not None and max_retry_time is not None and max_conc is not None
         assert top is not None
         return Settings(
             model=self.model,
-            url=self.base_url.rstrip("/") + path,
+            url=url.rstrip("/") + path,
             endpoint=endpoint,
             timeout=timeout,
             max_retries=max_retries,
@@ -323,15 +332,14 @@ class OpenAIModel(ParamsMixin):
             extra_body=dict(extra or {}),
             api_key=key,
             headers=dict(hdrs or {}),
+            basic_auth=basic,
         )
 
     # -- small shared helpers ------------------------------------------------
 
     def _redact(self, text: str) -> str:
-        for secret in (self._api_key, os.environ.get(self.api_key_env or "") or None):
-            if isinstance(secret, str) and secret:
-                text = text.replace(secret, "***")
-        return text
+        env = os.environ.get(self.api_key_env) if isinstance(self.api_key_env, str) else None
+        return redact(text, [self._api_key, env, *url_secrets(self.base_url)])
 
     def _jitter(self, cap: float) -> float:
         with self._lock:

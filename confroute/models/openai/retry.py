@@ -147,7 +147,7 @@ class RetryState:
             self.count(failures=1)
             detail = self.redact(failure.detail)
             raise CloudError(
-                f"{s.url} failed after {self.attempts} attempt(s) "
+                f"{self.redact(s.url)} failed after {self.attempts} attempt(s) "
                 f"({', '.join(self.history)}; {give_up})" + (f": {detail}" if detail else ""),
                 reason=failure.reason,
                 status=failure.status,
@@ -156,6 +156,6 @@ class RetryState:
         self.count(retries=1)
         logger.debug(
             "POST %s attempt %d failed (%s); retrying in %.3fs",
-            s.url, self.attempts, failure.reason, delay,
+            self.redact(s.url), self.attempts, failure.reason, delay,
         )
         return delay

@@ -241,13 +241,43 @@ class Settings:
     extra_body: dict[str, Any]
     api_key: str | None = field(repr=False)
     headers: dict[str, str] = field(default_factory=dict, repr=False)
+    basic_auth: str | None = field(default=None, repr=False)
+
+
+def split_userinfo(url: str) -> tuple[str, str | None]:
+    """``url`` without its ``user:password@`` part, and that part as a Basic token.
+
+    The credentials then travel in a header only, so the URL that is requested,
+    logged (httpx logs each request's URL) and shown in errors holds no secret.
+
+    Returns
+    -------
+    url : str
+    basic : str or None
+        ``base64("user:password")``, or None when the URL has no user information.
+    """
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
+    return urlunsplit(parts._replace(netloc=host)), token
 
 
 def request_headers(s: Settings) -> dict[str, str]:
-    """JSON headers and the configured extra headers, with the bearer token when there is one."""
+    """JSON headers, the configured extra headers, and the credentials when there are some.
+
+    Credentials from the URL win over the bearer key, as they would in httpx.
+    """
     headers = {"Content-Type": "application/json", "Accept": "application/json", **s.headers}
     if s.api_key:
         headers["Authorization"] = f"Bearer {s.api_key}"
+    if s.basic_auth:
+        headers["Authorization"] = f"Basic {s.basic_auth}"
     return headers
 
 def request_body(
