@@ -184,14 +184,13 @@ class Router:
         self.estimators = [estimator_registry.resolve(e, "estimator", owner) for e in members]
         self.calibrator = calibrator_registry.resolve(calibrator, "calibrator", owner)
         self.policy = policy_registry.resolve(policy, "policy", owner)
-        for name, model in (("edge", edge), ("cloud", cloud)):
-            if model is not None and not isinstance(model, LanguageModel):
-                raise param_error(
-                    name, owner, "a LanguageModel (an object with a 'name' and "
-                    "generate(prompts, config)) or None", model, type_error=True,
-                )
+        if edge is not None and not isinstance(edge, LanguageModel):
+            raise param_error(
+                "edge", owner, "a LanguageModel (an object with a 'name' and "
+                "generate(prompts, config)) or None", edge, type_error=True,
+            )
         self.edge = edge
-        self.cloud = cloud  # the setter accepts a chain
+        self.cloud = cloud  # the setter accepts a chain and checks each model
         self.on_cloud_error = check_choice(
             on_cloud_error, "on_cloud_error", owner, ["degrade", "raise", "error"]
         )
@@ -931,9 +930,10 @@ def _check_clouds(value: Any, owner: str) -> tuple[LanguageModel, ...]:
         return ()
     chain = list(value) if isinstance(value, (list, tuple)) else [value]
     for k, model in enumerate(chain):
-        if not callable(getattr(model, "generate", None)):
+        if not isinstance(model, LanguageModel):
             name = "cloud" if chain == [value] else f"cloud[{k}]"
-            raise param_error(name, owner, "a LanguageModel (with a generate method)", model,
+            raise param_error(name, owner, "a LanguageModel (an object with a 'name' and "
+                              "generate(prompts, config)), a list of them, or None", model,
                               type_error=True)
     return tuple(chain)
 
