@@ -102,8 +102,8 @@ class GenerationConfig:
         if isinstance(self.hidden_layers, (str, bytes, int)) or not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.hidden_layers
         ):
-            raise param_error("hidden_layers", owner, "a tuple of non-negative ints", self.hidden_layers,
-                              type_error=True)
+            raise param_error("hidden_layers", owner, "a tuple of non-negative ints",
+                              self.hidden_layers, type_error=True)
         object.__setattr__(self, "hidden_layers", tuple(self.hidden_layers))
         if self.temperature == 0.0 and self.n != 1:
             raise param_error(

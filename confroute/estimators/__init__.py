@@ -28,6 +28,12 @@ from confroute.estimators.equivalence import (
     resolve_equivalence,
 )
 from confroute.estimators.logprob import MeanTokenEntropy, SequenceLogProb
+from confroute.estimators.probes import (
+    HiddenStateProbe,
+    LearnedEstimator,
+    PromptProbe,
+    SemanticEntropyProbe,
+)
 from confroute.estimators.semantic import SemanticEntropy, semantic_entropy_from_clusters
 from confroute.estimators.verbalized import VerbalizedConfidence, parse_confidence
 
@@ -37,10 +43,14 @@ __all__ = [
     "EnsembleEstimator",
     "Equivalence",
     "ExactMatchEquivalence",
+    "HiddenStateProbe",
+    "LearnedEstimator",
     "MeanTokenEntropy",
     "NLIEquivalence",
+    "PromptProbe",
     "SelfConsistency",
     "SemanticEntropy",
+    "SemanticEntropyProbe",
     "SequenceLogProb",
     "UncertaintyEstimator",
     "VerbalizedConfidence",
