@@ -54,7 +54,7 @@ def test_captured_states_equal_a_teacher_forced_pass(decoding: str) -> None:
 
 def test_layer_out_of_range_is_refused_before_decoding() -> None:
     lm = _hf()
-    with pytest.raises(InvalidParameterError, match="config.hidden_layers"):
+    with pytest.raises(InvalidParameterError, match=r"config\.hidden_layers"):
         lm.generate(["a"], GenerationConfig(max_new_tokens=2, hidden_layers=(3,)))
     with pytest.raises(InvalidParameterError, match="'layers'"):
         lm.prompt_hidden_states(["a"], [])
@@ -96,7 +96,7 @@ def test_planted_signal_is_learned_on_the_right_layer() -> None:
 
 
 def test_unfitted_and_bad_parameters() -> None:
-    train, y = _planted(20, seed=0)
+    train, _ = _planted(20, seed=0)
     with pytest.raises(NotFittedError, match="fit"):
         HiddenStateProbe(layers=(1,)).estimate(["q0"], samples=train[:1])
     with pytest.raises(InvalidParameterError, match="'layers' parameter of HiddenStateProbe"):
