@@ -267,7 +267,7 @@ class Router:
         y = target.label(plist, used)
         oof: dict[int, np.ndarray] = {}
         for i in learned:
-            oof[i], used = self.estimators[i].cross_fit(  # type: ignore[attr-defined]
+            oof[i], used = self.estimators[i].cross_fit(
                 plist, used, y, self.edge)
         feats, used, secs = self._estimate(plist, used, need_greedy=target.needs_answer)
         feats = feats.copy()

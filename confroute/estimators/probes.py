@@ -187,7 +187,7 @@ class LearnedEstimator(UncertaintyEstimator):
             "seed": check_int(self.seed, "seed", owner, min_value=0),
         }
 
-    def _active_layers(self) -> tuple[int, ...]:
+    def active_layers(self) -> tuple[int, ...]:
         """All candidate layers before fitting, only the chosen one after."""
         layer = getattr(self, "layer_", None)
         return (int(layer),) if layer is not None else self._checked()["layers"]
@@ -451,7 +451,7 @@ class HiddenStateProbe(LearnedEstimator):
         owner = type(self).__name__
         check_choice(self.position, "position", owner, ("answer_mean", "answer_last"))
         m = check_int(self.max_new_tokens, "max_new_tokens", owner, min_value=1)
-        return SampleRequest(greedy=True, max_new_tokens=m, hidden_layers=self._active_layers())
+        return SampleRequest(greedy=True, max_new_tokens=m, hidden_layers=self.active_layers())
 
     def features(
         self, samples: Sequence[Samples], model: LanguageModel | None, layers: Sequence[int]
@@ -497,7 +497,7 @@ class PromptProbe(LearnedEstimator):
     ) -> list[Samples]:
         from dataclasses import replace
 
-        layers = self._active_layers()
+        layers = self.active_layers()
         missing = [i for i, s in enumerate(samples)
                    if any(self.extra_key(j) not in s.extra for j in layers)]
         if not missing:
