@@ -431,6 +431,17 @@ class _Record:
             for i, r in enumerate(act.tolist()):
                 self.hidden[r].append(per_row[i])
 
+    def rows(self, plan: RowPlan, n_configs: int, n_prompts: int) -> list[list[list[DecodedRow]]]:
+        """The decoded rows grouped by configuration, then prompt, in sample order."""
+        results: list[list[list[DecodedRow]]] = [[[] for _ in range(n_prompts)]
+                                                 for _ in range(n_configs)]
+        for r, tokens in enumerate(self.tokens):
+            results[plan.config[r]][plan.prompt[r]].append(DecodedRow(
+                tokens, self.logprobs[r, :len(tokens)].copy(),
+                self.entropies[r, :len(tokens)].copy(), self.hidden_of(r, len(tokens)),
+            ))
+        return results
+
     def hidden_of(self, row: int, n_tokens: int) -> np.ndarray | None:
         """Captured states of ``row``, shape (n_layers, n_tokens, hidden_size), or None."""
         if self.hidden is None:
@@ -576,10 +587,4 @@ def decode(
             _advance(model, state, keep, chosen_cpu, shared_prefill=shared_prefill,
                      cache_arg=cache_arg)
 
-    results: list[list[list[DecodedRow]]] = [[[] for _ in prompts] for _ in configs]
-    for r, tokens in enumerate(record.tokens):
-        results[plan.config[r]][plan.prompt[r]].append(DecodedRow(
-            tokens, record.logprobs[r, :len(tokens)].copy(),
-            record.entropies[r, :len(tokens)].copy(), record.hidden_of(r, len(tokens)),
-        ))
-    return results
+    return record.rows(plan, len(configs), len(prompts))
