@@ -15,6 +15,7 @@ from confroute.estimators import (
     EnsembleEstimator,
     HiddenStateProbe,
     MeanTokenEntropy,
+    OptionEntropy,
     PromptProbe,
     SelfConsistency,
     SemanticEntropy,
@@ -60,6 +61,7 @@ FACTORIES: dict[str, list[Callable[[], UncertaintyEstimator]]] = {
         lambda: fitted_probe(HiddenStateProbe(layers=4, position="answer_last", kind="mlp",
                                               C=1.0, n_folds=3)),
     ],
+    "option_entropy": [OptionEntropy, lambda: OptionEntropy(measure="margin")],
     "prompt_probe": [lambda: fitted_probe(PromptProbe(layers=(1, 2), n_folds=3))],
     "semantic_entropy_probe": [lambda: fitted_probe(SemanticEntropyProbe(
         layers=2, semantic=SemanticEntropy(n_samples=4, equivalence="exact"), n_folds=3))],

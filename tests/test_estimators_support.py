@@ -80,7 +80,7 @@ def _with_probe_states(est: UncertaintyEstimator, samples: Samples, confident: b
                        noise: float, seed: int) -> Samples:
     from dataclasses import replace
 
-    from confroute.estimators import PromptProbe
+    from confroute.estimators import OptionEntropy, PromptProbe
 
     layers = sorted({i for r in est.sample_requests() for i in r.hidden_layers})
     greedy = samples.greedy
@@ -89,6 +89,8 @@ def _with_probe_states(est: UncertaintyEstimator, samples: Samples, confident: b
                                      for t in range(greedy.n_tokens)], axis=0)] * len(layers))
         greedy = replace(greedy, hidden_states=states, hidden_layers=tuple(layers))
     extra = dict(samples.extra)
+    if isinstance(est, OptionEntropy):  # option log-likelihoods: one clear winner or a tie
+        extra[est.extra_key] = np.array([-0.1, -6.0, -7.0, -8.0] if confident else [-1.4] * 4)
     if isinstance(est, PromptProbe):
         extra.update({est.extra_key(j): _probe_state(confident, noise, seed)
                       for j in est.active_layers()})

@@ -193,3 +193,19 @@ def test_semantic_entropy_probe_needs_no_labels() -> None:
     test, y_test = _planted(100, seed=5)
     scores = probe.estimate([s.prompt for s in test], samples=test).scores
     assert roc_auc_score(1 - y_test, scores) > 0.9
+
+
+def test_option_entropy_on_a_real_model() -> None:
+    from confroute.estimators import OptionEntropy, parse_options
+
+    q = "Which is a capital?\nA. Paris\nB) Rome\n(C) 42\nD: four\nAnswer:"
+    assert parse_options(q, "ABCDE") == ["A", "B", "C", "D"]
+    assert parse_options("no options here", "ABCDE") == []
+    lm = _hf()
+    out = OptionEntropy().estimate([q, "no options"], lm)
+    assert 0.0 <= out.scores[0] <= np.log(4) + 1e-9 and np.isnan(out.scores[1])
+    assert out.n_unscored == 1 and out.details["n_options"].tolist() == [4.0, 0.0]
+    ll = np.array([float(np.sum(lm.score([q], [" " + c])[0])) for c in "ABCD"])
+    assert out.details["choice"][0] == float(np.argmax(ll))  # the most likely option
+    p = np.exp(ll - ll.max()) / np.exp(ll - ll.max()).sum()
+    assert out.scores[0] == pytest.approx(float(-(p * np.log(p)).sum()), abs=1e-5)

@@ -28,6 +28,7 @@ from confroute.estimators.equivalence import (
     resolve_equivalence,
 )
 from confroute.estimators.logprob import MeanTokenEntropy, SequenceLogProb
+from confroute.estimators.options import OptionEntropy, parse_options
 from confroute.estimators.probes import (
     HiddenStateProbe,
     LearnedEstimator,
@@ -47,6 +48,7 @@ __all__ = [
     "LearnedEstimator",
     "MeanTokenEntropy",
     "NLIEquivalence",
+    "OptionEntropy",
     "PromptProbe",
     "SelfConsistency",
     "SemanticEntropy",
@@ -64,6 +66,7 @@ __all__ = [
     "get_extractor",
     "normalize_answer",
     "parse_confidence",
+    "parse_options",
     "resolve_equivalence",
     "semantic_entropy_from_clusters",
 ]
