@@ -413,6 +413,13 @@ class _Record:
     entropies: np.ndarray  # (n_rows, max_steps), float32
     hidden: list[list[np.ndarray]] | None = None  # per row, per step: (n_layers, hidden)
 
+    @classmethod
+    def empty(cls, n_rows: int, max_steps: int, *, hidden: bool) -> _Record:
+        return cls([[] for _ in range(n_rows)],
+                   np.zeros((n_rows, max_steps), dtype=np.float32),
+                   np.zeros((n_rows, max_steps), dtype=np.float32),
+                   [[] for _ in range(n_rows)] if hidden else None)
+
     def add(self, state: _Frontier, chosen: torch.Tensor, step: int) -> None:
         """Store the chosen tokens of ``step`` with log p and entropy of their node."""
         import torch
@@ -565,10 +572,7 @@ def decode(
     limits = torch.tensor([configs[c].max_new_tokens for c in plan.config])
     uniforms = Uniforms.build(plan, prompts, configs)
     cache_arg, keeps_logits = forward_params(model)
-    record = _Record([[] for _ in range(n_rows)],
-                     np.zeros((n_rows, max_steps), dtype=np.float32),
-                     np.zeros((n_rows, max_steps), dtype=np.float32),
-                     [[] for _ in range(n_rows)] if hidden_layers else None)
+    record = _Record.empty(n_rows, max_steps, hidden=bool(hidden_layers))
     stops = [configs[c].stop for c in plan.config]
     row_config = torch.tensor(plan.config, dtype=torch.long)
     with torch.inference_mode():
