@@ -36,6 +36,7 @@ from confroute._validation import (
     check_array,
     check_bool,
     check_float,
+    check_int,
     check_labels,
     check_same_length,
     param_error,
@@ -529,4 +530,133 @@ class PlattCalibrator(Calibrator):
             raise SerializationError(
                 "The 'state' parameter of PlattCalibrator.set_state must hold coef_, mean_ and "
                 f"scale_ (positive) of shape (n_features_in_,) = ({k},). Got shapes {shapes}."
+            )
+
+
+def _check_pos_int(value: Any, name: str, owner: str) -> int:
+    return check_int(value, name, owner, min_value=1)
+
+
+def _check_seed(value: Any, name: str, owner: str) -> int:
+    return check_int(value, name, owner, min_value=0)
+
+
+@calibrator_registry.register("gbm")
+class GBMCalibrator(Calibrator):
+    r"""Gradient-boosted stacking of several scores (probe, log-prob, sampling scores).
+
+    A :class:`sklearn.ensemble.HistGradientBoostingClassifier` (log-loss, no
+    monotone constraints, so interactions between scores are learned) fitted on
+    the score columns; ``P(good) = expit(b + \sum_t f_t(s))`` over its trees. The
+    trees are stored as plain arrays (feature, threshold, children, leaf value)
+    and evaluated here, so a saved router holds no pickle.
+
+    Parameters
+    ----------
+    max_iter : int, default=100
+        Boosting iterations (trees).
+    learning_rate : float > 0, default=0.1
+    max_leaf_nodes : int, default=15
+    min_samples_leaf : int, default=20
+    l2_regularization : float >= 0, default=0.0
+    seed : int, default=0
+        ``random_state`` of the booster.
+
+    Attributes
+    ----------
+    baseline_ : float
+        The initial log-odds.
+    roots_ : ndarray of shape (n_trees,)
+        Index of each tree's root in the node arrays.
+    feature_, threshold_, left_, right_, leaf_, value_ : ndarray of shape (n_nodes,)
+        Node arrays of all trees (a row goes left when its score <= threshold).
+    """
+
+    _param_checks: ClassVar[Mapping[str, ParamCheck]] = {
+        "max_iter": _check_pos_int,
+        "learning_rate": _check_positive_float,
+        "max_leaf_nodes": _check_pos_int,
+        "min_samples_leaf": _check_pos_int,
+        "l2_regularization": lambda v, n, o: check_float(v, n, o, min_value=0.0),
+        "seed": _check_seed,
+    }
+    _state_spec: ClassVar[Mapping[str, str]] = {
+        "baseline_": "float", "roots_": "array", "feature_": "array", "threshold_": "array",
+        "left_": "array", "right_": "array", "leaf_": "array", "value_": "array",
+    }
+
+    def __init__(self, *, max_iter: int = 100, learning_rate: float = 0.1,
+                 max_leaf_nodes: int = 15, min_samples_leaf: int = 20,
+                 l2_regularization: float = 0.0, seed: int = 0) -> None:
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+        self.max_leaf_nodes = max_leaf_nodes
+        self.min_samples_leaf = min_samples_leaf
+        self.l2_regularization = l2_regularization
+        self.seed = seed
+
+    def _fit(self, x: np.ndarray, y: np.ndarray, params: dict[str, Any]) -> None:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        clf = HistGradientBoostingClassifier(
+            max_iter=params["max_iter"], learning_rate=params["learning_rate"],
+            max_leaf_nodes=params["max_leaf_nodes"], min_samples_leaf=params["min_samples_leaf"],
+            l2_regularization=params["l2_regularization"], random_state=params["seed"],
+            early_stopping=False,
+        ).fit(x, y)
+        # The fitted trees' node records (sklearn keeps them in ``_predictors``).
+        nodes = [trees[0].nodes for trees in clf._predictors]  # at least one tree
+        sizes = [len(n) for n in nodes]
+        offsets = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+        cat, shift = np.concatenate(nodes), np.repeat(offsets, sizes)
+        self.roots_ = offsets.astype(np.float64)
+        self.feature_ = np.asarray(cat["feature_idx"], dtype=np.float64)
+        self.threshold_ = np.asarray(cat["num_threshold"], dtype=np.float64)
+        self.left_ = np.asarray(cat["left"] + shift, dtype=np.float64)
+        self.right_ = np.asarray(cat["right"] + shift, dtype=np.float64)
+        self.leaf_ = np.asarray(cat["is_leaf"], dtype=np.float64)
+        self.value_ = np.asarray(cat["value"], dtype=np.float64)
+        self.baseline_ = 0.0
+        self.n_features_in_ = int(x.shape[1])
+        # The initial log-odds: the booster's decision minus the sum of its trees.
+        self.baseline_ = float(clf.decision_function(x[:1])[0] - self._raw(x[:1])[0])
+
+    def _raw(self, x: np.ndarray) -> np.ndarray:
+        """Sum of the trees' leaf values, shape (n,)."""
+        feat, left, right = (a.astype(np.int64) for a in (self.feature_, self.left_, self.right_))
+        leaf = self.leaf_.astype(bool)
+        total = np.full(len(x), self.baseline_)
+        rows = np.arange(len(x))
+        for root in self.roots_.astype(np.int64):
+            node = np.full(len(x), root)
+            while not leaf[node].all():
+                go_left = x[rows, feat[node]] <= self.threshold_[node]
+                node = np.where(leaf[node], node, np.where(go_left, left[node], right[node]))
+            total += self.value_[node]
+        return total
+
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        from scipy.special import expit
+
+        return np.asarray(expit(self._raw(x)))
+
+    def _check_state(self, values: dict[str, Any]) -> None:
+        n = len(values["feature_"])
+        k = values["n_features_in_"]
+        arrays = [values[key] for key in ("feature_", "threshold_", "left_", "right_", "leaf_",
+                                          "value_")]
+        idx = [values[key] for key in ("roots_", "left_", "right_")]
+        leaf = values["leaf_"]
+        ok = (k >= 1 and all(a.shape == (n,) for a in arrays)
+              and all(((a >= 0) & (a < max(n, 1)) & (a == np.round(a))).all() for a in idx)
+              and np.isin(leaf, (0.0, 1.0)).all()
+              and ((values["feature_"][leaf == 0] >= 0) & (values["feature_"][leaf == 0] < k)
+                   ).all()
+              and (values["left_"][leaf == 0] > np.arange(n)[leaf == 0]).all()
+              and (values["right_"][leaf == 0] > np.arange(n)[leaf == 0]).all())
+        if not ok:
+            raise SerializationError(
+                "The 'state' parameter of GBMCalibrator.set_state must hold node arrays of one "
+                "length whose children point forward inside them and whose features are "
+                f"below n_features_in_ ({k})."
             )

@@ -320,10 +320,45 @@ class Router:
         owner = "Router.calibrate"
         plist = check_prompts(prompts, owner)
         target = self._calibration_target(plist, labels, references, grader, samples, labeler)
-        feats, used, secs = self._estimate(plist, samples, need_greedy=target.needs_answer)
-        y = target.label(plist, used)
+        learned = [i for i, e in enumerate(self.estimators) if callable(getattr(e, "cross_fit",
+                                                                                 None))]
+        if not learned:
+            feats, used, secs = self._estimate(plist, samples, need_greedy=target.needs_answer)
+            y = target.label(plist, used)
+        else:
+            feats, used, secs, y = self._fit_learned(plist, samples, target, learned)
         self._fit_parts(plist, feats, y, secs, target.record)
         return self
+
+    def _fit_learned(
+        self, plist: list[Prompt], samples: Sequence[Samples] | None, target: _Target,
+        learned: list[int],
+    ) -> tuple[np.ndarray, list[Samples], float, np.ndarray]:
+        """Fit the learned estimators (probes) on the calibration set, cross-fitted.
+
+        Their columns of the returned scores are out-of-fold (each row scored by a
+        probe fitted on the other folds), so the calibrator is never fitted on a
+        score of a probe trained on the same row.
+        """
+        t0 = time.perf_counter()
+        requests = [r for e in self.estimators if e.needs_generation for r in e.sample_requests()]
+        if target.needs_answer:
+            requests.append(SampleRequest(greedy=True, max_new_tokens=self.edge_max_new_tokens))
+        used = collect_samples(self.edge, plist, requests, existing=samples)
+        y = target.label(plist, used)
+        oof: dict[int, np.ndarray] = {}
+        for i in learned:
+            oof[i], used = self.estimators[i].cross_fit(
+                plist, used, y, self.edge)
+        feats, used, secs = self._estimate(plist, used, need_greedy=target.needs_answer)
+        feats = feats.copy()
+        for i, col in oof.items():
+            if feats.ndim == 1:
+                feats = col
+            else:
+                feats[:, i] = col
+        del secs  # the whole calibration pass, probe fitting included, is timed
+        return feats, used, time.perf_counter() - t0, y
 
     def _calibration_target(
         self, plist: list[Prompt], labels: Any, references: Any, grader: Any,

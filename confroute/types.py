@@ -71,6 +71,11 @@ class GenerationConfig:
         Seed for reproducible sampling; None draws fresh randomness.
     stop : tuple of str
         Extra stop strings; generation ends at the first occurrence (not included).
+    hidden_layers : tuple of int
+        Hidden-state layers to capture for every generated token (indices into the
+        model's ``hidden_states``: 0 = embeddings, ``i`` = after block ``i``),
+        returned in ``Sample.hidden_states``.
+        Empty (the default) captures nothing.
     """
 
     max_new_tokens: int = 64
@@ -80,6 +85,7 @@ class GenerationConfig:
     n: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    hidden_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         owner = "GenerationConfig"
@@ -97,6 +103,12 @@ class GenerationConfig:
             raise param_error("stop", owner, "a tuple of non-empty strings", self.stop,
                               type_error=True)
         object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.hidden_layers, (str, bytes, int)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.hidden_layers
+        ):
+            raise param_error("hidden_layers", owner, "a tuple of non-negative ints",
+                              self.hidden_layers, type_error=True)
+        object.__setattr__(self, "hidden_layers", tuple(self.hidden_layers))
         if self.temperature == 0.0 and self.n != 1:
             raise param_error(
                 "n", owner, "1 when temperature is 0 (greedy decoding is deterministic)", self.n
@@ -108,18 +120,18 @@ class GenerationConfig:
 
     def key(self) -> str:
         """Stable identity of the parameters (for caches)."""
-        payload = json.dumps(
-            {
-                "max_new_tokens": self.max_new_tokens,
-                "temperature": self.temperature,
-                "top_p": self.top_p,
-                "top_k": self.top_k,
-                "n": self.n,
-                "seed": self.seed,
-                "stop": list(self.stop),
-            },
-            sort_keys=True,
-        )
+        fields: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "n": self.n,
+            "seed": self.seed,
+            "stop": list(self.stop),
+        }
+        if self.hidden_layers:  # absent otherwise: existing cache keys are unchanged
+            fields["hidden_layers"] = list(self.hidden_layers)
+        payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def sampling_key(self) -> tuple[float, float, int, int, int | None, tuple[str, ...]]:
@@ -153,6 +165,13 @@ class Sample:
     prompt_tokens : int or None
         Number of prompt tokens the backend processed (for cost accounting);
         None when unknown.
+    hidden_states : ndarray of shape (n_layers, n_tokens, hidden_size) or None
+        float32 hidden states of the layers ``hidden_layers`` at the position that
+        *predicted* each generated token (the prompt's last token for the first
+        one, then each generated token but the last), captured in the decoding
+        passes themselves; None unless the config asked for ``hidden_layers``.
+    hidden_layers : tuple of int
+        The layer indices of ``hidden_states``.
     """
 
     text: str
@@ -161,6 +180,8 @@ class Sample:
     token_entropies: np.ndarray | None = None
     finish_reason: FinishReason = "stop"
     prompt_tokens: int | None = None
+    hidden_states: np.ndarray | None = field(default=None, repr=False)
+    hidden_layers: tuple[int, ...] = ()
 
     @property
     def n_tokens(self) -> int:

@@ -11,6 +11,7 @@ from sklearn.base import clone
 from confroute import _serialization
 from confroute.calibration import (
     Calibrator,
+    GBMCalibrator,
     IsotonicCalibrator,
     PlattCalibrator,
     calibrator_registry,
@@ -32,11 +33,11 @@ def make_data(seed: int, n: int = 400, k: int = 1) -> tuple[np.ndarray, np.ndarr
     return (s[:, 0] if k == 1 else s), y
 
 
-ALL = [IsotonicCalibrator, PlattCalibrator]
+ALL = [IsotonicCalibrator, PlattCalibrator, GBMCalibrator]
 
 
 def test_registry_lists_both() -> None:
-    assert calibrator_registry.names() == ["isotonic", "platt"]
+    assert calibrator_registry.names() == ["gbm", "isotonic", "platt"]
     assert calibrator_registry.resolve("platt", "calibrator", "Router").__class__ is PlattCalibrator
 
 
@@ -61,7 +62,7 @@ def test_clone_and_params(cls: type[Calibrator]) -> None:
     assert type(c2) is cls and c2.get_params() == cal.get_params()
     assert not hasattr(c2, "n_features_in_")
     name = next(iter(cal.get_params()))
-    value = {"increasing": False, "C": 3.0}[name]
+    value = {"increasing": False, "C": 3.0, "max_iter": 50}[name]
     assert c2.set_params(**{name: value}) is c2 and c2.get_params()[name] == value
     with pytest.raises(InvalidParameterError, match="bogus"):
         c2.set_params(bogus=1)
@@ -260,3 +261,28 @@ def test_platt_smoothing_keeps_away_from_extremes() -> None:
 def test_bad_state(cls: type[Calibrator], state, match: str) -> None:
     with pytest.raises(SerializationError, match=match):
         cls().set_state(state)
+
+
+def test_gbm_stacks_interacting_scores_and_round_trips() -> None:
+    """An XOR of two scores: no monotone (Platt) map can use it, the boosted trees can."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(2000, 2))
+    y = ((s[:, 0] > 0) == (s[:, 1] > 0)).astype(int)
+    s_te = rng.normal(size=(2000, 2))
+    y_te = ((s_te[:, 0] > 0) == (s_te[:, 1] > 0)).astype(int)
+    gbm = GBMCalibrator().fit(s, y)
+    assert roc_auc_score(y_te, gbm.p_good(s_te)) > 0.95
+    assert roc_auc_score(y_te, PlattCalibrator().fit(s, y).p_good(s_te)) < 0.6
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    ref = HistGradientBoostingClassifier(early_stopping=False, max_leaf_nodes=15,
+                                         min_samples_leaf=20, random_state=0).fit(s, y)
+    np.testing.assert_allclose(gbm.p_good(s_te), ref.predict_proba(s_te)[:, 1], atol=1e-9)
+    again = GBMCalibrator().set_state(gbm.get_state())
+    np.testing.assert_array_equal(again.p_good(s_te), gbm.p_good(s_te))
+    bad = dict(gbm.get_state())
+    bad["left_"] = np.zeros_like(bad["left_"])
+    with pytest.raises(SerializationError, match="children point forward"):
+        GBMCalibrator().set_state(bad)

@@ -13,15 +13,24 @@ from confroute.errors import InvalidParameterError
 from confroute.estimators import (
     EmbeddingEquivalence,
     EnsembleEstimator,
+    HiddenStateProbe,
     MeanTokenEntropy,
+    OptionEntropy,
+    PromptProbe,
     SelfConsistency,
     SemanticEntropy,
+    SemanticEntropyProbe,
     SequenceLogProb,
     UncertaintyEstimator,
     VerbalizedConfidence,
     estimator_registry,
 )
-from tests.test_estimators_support import NoGenerationModel, TrigramEmbedder, complete_samples
+from tests.test_estimators_support import (
+    NoGenerationModel,
+    TrigramEmbedder,
+    complete_samples,
+    fitted_probe,
+)
 
 FACTORIES: dict[str, list[Callable[[], UncertaintyEstimator]]] = {
     "mean_token_entropy": [MeanTokenEntropy],
@@ -47,6 +56,15 @@ FACTORIES: dict[str, list[Callable[[], UncertaintyEstimator]]] = {
         ),
         lambda: EnsembleEstimator(["sequence_logprob", "mean_token_entropy"], combine="mean"),
     ],
+    "hidden_state_probe": [
+        lambda: fitted_probe(HiddenStateProbe(layers=(3, 5), n_folds=3)),
+        lambda: fitted_probe(HiddenStateProbe(layers=4, position="answer_last", kind="mlp",
+                                              C=1.0, n_folds=3)),
+    ],
+    "option_entropy": [OptionEntropy, lambda: OptionEntropy(measure="margin")],
+    "prompt_probe": [lambda: fitted_probe(PromptProbe(layers=(1, 2), n_folds=3))],
+    "semantic_entropy_probe": [lambda: fitted_probe(SemanticEntropyProbe(
+        layers=2, semantic=SemanticEntropy(n_samples=4, equivalence="exact"), n_folds=3))],
 }
 CASES = [(name, i) for name, fs in FACTORIES.items() for i in range(len(fs))]
 

@@ -65,7 +65,50 @@ def _verbalized_members(est: UncertaintyEstimator) -> list[VerbalizedConfidence]
     return []
 
 
-def complete_samples(est: UncertaintyEstimator, prompt: str, confident: bool) -> Samples:
+PROBE_WIDTH = 8
+
+
+def _probe_state(confident: bool, noise: float, seed: int) -> np.ndarray:
+    """A hidden state of width PROBE_WIDTH whose first half says how sure the model is."""
+    rng = np.random.default_rng(seed)
+    base = np.where(np.arange(PROBE_WIDTH) < PROBE_WIDTH // 2, 1.0, 0.0)
+    return ((1.0 if confident else -1.0) * base + noise * rng.normal(size=PROBE_WIDTH)).astype(
+        np.float32)
+
+
+def _with_probe_states(est: UncertaintyEstimator, samples: Samples, confident: bool,
+                       noise: float, seed: int) -> Samples:
+    from dataclasses import replace
+
+    from confroute.estimators import OptionEntropy, PromptProbe
+
+    layers = sorted({i for r in est.sample_requests() for i in r.hidden_layers})
+    greedy = samples.greedy
+    if layers and greedy is not None:
+        states = np.stack([np.stack([_probe_state(confident, noise, seed + 7 * t)
+                                     for t in range(greedy.n_tokens)], axis=0)] * len(layers))
+        greedy = replace(greedy, hidden_states=states, hidden_layers=tuple(layers))
+    extra = dict(samples.extra)
+    if isinstance(est, OptionEntropy):  # option log-likelihoods: one clear winner or a tie
+        extra[est.extra_key] = np.array([-0.1, -6.0, -7.0, -8.0] if confident else [-1.4] * 4)
+    if isinstance(est, PromptProbe):
+        extra.update({est.extra_key(j): _probe_state(confident, noise, seed)
+                      for j in est.active_layers()})
+    return replace(samples, greedy=greedy, extra=extra)
+
+
+def fitted_probe(est: UncertaintyEstimator) -> UncertaintyEstimator:
+    """``est`` (a hidden-state probe) fitted on 24 noisy confident/uncertain cases."""
+    labels = np.array([1, 0] * 12)
+    prompts = [f"q{i}" for i in range(len(labels))]
+    samples = [complete_samples(est, p, confident=bool(y), noise=0.5, seed=i)
+               for i, (p, y) in enumerate(zip(prompts, labels))]
+    est.fit(prompts, samples, labels)  # type: ignore[attr-defined]
+    return est
+
+
+def complete_samples(est: UncertaintyEstimator, prompt: str, confident: bool,
+                     noise: float = 0.0, seed: int = 0) -> Samples:
     """Samples holding everything ``est`` needs: a confident or an uncertain case."""
     if confident:
         greedy = sample(CONFIDENT_ANSWER, logprob=-0.01, entropy=0.05)
@@ -83,7 +126,8 @@ def complete_samples(est: UncertaintyEstimator, prompt: str, confident: bool) ->
         v.extra_key: Sample(text="Confidence: 95" if confident else "Confidence: 20%")
         for v in _verbalized_members(est)
     }
-    return Samples(prompt=prompt, greedy=greedy, draws=draws, extra=extra)
+    return _with_probe_states(est, Samples(prompt=prompt, greedy=greedy, draws=draws,
+                                           extra=extra), confident, noise, seed)
 
 
 class NoGenerationModel:

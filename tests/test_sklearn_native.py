@@ -32,6 +32,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from confroute.calibration import (
     Calibrator,
+    GBMCalibrator,
     IsotonicCalibrator,
     PlattCalibrator,
 )
@@ -65,6 +66,7 @@ CALIBRATORS = {
     "isotonic": (IsotonicCalibrator, 1),
     "platt": (PlattCalibrator, 1),
     "platt-2d": (PlattCalibrator, 2),
+    "gbm-2d": (GBMCalibrator, 2),
 }
 
 
@@ -127,7 +129,8 @@ def test_nan_rows_keep_nan_probabilities_and_predict_bad() -> None:
 def test_calibrator_clone_gives_an_unfitted_copy_with_the_same_params(name: str) -> None:
     cls, k = CALIBRATORS[name]
     X, y = scores_and_labels(k=k)
-    params = {"y_max": 0.9} if cls is IsotonicCalibrator else {"C": 0.5}
+    params = ({"y_max": 0.9} if cls is IsotonicCalibrator else {"max_iter": 20}
+              if cls is GBMCalibrator else {"C": 0.5})
     cal = cls(**params).fit(X, y)
     twin = clone(cal)
     assert type(twin) is cls and twin is not cal

@@ -28,6 +28,13 @@ from confroute.estimators.equivalence import (
     resolve_equivalence,
 )
 from confroute.estimators.logprob import MeanTokenEntropy, SequenceLogProb
+from confroute.estimators.options import OptionEntropy, parse_options
+from confroute.estimators.probes import (
+    HiddenStateProbe,
+    LearnedEstimator,
+    PromptProbe,
+    SemanticEntropyProbe,
+)
 from confroute.estimators.semantic import SemanticEntropy, semantic_entropy_from_clusters
 from confroute.estimators.verbalized import VerbalizedConfidence, parse_confidence
 
@@ -37,10 +44,15 @@ __all__ = [
     "EnsembleEstimator",
     "Equivalence",
     "ExactMatchEquivalence",
+    "HiddenStateProbe",
+    "LearnedEstimator",
     "MeanTokenEntropy",
     "NLIEquivalence",
+    "OptionEntropy",
+    "PromptProbe",
     "SelfConsistency",
     "SemanticEntropy",
+    "SemanticEntropyProbe",
     "SequenceLogProb",
     "UncertaintyEstimator",
     "VerbalizedConfidence",
@@ -54,6 +66,7 @@ __all__ = [
     "get_extractor",
     "normalize_answer",
     "parse_confidence",
+    "parse_options",
     "resolve_equivalence",
     "semantic_entropy_from_clusters",
 ]

@@ -76,11 +76,16 @@ class UnsupportedModel(Exception):
 
 @dataclass
 class DecodedRow:
-    """The generated tokens of one row and their per-token statistics."""
+    """The generated tokens of one row and their per-token statistics.
+
+    ``hidden`` has shape (n_layers, n_tokens, hidden_size) when hidden layers were
+    requested: the state at the position that predicted each token.
+    """
 
     token_ids: list[int]
     logprobs: np.ndarray
     entropies: np.ndarray
+    hidden: np.ndarray | None = None
 
 
 def filtered_distribution(
@@ -311,6 +316,10 @@ class _Frontier:
         Node of each active row.
     device : torch.device
         The model's device.
+    layers : tuple of int
+        Hidden-state layers captured (empty: none).
+    hidden : Tensor of shape (n_nodes, n_layers, hidden_size) or None
+        The captured states at each node's last position (float32).
     """
 
     cache: Any
@@ -320,11 +329,27 @@ class _Frontier:
     active: torch.Tensor
     row_node: torch.Tensor
     device: torch.device
+    layers: tuple[int, ...] = ()
+    hidden: torch.Tensor | None = None
+
+
+def last_hidden(out: Any, layers: Sequence[int], device: Any = None) -> torch.Tensor | None:
+    """States of ``layers`` at the last position of a forward output, shape
+    (batch, n_layers, hidden_size) float32 on ``device`` (default: the first
+    layer's; a sharded model's layers sit on several); None when no layer is asked for."""
+    import torch
+
+    if not layers:
+        return None
+    where = device if device is not None else out.hidden_states[layers[0]].device
+    return torch.stack([out.hidden_states[i][:, -1, :].to(where) for i in layers],
+                       dim=1).float()
 
 
 def _prefill(
     model: Any, prompts: Sequence[Sequence[int]], plan: RowPlan, pad_id: int,
     shared_prefill: bool, keeps_logits: bool, device: torch.device,
+    layers: tuple[int, ...] = (),
 ) -> _Frontier:
     """Run the prompts (once each when shared, else once per row) and check the cache."""
     import torch
@@ -339,13 +364,16 @@ def _prefill(
         row_node = torch.arange(n_rows)
     position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     extra: dict[str, Any] = {"logits_to_keep": 1} if keeps_logits else {}
+    if layers:
+        extra["output_hidden_states"] = True
     out = model(input_ids=first, attention_mask=mask, position_ids=position, use_cache=True,
                 **extra)
     cache = cache_of(out)
     check_cache(cache)
     # A sharded model's last layer may sit elsewhere: logits are chosen on ``device``.
     return _Frontier(cache, out.logits[:, -1, :].to(device), mask, mask.sum(-1),
-                     torch.arange(n_rows), row_node, device)
+                     torch.arange(n_rows), row_node, device, layers,
+                     last_hidden(out, layers, device))
 
 
 def _choose(
@@ -383,6 +411,14 @@ class _Record:
     tokens: list[list[int]]
     logprobs: np.ndarray  # (n_rows, max_steps), float32
     entropies: np.ndarray  # (n_rows, max_steps), float32
+    hidden: list[list[np.ndarray]] | None = None  # per row, per step: (n_layers, hidden)
+
+    @classmethod
+    def empty(cls, n_rows: int, max_steps: int, *, hidden: bool) -> _Record:
+        return cls([[] for _ in range(n_rows)],
+                   np.zeros((n_rows, max_steps), dtype=np.float32),
+                   np.zeros((n_rows, max_steps), dtype=np.float32),
+                   [[] for _ in range(n_rows)] if hidden else None)
 
     def add(self, state: _Frontier, chosen: torch.Tensor, step: int) -> None:
         """Store the chosen tokens of ``step`` with log p and entropy of their node."""
@@ -396,6 +432,28 @@ class _Record:
         self.entropies[act, step] = node_ent[node_of].cpu().numpy()
         for r, tok in zip(act.tolist(), chosen.cpu().tolist()):
             self.tokens[r].append(tok)
+        if self.hidden is not None and state.hidden is not None:
+            # The state that produced this step's logits predicted the chosen token.
+            per_row = state.hidden[node_of].cpu().numpy()
+            for i, r in enumerate(act.tolist()):
+                self.hidden[r].append(per_row[i])
+
+    def rows(self, plan: RowPlan, n_configs: int, n_prompts: int) -> list[list[list[DecodedRow]]]:
+        """The decoded rows grouped by configuration, then prompt, in sample order."""
+        results: list[list[list[DecodedRow]]] = [[[] for _ in range(n_prompts)]
+                                                 for _ in range(n_configs)]
+        for r, tokens in enumerate(self.tokens):
+            results[plan.config[r]][plan.prompt[r]].append(DecodedRow(
+                tokens, self.logprobs[r, :len(tokens)].copy(),
+                self.entropies[r, :len(tokens)].copy(), self.hidden_of(r, len(tokens)),
+            ))
+        return results
+
+    def hidden_of(self, row: int, n_tokens: int) -> np.ndarray | None:
+        """Captured states of ``row``, shape (n_layers, n_tokens, hidden_size), or None."""
+        if self.hidden is None:
+            return None
+        return np.stack(self.hidden[row][:n_tokens], axis=1)
 
 
 def _finished(
@@ -440,12 +498,17 @@ def _advance(
         select_cache_rows(state.cache, parent, parent_dev)
         state.mask = state.mask[parent_dev]
         state.next_pos = state.next_pos[parent_dev]
+        if state.hidden is not None:
+            state.hidden = state.hidden[parent_dev]
     state.mask = torch.cat([state.mask, state.mask.new_ones((len(parent), 1))], dim=-1)
+    extra: dict[str, Any] = {cache_arg: state.cache}
+    if state.layers:
+        extra["output_hidden_states"] = True
     out = model(input_ids=new_tok.to(device)[:, None], attention_mask=state.mask,
-                position_ids=state.next_pos[:, None], use_cache=True,
-                **{cache_arg: state.cache})
+                position_ids=state.next_pos[:, None], use_cache=True, **extra)
     state.cache = cache_of(out)
     state.logits = out.logits[:, -1, :].to(device)
+    state.hidden = last_hidden(out, state.layers, device)
     del out
     state.next_pos = state.next_pos + 1
 
@@ -460,6 +523,7 @@ def decode(
     tokenizer: Any,
     shared_prefill: bool = True,
     device: torch.device | None = None,
+    hidden_layers: Sequence[int] = (),
 ) -> list[list[list[DecodedRow]]]:
     """Decode ``config.n`` rows for every prompt and configuration in one batch.
 
@@ -479,6 +543,12 @@ def decode(
         Where inputs and the chosen tokens live: for a model sharded by
         ``device_map``, the first device of its map (its cache stays on each
         layer's device). None: the device of the model's first parameter.
+    hidden_layers : sequence of int
+        Hidden-state layers to capture for every row (``DecodedRow.hidden``), taken
+        from the forward passes that decode anyway (``output_hidden_states``): the
+        state at the position whose logits chose each token, i.e. what a
+        teacher-forced pass over prompt + answer gives at positions
+        ``len(prompt) - 1 ... len(prompt) + n_tokens - 2``. No extra pass.
 
     Returns
     -------
@@ -502,14 +572,13 @@ def decode(
     limits = torch.tensor([configs[c].max_new_tokens for c in plan.config])
     uniforms = Uniforms.build(plan, prompts, configs)
     cache_arg, keeps_logits = forward_params(model)
-    record = _Record([[] for _ in range(n_rows)],
-                     np.zeros((n_rows, max_steps), dtype=np.float32),
-                     np.zeros((n_rows, max_steps), dtype=np.float32))
+    record = _Record.empty(n_rows, max_steps, hidden=bool(hidden_layers))
     stops = [configs[c].stop for c in plan.config]
     row_config = torch.tensor(plan.config, dtype=torch.long)
     with torch.inference_mode():
         where = device if device is not None else next(model.parameters()).device
-        state = _prefill(model, prompts, plan, pad_id, shared_prefill, keeps_logits, where)
+        state = _prefill(model, prompts, plan, pad_id, shared_prefill, keeps_logits, where,
+                         tuple(hidden_layers))
         for step in range(max_steps):
             chosen = _choose(state, configs, row_config, uniforms.draw())
             record.add(state, chosen, step)
@@ -522,10 +591,4 @@ def decode(
             _advance(model, state, keep, chosen_cpu, shared_prefill=shared_prefill,
                      cache_arg=cache_arg)
 
-    results: list[list[list[DecodedRow]]] = [[[] for _ in prompts] for _ in configs]
-    for r, tokens in enumerate(record.tokens):
-        results[plan.config[r]][plan.prompt[r]].append(DecodedRow(
-            tokens, record.logprobs[r, :len(tokens)].copy(),
-            record.entropies[r, :len(tokens)].copy(),
-        ))
-    return results
+    return record.rows(plan, len(configs), len(prompts))

@@ -115,7 +115,21 @@ def _generate_kwargs(
     if config.stop:
         kwargs["stop_strings"] = list(config.stop)
         kwargs["tokenizer"] = tokenizer
+    if config.hidden_layers:
+        kwargs["output_hidden_states"] = True
     return kwargs
+
+
+def step_hidden(out: Any, layers: Sequence[int]) -> np.ndarray | None:
+    """Hidden states of ``layers`` at the position that chose each generated token,
+    shape (n_rows, n_layers, n_steps, hidden_size) float32; None without layers."""
+    import torch
+
+    if not layers:
+        return None
+    per_step = [torch.stack([step[i][:, -1, :] for i in layers], dim=1)
+                for step in out.hidden_states]
+    return torch.stack(per_step, dim=2).float().cpu().numpy()
 
 
 def generate_batch(
@@ -169,6 +183,7 @@ def generate_batch(
         out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
     generated = out.sequences[:, prompt_len:]
     logprobs, entropies = token_stats(out.logits, generated)
+    hidden = step_hidden(out, config.hidden_layers)
     del out
     gen_np = generated.cpu().numpy()
     eos_set = set(eos_ids)
@@ -180,6 +195,7 @@ def generate_batch(
         samples[-1].append(make_sample(
             tokenizer, gen_np[r].tolist(), logprobs[r], entropies[r], config, eos_set, pad_id,
             len(batch[r // config.n]), stopped.get(r),
+            hidden=None if hidden is None else hidden[r], hidden_layers=config.hidden_layers,
         ))
     return samples
 

@@ -80,6 +80,8 @@ def make_sample(
     stopped_at: int | None = None,
     *,
     padded: bool = True,
+    hidden: np.ndarray | None = None,
+    hidden_layers: tuple[int, ...] = (),
 ) -> Sample:
     """One :class:`~confroute.types.Sample` from a generated row.
 
@@ -99,6 +101,8 @@ def make_sample(
         Step at which an early-stop rule ended the row.
     padded : bool, default=True
         Whether trailing padding may follow a stop string (``model.generate``).
+    hidden : ndarray of shape (n_layers, >= len(kept tokens), hidden_size), optional
+        Captured hidden states of ``hidden_layers``, cut like the token arrays.
 
     Returns
     -------
@@ -120,6 +124,8 @@ def make_sample(
         token_entropies=entropies[:length].copy(),
         finish_reason=finish,  # type: ignore[arg-type]
         prompt_tokens=prompt_tokens,
+        hidden_states=None if hidden is None else hidden[:, :length].copy(),
+        hidden_layers=hidden_layers if hidden is not None else (),
     )
 
 
@@ -149,17 +155,23 @@ def decode_samples(
     """
     eos_set = set(eos_ids)
     pad_id = int(tokenizer.pad_token_id)
+    layers = sorted({i for cfg in configs for i in cfg.hidden_layers})
     results: list[list[list[Sample]]] = [[[] for _ in encoded] for _ in configs]
     for idx in batches:
         rows = decode(
             model, [encoded[i] for i in idx], configs, pad_id=pad_id, eos_ids=eos_ids,
             tokenizer=tokenizer, shared_prefill=shared_prefill, device=device,
+            hidden_layers=layers,
         )
         for c, cfg in enumerate(configs):
+            pick = [layers.index(i) for i in cfg.hidden_layers]
             for i, per_prompt in zip(idx, rows[c]):
                 results[c][i] = [
                     make_sample(tokenizer, row.token_ids, row.logprobs, row.entropies, cfg,
-                                eos_set, pad_id, len(encoded[i]), padded=False)
+                                eos_set, pad_id, len(encoded[i]), padded=False,
+                                hidden=None if row.hidden is None or not pick
+                                else row.hidden[pick],
+                                hidden_layers=cfg.hidden_layers)
                     for row in per_prompt
                 ]
     return results

@@ -99,11 +99,15 @@ class SampleRequest:
         Length bound for the greedy answer.
     sampling : GenerationConfig or None
         Needs ``sampling.n`` stochastic draws with these parameters.
+    hidden_layers : tuple of int
+        Hidden-state layers the greedy answer must carry
+        (``Sample.hidden_states``), captured while it is decoded.
     """
 
     greedy: bool = True
     max_new_tokens: int = 64
     sampling: GenerationConfig | None = None
+    hidden_layers: tuple[int, ...] = ()
 
 
 def merge_requests(requests: Sequence[SampleRequest]) -> list[SampleRequest]:
@@ -126,7 +130,9 @@ def merge_requests(requests: Sequence[SampleRequest]) -> list[SampleRequest]:
     merged: list[SampleRequest] = []
     if any(r.greedy for r in requests):
         length = max(r.max_new_tokens for r in requests if r.greedy)
-        merged.append(SampleRequest(greedy=True, max_new_tokens=length))
+        layers = sorted({i for r in requests if r.greedy for i in r.hidden_layers})
+        merged.append(SampleRequest(greedy=True, max_new_tokens=length,
+                                    hidden_layers=tuple(layers)))
     by_key: dict[tuple[object, ...], GenerationConfig] = {}
     for r in requests:
         if r.sampling is None:
@@ -197,8 +203,9 @@ def _missing_jobs(current: list[Samples], merged: list[SampleRequest]) -> list[_
     jobs: list[_Job] = []
     for r in merged:
         if r.sampling is None:
-            missing = [i for i, s in enumerate(current) if s.greedy is None]
-            cfg = GenerationConfig(max_new_tokens=r.max_new_tokens, temperature=0.0, n=1)
+            missing = [i for i, s in enumerate(current) if not _has_greedy(s, r.hidden_layers)]
+            cfg = GenerationConfig(max_new_tokens=r.max_new_tokens, temperature=0.0, n=1,
+                                   hidden_layers=r.hidden_layers)
             key = None
         else:
             cfg, key = r.sampling, r.sampling.sampling_key()
@@ -206,6 +213,14 @@ def _missing_jobs(current: list[Samples], merged: list[SampleRequest]) -> list[_
         if missing:
             jobs.append((cfg, missing, key))
     return jobs
+
+
+def _has_greedy(samples: Samples, layers: tuple[int, ...]) -> bool:
+    """The greedy answer exists and carries the hidden states of ``layers``."""
+    g = samples.greedy
+    if g is None:
+        return False
+    return not layers or (g.hidden_states is not None and set(layers) <= set(g.hidden_layers))
 
 
 def _with_generation(

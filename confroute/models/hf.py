@@ -378,6 +378,7 @@ class HFLanguageModel:
         if not isinstance(config, GenerationConfig):
             raise param_error("config", owner, "a GenerationConfig", config, type_error=True)
         self._check_runtime_params()
+        self._check_layers(config.hidden_layers, "config.hidden_layers", owner)
         if early_stop is not None and (not config.greedy or config.stop):
             raise param_error("early_stop", owner, "None unless decoding is greedy without "
                               "stop strings (a cut answer could score lower than its prefix)",
@@ -419,6 +420,8 @@ class HFLanguageModel:
                 raise param_error(f"configs[{i}]", owner, "a GenerationConfig", cfg,
                                   type_error=True)
         self._check_runtime_params()
+        for i, cfg in enumerate(configs):
+            self._check_layers(cfg.hidden_layers, f"configs[{i}].hidden_layers", owner)
         cfgs = list(configs)
         if not cfgs:
             return []
@@ -485,6 +488,48 @@ class HFLanguageModel:
             device=self.device, eos_ids=_eos_ids(self.model, self.tokenizer),
             shared_prefill=self.shared_prefill is not False, early_stop=early_stop,
         )
+
+    # ------------------------------------------------------------ hidden states
+    def architecture(self) -> dict[str, Any]:
+        """``{"architecture", "hidden_size", "num_layers"}`` of the loaded model (what
+        a probe records at fit and checks before it is applied)."""
+        from confroute.models._hf_hidden import model_signature
+
+        return model_signature(self.model)
+
+    def _check_layers(self, layers: Sequence[int], name: str, owner: str) -> None:
+        top = self.architecture()["num_layers"]
+        if any(i > top for i in layers):
+            raise param_error(name, owner, f"layer indices in [0, {top}] (0 = embeddings, "
+                              f"{top} = last block)", tuple(layers))
+
+    def prompt_hidden_states(self, prompts: Sequence[Prompt], layers: Sequence[int]) -> np.ndarray:
+        """Hidden states at each prompt's last token, from one prefill (nothing generated).
+
+        Parameters
+        ----------
+        prompts : sequence of Prompt of length n_prompts
+            Rendered as in :meth:`generate`.
+        layers : sequence of int
+            Indices into the model's hidden states (0 = embeddings, ``i`` = after block i).
+
+        Returns
+        -------
+        ndarray of shape (n_prompts, n_layers, hidden_size), float32
+        """
+        owner = f"{_OWNER}.prompt_hidden_states"
+        checked = check_prompts(prompts, owner)
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
+        ) or not layers:
+            raise param_error("layers", owner, "a non-empty list of non-negative ints", layers,
+                              type_error=not isinstance(layers, Sequence))
+        self._check_runtime_params()
+        self._check_layers(layers, "layers", owner)
+        from confroute.models._hf_hidden import prompt_hidden
+
+        return prompt_hidden(self.model, self._encode_prompts(checked), list(layers),
+                             pad_id=int(self.tokenizer.pad_token_id), batch_size=self.batch_size)
 
     # ------------------------------------------------------------------ scoring
     def score(
