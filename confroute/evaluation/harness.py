@@ -71,11 +71,11 @@ from typing import Any
 import numpy as np
 
 from confroute._serialization import write_atomic
-from confroute._validation import check_same_length
+from confroute._validation import check_float, check_int, check_same_length
 from confroute.errors import InvalidParameterError
 from confroute.evaluation import metrics as M
 from confroute.evaluation.datasets import Example, split
-from confroute.grading import GraderLike, get_grader
+from confroute.grading import GraderLike, get_grader, resolve_grader
 from confroute.models.base import SampleRequest, collect_samples, merge_requests
 from confroute.types import GenerationConfig, Samples
 
@@ -406,7 +406,9 @@ def _with_cloud(examples: Sequence[Example], cloud: Any) -> tuple[list[Example],
         )
     kept = [ex for ex in exs if cloud in ex.recorded]
     if not kept:
-        raise InvalidParameterError(f"No example has a recorded answer of {cloud!r}.")
+        raise InvalidParameterError(
+            f"The 'cloud' parameter of evaluate names a model no example has a recorded "
+            f"answer of. Got {cloud!r}.")
     return kept, len(exs) - len(kept)
 
 
@@ -682,7 +684,7 @@ def evaluate(
     dict
         The report (also written to ``out_dir/report.json``).
     """
-    t_start = time.perf_counter()
+    t_start = _check_live_args(grader, calibration_fraction, n_boot, n_samples, max_new_tokens)
     exs, n_dropped = _with_cloud(examples, cloud)
     kinds = sorted({ex.kind for ex in exs})
     ests = _resolve_estimators(
@@ -705,6 +707,20 @@ def evaluate(
         if plots:
             _live_plots(gen, parts, probs, out_dir, dataset)
     return report
+
+
+def _check_live_args(grader: Any, calibration_fraction: Any, n_boot: Any, n_samples: Any,
+                     max_new_tokens: Any) -> float:
+    """Check :func:`evaluate`'s scalar arguments before any generation; returns the start time."""
+    owner = "evaluate"
+    if grader is not None:
+        resolve_grader(grader, owner)
+    check_float(calibration_fraction, "calibration_fraction", owner, min_value=0.0,
+                max_value=1.0, min_inclusive=False, max_inclusive=False)
+    check_int(n_boot, "n_boot", owner, min_value=0)
+    check_int(n_samples, "n_samples", owner, min_value=1)
+    check_int(max_new_tokens, "max_new_tokens", owner, min_value=1)
+    return time.perf_counter()
 
 
 def _num(x: Any) -> float | None:

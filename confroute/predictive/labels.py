@@ -500,7 +500,7 @@ def make_se_labels(
     plist, id_list = _check_prompts_and_ids(prompts, ids, owner)
     tau_f = check_float(tau, "tau", owner, min_value=0.0)
     bs = check_int(batch_size, "batch_size", owner, min_value=1)
-    check_bool(progress, "progress", owner)
+    _check_parts(weak_model, strong_model, estimator, progress, owner)
     assert tau_f is not None and bs is not None
     names = (_model_name(strong_model), _model_name(weak_model))
     p = Path(out_path)
@@ -526,6 +526,26 @@ def make_se_labels(
         p.parent.mkdir(parents=True, exist_ok=True)
         p.touch()
     return read_labels_jsonl(p)
+
+
+def _check_parts(weak_model: Any, strong_model: Any, estimator: Any, progress: Any,
+                 owner: str) -> None:
+    """Models and estimator checked before anything is generated.
+
+    A model only needs a name here (the resume key); what the estimator asks of it
+    is the estimator's check.
+    """
+    for name, model in (("weak_model", weak_model), ("strong_model", strong_model)):
+        if model is None or isinstance(model, (str, bytes)) or not isinstance(
+                getattr(model, "name", None), str):
+            raise InvalidTypeError(
+                f"The '{name}' parameter of {owner} must be a model object with a 'name' "
+                f"(a LanguageModel). Got {describe(model)}.")
+    if not callable(getattr(estimator, "estimate", None)):
+        raise InvalidTypeError(
+            f"The 'estimator' parameter of {owner} must be an UncertaintyEstimator (e.g. "
+            f"SemanticEntropy()). Got {describe(estimator)}.")
+    check_bool(progress, "progress", owner)
 
 
 def _check_prompts_and_ids(
