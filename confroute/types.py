@@ -103,7 +103,7 @@ class GenerationConfig:
             raise param_error("stop", owner, "a tuple of non-empty strings", self.stop,
                               type_error=True)
         object.__setattr__(self, "stop", tuple(self.stop))
-        if isinstance(self.hidden_layers, (str, bytes, int)) or not all(
+        if not isinstance(self.hidden_layers, (tuple, list)) or not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.hidden_layers
         ):
             raise param_error("hidden_layers", owner, "a tuple of non-negative ints",
