@@ -96,17 +96,18 @@ class Sizes:
     budget: float = 0.3
     cal: int = 400
     report: int = 400
-    se: int = 120
+    gemma: int = 100
+    se: int = 40
     se_samples: int = 5
-    judge: int = 60
+    judge: int = 40
     shadow_rate: float = 0.25
     checkpoints: tuple[int, ...] = (50, 100, 200)
     window: int = 500
     stream_max: int = 2000
 
 
-TINY = Sizes(nq=6, trivia=6, arith=6, clients=4, cal=24, report=24, se=6, se_samples=3,
-             judge=4, checkpoints=(4, 8), window=12, stream_max=120)
+TINY = Sizes(nq=6, trivia=6, arith=6, clients=4, cal=24, report=24, gemma=6, se=4,
+             se_samples=3, judge=4, checkpoints=(4, 8), window=12, stream_max=120)
 
 #: What issue 12 asks, for the sizes table of the report.
 ISSUE_SIZES: dict[str, str] = {
@@ -372,6 +373,14 @@ def _set_row(name: str, mask: Sequence[bool], src: np.ndarray, served: np.ndarra
 
 
 # ------------------------------------------------- 2. label-free vs labelled calibration
+def safe_auroc(p: Any, y: Any) -> float:
+    """AUROC of ``p`` against 0/1 ``y``, NaN when ``y`` holds one class only."""
+    from confroute.evaluation.metrics import auroc
+
+    y = np.asarray(y, dtype=float)
+    return auroc(p, y) if len(set(y.tolist())) == 2 else math.nan
+
+
 def _edge_view(router: Any, examples: Sequence[Any]) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Scores (n,), edge answers and graded truth (n,) of the default router's edge."""
     decisions = router.route([chat(ex.prompt) for ex in examples])
@@ -387,7 +396,7 @@ def _fit_eval(calibrator: Any, x_cal: np.ndarray, y: np.ndarray, x_rep: np.ndarr
     """Fit a clone of ``calibrator`` on the known labels; metrics of p_good on the report set."""
     from sklearn.base import clone
 
-    from confroute.evaluation.metrics import auroc, brier, ece
+    from confroute.evaluation.metrics import brier, ece
 
     keep = ~np.isnan(y) & np.isfinite(x_cal)
     out: dict[str, Any] = {"n_labels": int(keep.sum()),
@@ -397,7 +406,7 @@ def _fit_eval(calibrator: Any, x_cal: np.ndarray, y: np.ndarray, x_rep: np.ndarr
                 "note": "labels of one class only: nothing to calibrate"}
     cal = clone(calibrator).fit(x_cal[keep], y[keep].astype(int))
     p = np.asarray(cal.p_good(x_rep), dtype=float)
-    return {**out, "auroc": auroc(p, truth_rep), "ece": ece(p, truth_rep),
+    return {**out, "auroc": safe_auroc(p, truth_rep), "ece": ece(p, truth_rep),
             "brier": brier(p, truth_rep), "p_good": p.tolist()}
 
 
@@ -428,23 +437,27 @@ def labelfree_rows(calibrator: Any, x_cal: np.ndarray, truth_cal: np.ndarray,
 
 
 def _cloud_labelsets(prompts: list[Any], edge_answers: list[str],
-                     clouds: dict[str, Any]) -> list[dict[str, Any]]:
+                     clouds: dict[str, tuple[Any, int]]) -> list[dict[str, Any]]:
+    """Cloud-agreement labels (exact and embedding backends) for each cloud, on the first
+    ``n`` calibration questions of that cloud (NaN after them)."""
     from confroute.labeling import CloudAgreementLabeler
     from confroute.types import GenerationConfig
 
     out = []
     config = GenerationConfig(max_new_tokens=CLOUD_TOKENS)
-    for cname, model in clouds.items():
+    for cname, (model, n) in clouds.items():
+        n = min(n, len(prompts))
         t0 = time.perf_counter()
-        answers = [s[0].text for s in model.generate(prompts, config)]
+        answers = [s[0].text for s in model.generate(prompts[:n], config)] if n else []
         secs = time.perf_counter() - t0
         for backend in ("exact", "embedding"):
             lab = CloudAgreementLabeler(backend=backend)
-            y = lab.label_answers(prompts, edge_answers, answers)
-            cost = {**lab.describe()["cost"], "cloud_requests": len(prompts),
-                    "cloud_seconds": secs}
+            y = np.full(len(prompts), np.nan)
+            if n:
+                y[:n] = lab.label_answers(prompts[:n], edge_answers[:n], answers)
+            cost = {**lab.describe()["cost"], "cloud_requests": n, "cloud_seconds": secs}
             out.append({"name": f"cloud_agreement ({backend})", "cloud": cname, "labels": y,
-                        "cost": cost, "answers": answers})
+                        "cost": cost, "answers": answers, "subset": n < len(prompts)})
     return out
 
 
@@ -485,7 +498,6 @@ def _judge_labelset(prompts: list[Any], edge_answers: list[str], ref_answers: li
 def run_labelfree(edge: Any, gemma: Any, sets: dict[str, list[Any]], sizes: Sizes
                   ) -> dict[str, Any]:
     """Part 2: calibrate on NQ-open dev with each labeler, report on EfficientQA dev."""
-    from confroute.evaluation.metrics import auroc
     from confroute.evaluation.recorded import RecordedModel
 
     cal, rep = sets["cal"], sets["report"]
@@ -494,9 +506,9 @@ def run_labelfree(edge: Any, gemma: Any, sets: dict[str, list[Any]], sizes: Size
     x_rep, _, truth_rep = _edge_view(router, rep)
     prompts = [chat(ex.prompt) for ex in cal]
     ref = RecordedModel(reference_answers(cal), name="reference-cloud")
-    clouds: dict[str, Any] = {"reference": ref}
-    if gemma is not None:
-        clouds[GEMMA_NAME] = gemma
+    clouds: dict[str, tuple[Any, int]] = {"reference": (ref, len(cal))}
+    if gemma is not None and sizes.gemma:
+        clouds[GEMMA_NAME] = (gemma, sizes.gemma)
     t0 = time.perf_counter()
     labelsets: list[dict[str, Any]] = [
         {"name": "gold (graded references)", "cloud": "references", "labels": truth_cal}]
@@ -511,7 +523,7 @@ def run_labelfree(edge: Any, gemma: Any, sets: dict[str, list[Any]], sizes: Size
         "n_cal": len(cal), "n_report": len(rep), "wall_seconds": time.perf_counter() - t0,
         "edge_accuracy_cal": float(truth_cal.mean()),
         "edge_accuracy_report": float(truth_rep.mean()),
-        "score_auroc_report": auroc(-x_rep, truth_rep), "gemma": gemma is not None,
+        "score_auroc_report": safe_auroc(-x_rep, truth_rep), "gemma": gemma is not None,
         "rows": rows, "truth_report": truth_rep.tolist(),
         "extra": {ls["name"] + " | " + ls["cloud"]: ls.get("counts") for ls in labelsets
                   if ls.get("counts")},
@@ -602,7 +614,7 @@ def recalibration_windows(calibrator0: Any, records: Sequence[dict[str, Any]],
                           ) -> list[dict[str, Any]]:
     """ECE and AUROC of p_good on the ``window`` requests after each checkpoint, with the
     original calibrator (before) and the recalibrated one (after)."""
-    from confroute.evaluation.metrics import auroc, ece
+    from confroute.evaluation.metrics import ece
 
     out = []
     for ev in events:
@@ -614,9 +626,8 @@ def recalibration_windows(calibrator0: Any, records: Sequence[dict[str, Any]],
                                "threshold_after": ev.get("threshold")}
         for tag, cal in (("before", calibrator0), ("after", ev["calibrator"])):
             p = np.asarray(cal.p_good(x), dtype=float)
-            two = len(set(y.tolist())) == 2
             row[f"ece_{tag}"] = ece(p, y)
-            row[f"auroc_{tag}"] = auroc(p, y) if two else math.nan
+            row[f"auroc_{tag}"] = safe_auroc(p, y)
             row[f"mean_p_{tag}"] = float(p.mean())
         row["ece_halved"] = bool(row["ece_after"] <= row["ece_before"] / 2)
         out.append(row)
@@ -767,9 +778,9 @@ def _setup_md(summary: dict[str, Any]) -> list[str]:
         f"| concurrent clients | {s['clients']} | {ISSUE_SIZES['clients']} |",
         f"| calibration (NQ-open dev) / report (EfficientQA dev) questions | {s['cal']} / "
         f"{s['report']} | {ISSUE_SIZES['calibration / report questions']} |",
-        f"| SE-preference / judge labels (first questions of the calibration set) | "
-        f"{s['se']} ({s['se_samples']} samples per model) / {s['judge']} | every "
-        "calibration question |",
+        f"| Gemma-3-270M answers / SE-preference / judge labels (first calibration "
+        f"questions) | {s['gemma']} / {s['se']} ({s['se_samples']} samples per model) / "
+        f"{s['judge']} | every calibration question |",
         f"| recalibration checkpoints | {', '.join(map(str, s['checkpoints']))} shadow labels, "
         f"rate {s['shadow_rate']} | {ISSUE_SIZES['recalibration checkpoints']} |",
         f"| evaluation window after each checkpoint | {s['window']} requests | "
@@ -928,15 +939,17 @@ def size_notes(s: Sizes) -> list[str]:
                      "issue asks.")
     if tuple(s.checkpoints) != (50, 100, 200):
         notes.append(f"Checkpoints {list(s.checkpoints)} instead of 50, 100, 200.")
-    if s.se < s.cal or s.judge < s.cal:
+    if min(s.gemma, s.se, s.judge) < s.cal:
         notes.append(
-            f"SE-preference labels cover the first {s.se} calibration questions and judge "
-            f"labels the first {s.judge}, not all {s.cal}: each needs extra generations "
-            f"(SE: {s.se_samples} samples from each model; judge: one 64-token verdict per "
-            "question) that would not fit the ~25-minute budget of the session on this "
-            "2-core CPU. Each is compared with gold calibration on the same questions. The "
-            "judge is the 135M edge model itself (no stronger local judge is installed), a "
-            "weak judge: expect many unparseable verdicts.")
+            f"Cloud (b), Gemma-3-270M, answers the first {s.gemma} calibration questions; "
+            f"SE-preference labels cover the first {s.se} ({s.se_samples} samples from each "
+            f"model) and judge labels the first {s.judge}, not all {s.cal}. Gemma-3-270M has "
+            "a 262k-token vocabulary and runs in float32 on this 2-core CPU at several seconds "
+            "per question, and the judge needs a 64-token verdict per question; all of them "
+            "would not fit the ~25-minute budget of the session. Each such row is compared "
+            "with gold-label calibration on the same questions. The judge is the 135M edge "
+            "model itself (no stronger local judge is installed): a weak judge, expect many "
+            "unparseable verdicts.")
     return notes
 
 
