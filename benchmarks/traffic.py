@@ -572,6 +572,12 @@ def _route_chunk(router: Any, chunk: Sequence[Any], ref: Any, ctx: dict[str, Any
         st.records.append(rec)
 
 
+def _both_classes(log: Any) -> bool:
+    """Whether the logged labels hold good and bad answers (a calibrator needs both; a
+    checkpoint reached with one class waits for the next chunk)."""
+    return len({r["label"] for r in log.labelled()}) == 2
+
+
 def run_recalibration(edge: Any, sets: dict[str, list[Any]], sizes: Sizes, workdir: Path
                       ) -> dict[str, Any]:
     """Part 3: shadow labels from the reference cloud, recalibrate at each checkpoint."""
@@ -595,7 +601,7 @@ def run_recalibration(edge: Any, sets: dict[str, list[Any]], sizes: Sizes, workd
     for start in range(0, len(stream), chunk):
         _route_chunk(current, stream[start:start + chunk], ref, ctx, st)
         bar.update(min(chunk, len(stream) - start))
-        if pending and st.labels >= pending[0]:
+        if pending and st.labels >= pending[0] and _both_classes(log):
             k = pending.pop(0)
             current = recalibrate(router0, log, labeler=ctx["labeler"], min_labels=k)
             st.events.append({"checkpoint": k, "labels": st.labels, "at": len(st.records),
