@@ -180,7 +180,8 @@ def tiny_edge():
     from confroute.models.hf import HFLanguageModel
     from tests.tiny_models import make_causal_lm
 
-    return HFLanguageModel(*make_causal_lm("llama", seed=0), name="tiny-llama")
+    # This seed answers with a non-empty (if silly) string, so answers can agree.
+    return HFLanguageModel(*make_causal_lm("gpt2", seed=3), name="tiny-gpt2")
 
 
 def _examples_agreeing_half(edge, n: int, prefix: str) -> list[Example]:
