@@ -757,19 +757,28 @@ def _img(plots: dict[str, str], key: str, doc: Path, alt: str) -> list[str]:
     return [f"![{alt}]({os.path.relpath(plots[key], doc.parent)})", ""]
 
 
+def _runs_md(runs: Sequence[dict[str, Any]]) -> list[str]:
+    out = []
+    for r in runs:
+        m = r["machine"]
+        out.append(
+            f"- Parts {', '.join(r['parts'])}: `{r['command']}`, {r['started']} to "
+            f"{r['finished']} UTC, {r['wall_seconds']:.0f} s wall; load average (1 min) "
+            f"{_f(r['load_start'], 2)} at start, {_f(r['load_end'], 2)} at the end, on "
+            f"{m.get('cpus')} CPUs ({m.get('platform')}, Python {m.get('python')}); "
+            f"{r.get('edge_model_calls')} edge-model calls (cache misses).")
+    return out
+
+
 def _setup_md(summary: dict[str, Any]) -> list[str]:
-    s, run = summary["sizes"], summary["run"]
+    s = summary["sizes"]
     lines = [
         "# Results on traffic: budgets, label-free calibration, recalibration", "",
         "Written by `nox -s traffic` (`benchmarks/traffic.py`); issue 12's acceptance. "
-        "Every number below comes from the run described here; nothing was tuned on the "
+        "Every number below comes from the runs described here; nothing was tuned on the "
         "reporting file (NQ-open EfficientQA dev), and `efficientqa_test.jsonl` was not read.",
         "",
-        f"- Command: `{run['command']}`",
-        f"- Run: {run['started']} to {run['finished']} UTC, {run['wall_seconds']:.0f} s wall; "
-        f"load average (1 min) {_f(run['load_start'], 2)} at start, "
-        f"{_f(run['load_end'], 2)} at the end, on {run['machine'].get('cpus')} CPUs "
-        f"({run['machine'].get('platform')}, Python {run['machine'].get('python')}).",
+        *_runs_md(summary.get("runs", [])),
         "- Edge: the embedded SmolLM2-135M-Instruct (system prompt \"Answer the question "
         "briefly.\"), greedy answers of at most 64 tokens, generations cached in sqlite. "
         "Router: the shipped default (total negative log-likelihood of the greedy answer, "
@@ -1000,33 +1009,41 @@ def _gemma_or_none(cache: Path | None, skip: bool) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the asked parts; returns the summary (also written to <out>/summary.json)."""
+    """Run the asked parts and merge them into <out>/summary.json (parts not run keep
+    their earlier results, so the parts can be run one at a time); returns the summary."""
     from confroute.evaluation.harness import machine_info
     from confroute.evaluation.report import embedded_edge_model
 
     sizes, out = _sizes(args), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.json"
+    summary: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if summary.get("sizes") not in (None, dataclasses.asdict(sizes)):
+        summary = {}  # earlier parts were run with other sizes: start afresh
     cache = Path(args.cache) if args.cache else None
-    parts = set(args.parts.split(","))
-    print(f"[traffic] sizes: {sizes}", file=sys.stderr)
+    parts = [p for p in ("shift", "labelfree", "recal") if p in args.parts.split(",")]
+    print(f"[traffic] parts {parts}, sizes: {sizes}", file=sys.stderr)
     t0, load0, started = time.perf_counter(), _load_avg(), time.strftime("%Y-%m-%d %H:%M")
     sets = load_sets(Path(args.data_dir), sizes)
     edge = embedded_edge_model(cache)
-    summary: dict[str, Any] = {"sizes": dataclasses.asdict(sizes), "size_notes": size_notes(sizes)}
-    if "shift" in parts:
-        summary["shift"] = run_shift(edge, sets, sizes)
-    if "labelfree" in parts:
-        summary["labelfree"] = run_labelfree(edge, _gemma_or_none(cache, args.no_gemma), sets,
-                                             sizes)
-    if "recal" in parts:
-        summary["recalibration"] = run_recalibration(edge, sets, sizes, out / "recalibration")
-    summary["run"] = {
-        "command": " ".join(["python", "benchmarks/traffic.py", *sys.argv[1:]]),
+    summary.update(sizes=dataclasses.asdict(sizes), size_notes=size_notes(sizes))
+    for part in parts:
+        if part == "shift":
+            summary["shift"] = run_shift(edge, sets, sizes)
+        elif part == "labelfree":
+            gemma = _gemma_or_none(cache, args.no_gemma)
+            summary["labelfree"] = run_labelfree(edge, gemma, sets, sizes)
+        else:
+            summary["recalibration"] = run_recalibration(edge, sets, sizes,
+                                                         out / "recalibration")
+    runs = [r for r in summary.get("runs", []) if not set(r["parts"]) <= set(parts)]
+    summary["runs"] = [*runs, {
+        "parts": parts, "command": " ".join(["python", "benchmarks/traffic.py", *sys.argv[1:]]),
         "started": started, "finished": time.strftime("%Y-%m-%d %H:%M"),
         "wall_seconds": time.perf_counter() - t0, "load_start": load0, "load_end": _load_avg(),
         "machine": machine_info(), "edge_model_calls": getattr(edge, "n_model_calls", None),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    }]
+    path.write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
 

@@ -228,9 +228,9 @@ def test_run_recalibration_and_report_on_a_tiny_edge(tiny_edge, tmp_path):
 
     summary = {"sizes": T.dataclasses.asdict(sizes), "size_notes": T.size_notes(sizes),
                "recalibration": out,
-               "run": {"command": "python benchmarks/traffic.py", "started": "s",
-                       "finished": "f", "wall_seconds": 1.0, "load_start": 1.0,
-                       "load_end": 2.0, "machine": {"cpus": 2}}}
+               "runs": [{"parts": ["recal"], "command": "python benchmarks/traffic.py",
+                         "started": "s", "finished": "f", "wall_seconds": 1.0,
+                         "load_start": 1.0, "load_end": 2.0, "machine": {"cpus": 2}}]}
     doc = tmp_path / "docs" / "results-traffic.md"
     doc.parent.mkdir()
     plots = T.write_plots(summary, tmp_path / "docs" / "img")
@@ -238,3 +238,4 @@ def test_run_recalibration_and_report_on_a_tiny_edge(tiny_edge, tmp_path):
     assert "## 3. Recalibration" in text and "img/traffic-recalibration-share.png" in text
     assert (tmp_path / "docs" / "img" / "traffic-recalibration-share.png").stat().st_size > 0
     assert "held" in text and "below the 500" in text
+    assert "Parts recal: `python benchmarks/traffic.py`" in text and "load average" in text
