@@ -104,6 +104,7 @@ class Sizes:
     checkpoints: tuple[int, ...] = (50, 100, 200)
     window: int = 500
     stream_max: int = 2000
+    recal_seconds: float = 0.0  # wall-time cap of the recalibration stream (0 = none)
 
 
 TINY = Sizes(nq=6, trivia=6, arith=6, clients=4, cal=24, report=24, gemma=6, se=4,
@@ -550,6 +551,7 @@ class _Stream:
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     labels: int = 0
+    stopped: str | None = None
 
 
 def _route_chunk(router: Any, chunk: Sequence[Any], ref: Any, ctx: dict[str, Any],
@@ -600,6 +602,9 @@ def run_recalibration(edge: Any, sets: dict[str, list[Any]], sizes: Sizes, workd
     t0, chunk = time.perf_counter(), 8
     bar = _progress(None, len(stream), "recalibration")
     for start in range(0, len(stream), chunk):
+        if sizes.recal_seconds and time.perf_counter() - t0 > sizes.recal_seconds:
+            st.stopped = f"wall-time cap of {sizes.recal_seconds:.0f} s reached"
+            break
         _route_chunk(current, stream[start:start + chunk], ref, ctx, st)
         bar.update(min(chunk, len(stream) - start))
         if pending and st.labels >= pending[0] and _both_classes(log):
@@ -650,6 +655,7 @@ def _recal_summary(router0: Any, st: _Stream, sizes: Sizes, wall: float,
         "prefix": prefix_check(flags, sizes.budget),
         "windows": recalibration_windows(router0.calibrator, st.records, st.events,
                                          sizes.window),
+        "stopped": st.stopped,
         "checkpoints_reached": [e["checkpoint"] for e in st.events],
         "events_at": [e["at"] for e in st.events],
     }
@@ -931,6 +937,9 @@ def _recal_md(rc: dict[str, Any], sizes: dict[str, Any], plots: dict[str, str],
     if missing:
         lines.append(f"- Checkpoints not reached before the stream ended: {missing} (a "
                      "checkpoint waits until the labels hold both classes).")
+    if rc.get("stopped"):
+        lines.append(f"- The stream was stopped early: {rc['stopped']} (so the session fits "
+                     "its time budget on this shared machine).")
     if rc["windows"] and any(w["n"] < sizes["window"] for w in rc["windows"]):
         lines.append("- Some windows are shorter than asked: the stream ended first.")
     return [*lines, "", *_img(plots, "recal", doc, "cloud share during recalibration"), ""]
@@ -996,6 +1005,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         if f.type in ("int", "float"):
             ap.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int"
                             else float, default=None)
+    ap.add_argument("--checkpoints", default=None, type=lambda v: tuple(
+        int(x) for x in v.split(",")), help="shadow-label counts, e.g. 50,100,200")
     return ap.parse_args(argv)
 
 
@@ -1017,6 +1028,23 @@ def _gemma_or_none(cache: Path | None, skip: bool) -> Any:
     return cached(GEMMA_NAME, load_gemma, cache)
 
 
+#: The sizes each part depends on (a part run with other values is dropped from a summary).
+PART_FIELDS = {
+    "shift": ("nq", "trivia", "arith", "clients", "budget"),
+    "labelfree": ("cal", "report", "gemma", "se", "se_samples", "judge"),
+    "recalibration": ("budget", "shadow_rate", "checkpoints", "window", "stream_max",
+                      "recal_seconds"),
+}
+
+
+def _drop_stale_parts(summary: dict[str, Any], sizes: dict[str, Any]) -> None:
+    old = summary.get("sizes") or {}
+    for part, fields in PART_FIELDS.items():
+        if part in summary and any(
+                json.dumps(old.get(f)) != json.dumps(sizes.get(f)) for f in fields):
+            del summary[part]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the asked parts and merge them into <out>/summary.json (parts not run keep
     their earlier results, so the parts can be run one at a time); returns the summary."""
@@ -1027,8 +1055,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "summary.json"
     summary: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    if summary.get("sizes") not in (None, dataclasses.asdict(sizes)):
-        summary = {}  # earlier parts were run with other sizes: start afresh
+    _drop_stale_parts(summary, dataclasses.asdict(sizes))
     cache = Path(args.cache) if args.cache else None
     parts = [p for p in ("shift", "labelfree", "recal") if p in args.parts.split(",")]
     print(f"[traffic] parts {parts}, sizes: {sizes}", file=sys.stderr)
@@ -1045,7 +1072,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             summary["recalibration"] = run_recalibration(edge, sets, sizes,
                                                          out / "recalibration")
-    runs = [r for r in summary.get("runs", []) if not set(r["parts"]) <= set(parts)]
+    key = {"shift": "shift", "labelfree": "labelfree", "recal": "recalibration"}
+    runs = [r for r in summary.get("runs", []) if not set(r["parts"]) <= set(parts)
+            and all(key[p] in summary for p in r["parts"])]
     summary["runs"] = [*runs, {
         "parts": parts, "command": " ".join(["python", "benchmarks/traffic.py", *sys.argv[1:]]),
         "started": started, "finished": time.strftime("%Y-%m-%d %H:%M"),
