@@ -437,7 +437,7 @@ def labelfree_rows(calibrator: Any, x_cal: np.ndarray, truth_cal: np.ndarray,
         rows.append({"name": ls["name"], "cloud": ls.get("cloud", ""), "kappa": kappa,
                      "cost": ls.get("cost"), **_fit_eval(calibrator, x_cal, y, x_rep,
                                                          truth_rep)})
-        if ls.get("subset") and (~np.isnan(y)).sum() not in compared:
+        if ls.get("subset") and 0 < (~np.isnan(y)).sum() not in compared:
             compared.add(int((~np.isnan(y)).sum()))
             g = np.where(np.isnan(y), np.nan, truth_cal)
             rows.append({"name": f"gold (same {int((~np.isnan(g)).sum())} questions)",
@@ -898,6 +898,8 @@ def _labelfree_md(lf: dict[str, Any], goal: dict[str, Any], plots: dict[str, str
         "| cloud calls | labelling s |", "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in lf["rows"]:
+        if r["name"].startswith("gold (same") and not r["n_labels"]:
+            continue  # nothing to compare with
         cost = r.get("cost") or {}
         calls = cost.get("cloud_requests", 0) + cost.get("judge_requests", 0)
         secs = cost.get("seconds", 0.0) + cost.get("cloud_seconds", 0.0)
@@ -914,6 +916,15 @@ def _labelfree_md(lf: dict[str, Any], goal: dict[str, Any], plots: dict[str, str
             f"- Goal (issue 12), {name} with the reference cloud: AUROC within 0.03 of gold "
             f"calibration (gold minus this: {g['auroc_gap']:+.3f}) and ECE at most 0.05 above "
             f"gold's (this minus gold: {g['ece_gap']:+.3f}): **{verdict}**.")
+    gold = lf["rows"][0]
+    lines.append(
+        f"- Reading: the edge answers {lf['edge_accuracy_cal']:.1%} of the calibration "
+        f"questions correctly, so gold calibration rests on "
+        f"{round(gold['n_labels'] * gold['share_good'])} good answers and each labeler on "
+        "the good answers it found (share good x labels known); the report set has "
+        f"{round(lf['n_report'] * lf['edge_accuracy_report'])} good answers. With so few "
+        "positives every AUROC here is noisy (a few answers move it by 0.1), and a labeler "
+        "that finds no good answer cannot calibrate at all (n/a).")
     if not lf["gemma"]:
         lines.append("- Gemma-3-270M could not be loaded: cloud (b) rows are missing.")
     for k, v in lf.get("extra", {}).items():
