@@ -973,8 +973,9 @@ def _recal_md(rc: dict[str, Any], sizes: dict[str, Any], plots: dict[str, str],
     lines.append(f"- Shadow labels: {counts.get('good', 0)} good, {counts.get('bad', 0)} bad "
                  f"edge answers ({counts.get('unknown', 0)} unknown).")
     if missing:
-        lines.append(f"- Checkpoints not reached before the stream ended: {missing} (a "
-                     "checkpoint waits until the labels hold both classes).")
+        why = "" if rc.get("stopped") else (
+            " (a checkpoint waits until the labels hold both classes)")
+        lines.append(f"- Checkpoints not reached before the stream ended: {missing}{why}.")
     if rc.get("stopped"):
         lines.append(f"- The stream was stopped early: {rc['stopped']} (so the session fits "
                      "its time budget on this shared machine).")
