@@ -316,3 +316,13 @@ def test_client_that_gives_up_during_its_cloud_call_is_still_charged(tiny_llama:
         report = ledger_report(app.state.router.policy)
     assert len(cloud.prompts) == 1
     assert report is not None and report["requests"] == 1 and report["cloud"] == 1
+
+
+def test_openai_model_repr_hides_header_values() -> None:
+    """Extra headers (e.g. from a config file) may carry credentials: repr shows names only."""
+    from confroute.models.openai import OpenAIModel
+
+    m = OpenAIModel("m", base_url="http://127.0.0.1:9/v1",
+                    headers={"X-Api-Key": "hdr-secret-123", "X-Team": "a"})
+    text = repr(m)
+    assert "hdr-secret-123" not in text and "X-Api-Key" in text

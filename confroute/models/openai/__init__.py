@@ -260,6 +260,8 @@ class OpenAIModel(ParamsMixin):
             if key == "model" or key == "api_key":
                 continue
             if value is not sig.parameters[key].default and value != sig.parameters[key].default:
+                if key == "headers" and isinstance(value, dict):
+                    value = {k: "***" for k in value}  # header values may be credentials
                 shown.append(f"{key}={self._redact(repr(value))}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
