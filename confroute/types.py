@@ -51,22 +51,29 @@ def prompt_key(prompt: Prompt) -> str:
     )
 
 
+#: Largest ``GenerationConfig.max_new_tokens`` (bounds the memory one config can request).
+MAX_NEW_TOKENS = 131_072
+#: Largest ``GenerationConfig.n`` (samples per prompt).
+MAX_SAMPLES = 1_024
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to generate from a language model.
 
     Parameters
     ----------
-    max_new_tokens : int
-        Upper bound on generated tokens per sample.
+    max_new_tokens : int in [1, MAX_NEW_TOKENS]
+        Upper bound on generated tokens per sample (at most 131,072: the memory a
+        config can make a model allocate is bounded).
     temperature : float
         0 means greedy decoding; > 0 samples from the tempered distribution.
     top_p : float
         Nucleus sampling mass in (0, 1]; 1 disables it.
     top_k : int
         Keep only the k most likely tokens; 0 disables it.
-    n : int
-        Number of samples per prompt (must be 1 for greedy decoding).
+    n : int in [1, MAX_SAMPLES]
+        Number of samples per prompt (must be 1 for greedy decoding; at most 1,024).
     seed : int or None
         Seed for reproducible sampling; None draws fresh randomness.
     stop : tuple of str
@@ -89,11 +96,12 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         owner = "GenerationConfig"
-        check_int(self.max_new_tokens, "max_new_tokens", owner, min_value=1)
+        check_int(self.max_new_tokens, "max_new_tokens", owner, min_value=1,
+                  max_value=MAX_NEW_TOKENS)
         check_float(self.temperature, "temperature", owner, min_value=0.0)
         check_float(self.top_p, "top_p", owner, min_value=0.0, max_value=1.0, min_inclusive=False)
         check_int(self.top_k, "top_k", owner, min_value=0)
-        check_int(self.n, "n", owner, min_value=1)
+        check_int(self.n, "n", owner, min_value=1, max_value=MAX_SAMPLES)
         check_int(self.seed, "seed", owner, min_value=0, allow_none=True)
         if (
             isinstance(self.stop, (str, bytes, Mapping))

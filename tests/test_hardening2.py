@@ -326,3 +326,12 @@ def test_openai_model_repr_hides_header_values() -> None:
                     headers={"X-Api-Key": "hdr-secret-123", "X-Team": "a"})
     text = repr(m)
     assert "hdr-secret-123" not in text and "X-Api-Key" in text
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [({"n": 10**9, "temperature": 0.7}, "'n'"),
+                                               ({"max_new_tokens": 10**12}, "'max_new_tokens'")])
+def test_generation_config_sizes_are_bounded(kwargs: dict, param: str) -> None:
+    from confroute.types import GenerationConfig
+
+    with pytest.raises(InvalidParameterError, match=param):
+        GenerationConfig(**kwargs)
