@@ -37,11 +37,13 @@ References
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any, ClassVar, TypeVar
@@ -164,6 +166,13 @@ def _c_ledger_key(value: Any, name: str, owner: str) -> str:
 
 def _c_failure_mode(value: Any, name: str, owner: str) -> str:
     return check_choice(value, name, owner, FAILURE_MODES)
+
+
+_ADAPT_MIN = 50  # recent scores needed before an adaptive threshold replaces the fitted one
+
+
+def _c_adapt_window(value: Any, name: str, owner: str) -> int:
+    return check_int(value, name, owner, min_value=0, max_value=1_000_000)
 
 
 def _c_nonneg_int(value: Any, name: str, owner: str) -> int:
@@ -412,9 +421,8 @@ class OnlinePolicy(Policy):
         self._check_fitted()
         p = self._check_p([p_good], "p_good", allow_empty=False)
         c = self._costs(None if cost is None else [cost], 1, params)
-        wanted = bool(self._wants(p, c, params)[0])
         with self._lock:
-            return self._admit_one(float(p[0]), float(c[0]), wanted, params)
+            return self._admit_one(float(p[0]), float(c[0]), params)
 
     def settle(self, ticket: Ticket, spent: bool, *, cost: float | None = None) -> bool:
         """Record how an admitted request ended.
@@ -463,6 +471,7 @@ class OnlinePolicy(Policy):
         led.reset()
         with self._lock:
             self.__dict__["_ledger_obj"] = led
+            self.__dict__.pop("_recent_obj", None)
 
     def snapshot(self) -> LedgerSnapshot:
         """Counts of the ledger now (since the last reset or period boundary).
@@ -480,6 +489,7 @@ class OnlinePolicy(Policy):
         super().set_params(**params)
         with self._lock:
             self.__dict__.pop("_ledger_obj", None)
+            self.__dict__.pop("_recent_obj", None)
         return self
 
     # -- hooks ----------------------------------------------------------------------------
@@ -495,20 +505,31 @@ class OnlinePolicy(Policy):
         return 0.0
 
     # -- helpers --------------------------------------------------------------------------
+    def _observe(self, p: float, params: dict[str, Any]) -> None:
+        """Record one arriving request's ``p_good`` before its decision (caller holds the lock).
+
+        The base rule learns nothing from traffic; see :meth:`_stateful`.
+        """
+
+    def _stateful(self, params: dict[str, Any]) -> bool:
+        """True if the rule learns from the requests it sees (see :meth:`_observe`)."""
+        return False
+
     def _decide(self, p: np.ndarray, cost: Any, params: dict[str, Any]) -> np.ndarray:
         c = self._costs(cost, p.size, params)
-        wanted = self._wants(p, c, params)
-        if not self.enforced:
-            return wanted
+        if not self.enforced and not self._stateful(params):
+            return self._wants(p, c, params)
         with self._lock:
             return np.array(
-                [self._admit_one(float(p[i]), float(c[i]), bool(wanted[i]), params).escalate
+                [self._admit_one(float(p[i]), float(c[i]), params).escalate
                  for i in range(p.size)],
                 dtype=bool,
             )
 
-    def _admit_one(self, p: float, c: float, wanted: bool, params: dict[str, Any]) -> Ticket:
+    def _admit_one(self, p: float, c: float, params: dict[str, Any]) -> Ticket:
         """Admit one validated request; the caller holds the lock."""
+        self._observe(p, params)
+        wanted = bool(self._wants(np.array([p]), np.array([c]), params)[0])
         adm = self._ledger_locked(params).admit(wanted, Fraction(c))
         return make_ticket(adm, p_good=p, wanted=wanted, cost=c,
                            reason=self._explain(p, adm.escalate, c))
@@ -578,6 +599,41 @@ class OnlinePolicy(Policy):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+class _RecentScores:
+    """The last ``size`` finite ``p_good`` values, kept sorted (O(size) per update)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.order: deque[float] = deque()
+        self.sorted: list[float] = []
+
+    def add(self, p: float) -> None:
+        if math.isnan(p):
+            return
+        if len(self.order) == self.size:
+            old = self.order.popleft()
+            del self.sorted[bisect.bisect_left(self.sorted, old)]
+        self.order.append(p)
+        bisect.insort(self.sorted, p)
+
+    def rule(self, budget: Fraction) -> tuple[float, float]:
+        """``(v, q)``: escalate ``p < v``, and ``p == v`` with probability ``q``.
+
+        With m = floor(budget * n) of the n recent values allowed to escalate, v
+        is the m-th smallest and q shares the remaining places among the values
+        tied at v, so the expected share is exactly m / n even when isotonic
+        calibration ties many ``p_good`` (``(-inf, 0)`` when m = 0).
+        """
+        n = len(self.sorted)
+        m = budget_allowance(budget, n)
+        if m == 0:
+            return -math.inf, 0.0
+        v = self.sorted[m - 1]
+        below = bisect.bisect_left(self.sorted, v)
+        tied = bisect.bisect_right(self.sorted, v) - below
+        return v, (m - below) / tied
 
 
 # ---------------------------------------------------------------------------------------
@@ -674,11 +730,24 @@ class BudgetPolicy(OnlinePolicy):
         up to ``ledger_emergency_allowance`` escalations through (counted locally).
     ledger_emergency_allowance : int >= 0, default=0
         Escalations this process may make while Redis is unreachable (``fail_open``).
+    adapt_window : int in [0, 1_000_000], default=0
+        0: the fitted ``threshold_`` decides which requests want the cloud. W > 0:
+        the threshold **follows the traffic**: it is refitted, by the same rule as
+        :meth:`fit`, on the ``p_good`` of the last W requests seen by
+        :meth:`admit` / :meth:`decide` (the current one included), as soon as
+        ``min(W, 50)`` of them are known (``threshold_`` before). A request then
+        wants the cloud when it is among the least confident ``max_cloud_fraction``
+        of recent traffic, so after a shift that lowers every ``p_good`` the
+        budget goes to the least confident requests instead of to whichever
+        arrive first. The ledger's guarantee is unchanged. The window lives in
+        this process (each replica adapts to the traffic it sees); :meth:`reset`
+        empties it. See :meth:`current_threshold`.
 
     Attributes
     ----------
     threshold_ : float
-        The rule: escalate when ``p_good < threshold_`` (if the budget allows).
+        The fitted rule: escalate when ``p_good < threshold_`` (if the budget
+        allows; with ``adapt_window`` only until the window has filled).
     calibration_cloud_fraction_ : float
         Share of held-out requests that escalate at ``threshold_`` (<= budget).
     cloud_fraction_interval_ : ndarray of shape (2,)
@@ -701,6 +770,7 @@ class BudgetPolicy(OnlinePolicy):
         "confidence": _c_open_unit,
         "nan_policy": _c_nan_policy,
         **_LEDGER_CHECKS,
+        "adapt_window": _c_adapt_window,
     }
     _state_spec: ClassVar[Mapping[str, str]] = {
         "threshold_": "float",
@@ -722,8 +792,10 @@ class BudgetPolicy(OnlinePolicy):
         ledger_key: str = "confroute:ledger",
         ledger_failure_mode: str = "fail_closed",
         ledger_emergency_allowance: int = 0,
+        adapt_window: int = 0,
     ) -> None:
         self.max_cloud_fraction = max_cloud_fraction
+        self.adapt_window = adapt_window
         self.enforce = enforce
         self.window = window
         self.period = period
@@ -791,19 +863,63 @@ class BudgetPolicy(OnlinePolicy):
             period=params["period"] if mode == "period" else None,
         )
 
+    def current_threshold(self) -> float:
+        """The threshold deciding now: ``threshold_``, or the one adapted to recent traffic.
+
+        Returns
+        -------
+        float
+            ``threshold_`` unless ``adapt_window`` > 0 and the window holds at
+            least ``min(adapt_window, 50)`` finite ``p_good`` values.
+        """
+        rule = self._adaptive_rule()
+        return float(self.threshold_) if rule is None else rule[0]
+
+    def _adaptive_rule(self) -> tuple[float, float] | None:
+        """``(v, q)`` of the window (see :class:`_RecentScores`), or None before it fills."""
+        self._check_fitted()
+        recent = self.__dict__.get("_recent_obj")
+        w = int(self.adapt_window)
+        if not w or recent is None or len(recent.sorted) < min(w, _ADAPT_MIN):
+            return None
+        return recent.rule(exact_fraction(self.max_cloud_fraction))
+
+    def _stateful(self, params: dict[str, Any]) -> bool:
+        return bool(params["adapt_window"])
+
+    def _observe(self, p: float, params: dict[str, Any]) -> None:
+        w = params["adapt_window"]
+        if not w:
+            return
+        recent = self.__dict__.get("_recent_obj")
+        if recent is None or recent.size != w:
+            recent = self.__dict__["_recent_obj"] = _RecentScores(w)
+        recent.add(p)
+
     def _wants(self, p: np.ndarray, c: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         out = np.zeros(p.shape, dtype=bool)
         nan = np.isnan(p)
-        out[~nan] = p[~nan] < self.threshold_
+        rule = self._adaptive_rule()
+        if rule is None:
+            out[~nan] = p[~nan] < self.threshold_
+        else:
+            v, q = rule
+            rng = self.__dict__.setdefault("_tie_rng", np.random.default_rng(0))
+            tied = p == v
+            out = (p < v) | (tied & (rng.random(p.shape) < q))
         out[nan] = params["nan_policy"] == "escalate"
         return out
 
     def _explain(self, p: float, escalate: bool, cost: float | None) -> str:
-        t = self.threshold_
-        wanted = self._nan_escalates() if math.isnan(p) else p < t
+        t = self.current_threshold()
+        adaptive = self._adaptive_rule() is not None
+        tie = adaptive and p == t  # tied requests share the last places at random
+        wanted = self._nan_escalates() if math.isnan(p) else (escalate if tie else p < t)
         limit = _pct(float(self.max_cloud_fraction))
+        adapted = " (adapted to recent traffic)" if adaptive else ""
         base = self._nan_reason(wanted) if math.isnan(p) else (
-            f"p_good {p:.2f} {'<' if p < t else '>='} threshold {t:.2f}"
+            f"p_good {p:.2f} {'<' if p < t else '>='} threshold {t:.2f}{adapted}"
+            + (", tied: drawn at random for the budget's last places" if tie else "")
         )
         if not self.enforced:
             return (f"{base} (a threshold fitted to a {limit} cloud share on held-out data, "

@@ -186,12 +186,15 @@ def _escalation_threshold(policy: Any) -> float:
     return min(1.0, max(0.0, float(t)))
 
 
-def _share_policy(policy: Any, fraction: float, period: float | None, n_cal: int) -> Policy:
+def _share_policy(policy: Any, fraction: float, period: float | None, n_cal: int,
+                  adapt_window: int = 0) -> Policy:
     """An enforced BudgetPolicy with ``policy``'s escalation threshold."""
     from confroute.policies import BudgetPolicy
 
     params: dict[str, Any] = {"max_cloud_fraction": fraction, "enforce": "total",
                               "nan_policy": getattr(policy, "nan_policy", "escalate")}
+    if adapt_window:
+        params["adapt_window"] = adapt_window
     if period is not None:
         params.update(enforce="period", period=period)
     try:
@@ -250,6 +253,7 @@ def apply_budget(
     period: str | float | None = None,
     prices: Mapping[str, float] | None = None,
     prompt_tokens: int = 1000,
+    adapt_window: int = 0,
 ) -> Router:
     """A copy of ``router`` whose policy enforces a cloud budget online, exactly.
 
@@ -284,6 +288,9 @@ def apply_budget(
         escalation reserves ``(prompt_tokens * input + max_new_tokens * output)
         / 1e6`` (``max_new_tokens`` of the router's ``cloud_config``), an upper
         bound for prompts up to that length.
+    adapt_window : int >= 0, default=0
+        With ``max_cloud_fraction``, W > 0 lets the threshold follow the last W
+        requests (``BudgetPolicy(adapt_window=W)``); 0 keeps the router's own.
 
     Returns
     -------
@@ -308,20 +315,28 @@ def apply_budget(
     if max_cloud_fraction is not None:
         frac = check_float(max_cloud_fraction, "max_cloud_fraction", owner, min_value=0.0,
                            max_value=1.0)
-        n_cal = int((router.calibration_ or {}).get("n", 0))
-        policy = _share_policy(router.policy, frac, seconds, n_cal)
+        adapt = check_int(adapt_window, "adapt_window", owner, min_value=0, max_value=1_000_000)
+        policy = _share_policy(router.policy, frac, seconds,
+                               int((router.calibration_ or {}).get("n", 0)), adapt)
     else:
-        cap = check_float(max_cloud_cost, "max_cloud_cost", owner, min_value=0.0)
-        check_int(prompt_tokens, "prompt_tokens", owner, min_value=0)
-        cost = _cost_per_escalation(router, _check_prices(prices, owner), prompt_tokens)
-        if cost <= 0:
-            raise InvalidParameterError(
-                "The 'prices' parameter of apply_budget must be given with max_cloud_cost when "
-                "the cloud model has no price table. Got None.")
-        policy = _cost_policy(router, cap, seconds, cost)
+        policy = _spend_policy(router, max_cloud_cost, seconds, prices, prompt_tokens)
     new = copy.copy(router)
     new.policy = policy
     return new
+
+
+def _spend_policy(router: Router, max_cloud_cost: Any, seconds: float | None, prices: Any,
+                  prompt_tokens: Any) -> Policy:
+    """apply_budget's spend-cap branch: a CostAwarePolicy reserving each escalation's cost."""
+    owner = "apply_budget"
+    cap = check_float(max_cloud_cost, "max_cloud_cost", owner, min_value=0.0)
+    check_int(prompt_tokens, "prompt_tokens", owner, min_value=0)
+    cost = _cost_per_escalation(router, _check_prices(prices, owner), prompt_tokens)
+    if cost <= 0:
+        raise InvalidParameterError(
+            "The 'prices' parameter of apply_budget must be given with max_cloud_cost when "
+            "the cloud model has no price table. Got None.")
+    return _cost_policy(router, cap, seconds, cost)
 
 
 def _check_prices(prices: Any, owner: str) -> dict[str, float] | None:
@@ -722,7 +737,7 @@ def create_app(
     period: str | float | None = None,
     prices: Mapping[str, float] | None = None,
     traffic: TrafficTap | None = None, max_body_bytes: int = 1 << 20, max_json_depth: int = 64,
-) -> FastAPI:
+    adapt_window: int = 0) -> FastAPI:
     """Build the OpenAI-compatible routing server around a calibrated router.
 
     Parameters
@@ -745,7 +760,7 @@ def create_app(
         Largest micro-batch of edge work (see :class:`EdgeBatcher`).
     batch_wait_ms : float, default=5.0
         How long the batcher waits for more requests after the first one.
-    max_cloud_fraction, max_cloud_cost, period, prices : optional
+    max_cloud_fraction, max_cloud_cost, period, prices, adapt_window : optional
         Serve with an enforced budget: the router is replaced by
         ``apply_budget(router, ...)`` (see :func:`apply_budget`).
     traffic : TrafficTap, optional
@@ -783,7 +798,7 @@ def create_app(
         max_n=check_int(max_n, "max_n", owner, min_value=1, max_value=1),
     )
     wait = check_float(batch_wait_ms, "batch_wait_ms", owner, min_value=0.0)
-    router = _budgeted(router, max_cloud_fraction, max_cloud_cost, period, prices)
+    router = _budgeted(router, max_cloud_fraction, max_cloud_cost, period, prices, adapt_window)
     batcher = EdgeBatcher(router, max_batch=max_batch, max_wait=wait / 1000.0)
     server = _Server(router, batcher, limits, model_name, int(time.time()), _Metrics(router),
                      traffic)
@@ -791,14 +806,19 @@ def create_app(
 
 
 def _budgeted(router: Router, max_cloud_fraction: float | None, max_cloud_cost: float | None,
-              period: str | float | None, prices: Mapping[str, float] | None) -> Router:
+              period: str | float | None, prices: Mapping[str, float] | None,
+              adapt_window: int = 0) -> Router:
     """The router to serve: ``apply_budget(router, ...)`` when a budget is given."""
     if max_cloud_fraction is not None or max_cloud_cost is not None:
         return apply_budget(router, max_cloud_fraction=max_cloud_fraction,
-                            max_cloud_cost=max_cloud_cost, period=period, prices=prices)
+                            max_cloud_cost=max_cloud_cost, period=period, prices=prices,
+                            adapt_window=adapt_window)
     if period is not None or prices is not None:
         raise InvalidParameterError("The 'period' and 'prices' parameters of create_app need "
                                     "max_cloud_fraction or max_cloud_cost.")
+    if adapt_window:
+        raise InvalidParameterError("The 'adapt_window' parameter of create_app needs "
+                                    f"max_cloud_fraction. Got {adapt_window!r} without it.")
     return router
 
 

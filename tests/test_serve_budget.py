@@ -197,6 +197,11 @@ def test_apply_budget_validates_before_any_work(served_threshold_router):
         apply_budget(Router(), max_cloud_fraction=0.3)
     with pytest.raises(InvalidParameterError, match="need max_cloud_fraction"):
         create_app(router, period=60)
+    with pytest.raises(InvalidParameterError, match="'adapt_window' parameter of create_app"):
+        create_app(router, adapt_window=100)
+    with pytest.raises(ValueError, match="'adapt_window' parameter of apply_budget"):
+        apply_budget(router, max_cloud_fraction=0.3, adapt_window=-1)
+    assert apply_budget(router, max_cloud_fraction=0.3, adapt_window=64).policy.adapt_window == 64
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -225,6 +230,10 @@ def test_cli_serve_budget_flags(tmp_path, edge, served_threshold_router):
     app = app_from_args(args)
     policy = app.state.router.policy
     assert isinstance(policy, BudgetPolicy) and policy.threshold_ == 1.0
+    assert policy.adapt_window == 0
+    args = build_parser().parse_args([*base, "--max-cloud-fraction", "0.3",
+                                      "--adapt-window", "500"])
+    assert app_from_args(args).state.router.policy.adapt_window == 500
     args = build_parser().parse_args([*base, "--max-cloud-cost", "2.5", "--price-input", "3",
                                       "--price-output", "15", "--period", "1h"])
     assert (args.max_cloud_cost, args.period, args.price_input, args.price_output) == (

@@ -55,6 +55,10 @@ def register(sub: Any) -> None:
                    "--period when given")
     p.add_argument("--period", default=None,
                    help="budget period: seconds or 30m, 1h, 1d (default: the server's lifetime)")
+    p.add_argument("--adapt-window", type=int, default=0, metavar="N",
+                   help="with --max-cloud-fraction: escalate the least confident share of the "
+                   "last N requests instead of every request under the router's threshold "
+                   "while the budget lasts (default 0: off; the cap holds either way)"),
     p.add_argument("--price-input", type=float, default=None,
                    help="cloud price per million input tokens (for --max-cloud-cost; default: "
                    "the cloud model's price table)")
@@ -159,7 +163,8 @@ def app_from_args(args: argparse.Namespace) -> Any:
         if budget["max_cloud_fraction"] is not None or budget["max_cloud_cost"] is not None:
             from confroute.serve import apply_budget
 
-            router = apply_budget(router, **budget)  # the budget first, then its ledger
+            router = apply_budget(router, **budget, adapt_window=args.adapt_window)
+            # the budget first, then its ledger
             budget = {}
         apply_ledger(router.policy, args.ledger, key=args.ledger_key,
                      failure_mode=args.ledger_failure_mode,
@@ -167,7 +172,7 @@ def app_from_args(args: argparse.Namespace) -> Any:
     return create_app(router, model_name=opts["model_name"],
                       max_prompt_chars=args.max_prompt_chars, max_messages=args.max_messages,
                       max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, traffic=tap,
-                      **budget)
+                      adapt_window=args.adapt_window if budget else 0, **budget)
 
 
 def apply_ledger(policy: Any, url: str, *, key: str = "confroute:ledger",
