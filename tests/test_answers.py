@@ -99,6 +99,8 @@ def test_extract_choice_letters_restrict() -> None:
         ("\u201cQuoted\u201d \u2014 text", "quoted text"),
         ("...", ""),
         ("A", ""),
+        ("Hydro\u00adgen", "hydrogen"),  # soft hyphen (an NQ-open alias)
+        ("zero\u200dwidth", "zerowidth"),
     ],
 )
 def test_normalize_answer(text: str, expected: str) -> None:

@@ -167,7 +167,9 @@ def normalize_answer(text: str) -> str:
 
     Lower-case, remove punctuation (ASCII and Unicode), remove the articles
     *a*, *an*, *the*, and collapse whitespace — the steps of the official SQuAD
-    evaluation script [1]_.
+    evaluation script [1]_. Invisible format characters (Unicode category Cf:
+    soft hyphens, zero-width joiners, as in the NQ-open alias "Hydro\u00adgen")
+    are dropped first, so they never split a word.
 
     Parameters
     ----------
@@ -178,7 +180,7 @@ def normalize_answer(text: str) -> str:
     str
         The normalised text (possibly empty).
     """
-    text = text.lower()
+    text = "".join(ch for ch in text.lower() if unicodedata.category(ch) != "Cf")
     text = "".join(
         " " if unicodedata.category(ch).startswith("P") or ch in string.punctuation else ch
         for ch in text
