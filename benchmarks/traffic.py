@@ -67,6 +67,7 @@ from benchmarks.reference_cloud import ReferenceCloudServer  # noqa: E402
 __all__ = [
     "ISSUE_SIZES",
     "Sizes",
+    "adaptive_section",
     "chat",
     "grade",
     "labelfree_rows",
@@ -105,10 +106,11 @@ class Sizes:
     window: int = 500
     stream_max: int = 2000
     recal_seconds: float = 0.0  # wall-time cap of the recalibration stream (0 = none)
+    adapt: int = 100  # adapt_window of the adaptive shift variant (part "adaptive")
 
 
 TINY = Sizes(nq=6, trivia=6, arith=6, clients=4, cal=24, report=24, gemma=6, se=4,
-             se_samples=3, judge=4, checkpoints=(4, 8), window=12, stream_max=120)
+             se_samples=3, judge=4, checkpoints=(4, 8), window=12, stream_max=120, adapt=10)
 
 #: What issue 12 asks, for the sizes table of the report.
 ISSUE_SIZES: dict[str, str] = {
@@ -296,7 +298,7 @@ def _client_requests(base_url: str, examples: Sequence[Any], clients: int
         return list(_progress(pool.map(one, range(len(examples))), len(examples), "shift"))
 
 
-def _served(router: Any, examples: Sequence[Any], sizes: Sizes
+def _served(router: Any, examples: Sequence[Any], sizes: Sizes, adapt_window: int = 0
             ) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
     import httpx
 
@@ -307,7 +309,7 @@ def _served(router: Any, examples: Sequence[Any], sizes: Sizes
         router.cloud = OpenAIModel("reference-cloud", base_url=cloud.base_url,
                                    api_key="loopback", logprobs=False, max_retries=0,
                                    max_concurrency=sizes.clients, name="reference-cloud")
-        app = create_app(router, max_cloud_fraction=sizes.budget)
+        app = create_app(router, max_cloud_fraction=sizes.budget, adapt_window=adapt_window)
         with serve_in_thread(app) as server:
             results = _client_requests(server.base_url, examples, sizes.clients)
             health = httpx.get(server.url + "/health", timeout=30).json()
@@ -331,8 +333,10 @@ def _lost(results: Sequence[dict[str, Any]], examples: Sequence[Any]) -> list[st
     return why
 
 
-def run_shift(edge: Any, sets: dict[str, list[Any]], sizes: Sizes) -> dict[str, Any]:
-    """Part 1: serve NQ-open dev, TriviaQA, arithmetic in sequence under a 30 % budget."""
+def run_shift(edge: Any, sets: dict[str, list[Any]], sizes: Sizes, adapt_window: int = 0
+              ) -> dict[str, Any]:
+    """Part 1: serve NQ-open dev, TriviaQA, arithmetic in sequence under a 30 % budget
+    (the router's own threshold, or with ``adapt_window`` one following the traffic)."""
     from confroute.evaluation.metrics import quality_at_budget, quality_vs_cloud_fraction
 
     parts = [("NQ-open dev", sets["nq"]), ("TriviaQA", sets["trivia"]),
@@ -340,7 +344,7 @@ def run_shift(edge: Any, sets: dict[str, list[Any]], sizes: Sizes) -> dict[str, 
     examples = [ex for _, exs in parts for ex in exs]
     names = [name for name, exs in parts for _ in exs]
     t0 = time.perf_counter()
-    results, health, cloud_served = _served(default_router(edge), examples, sizes)
+    results, health, cloud_served = _served(default_router(edge), examples, sizes, adapt_window)
     wall = time.perf_counter() - t0
     lost = _lost(results, examples)
     ok = sorted((r for r in results if r["ok"] and r["record"].get("ledger_seq") is not None),
@@ -362,7 +366,8 @@ def run_shift(edge: Any, sets: dict[str, list[Any]], sizes: Sizes) -> dict[str, 
                for name, _ in parts]
     return {
         "n": len(examples), "clients": sizes.clients, "budget": sizes.budget,
-        "wall_seconds": wall, "lost": len(lost), "lost_reasons": lost[:5],
+        "adapt_window": adapt_window, "wall_seconds": wall, "lost": len(lost),
+        "lost_reasons": lost[:5],
         "cloud_served": cloud_served, "ledger": health.get("ledger"), "prefix": check,
         "arrival_sets": [names[r["i"]] for r in ok],
         "quality": {"router": float(served_q.mean()),
@@ -737,8 +742,13 @@ def write_plots(summary: dict[str, Any], img_dir: Path) -> dict[str, str]:
     if shift:
         sets = shift["arrival_sets"]
         marks = [(i + 1, sets[i]) for i in range(len(sets)) if i == 0 or sets[i] != sets[i - 1]]
+        series = {"router's threshold": shift["prefix"]["prefix_share"]}
+        adaptive = summary.get("shift_adaptive")
+        if adaptive:
+            series[f"adapt_window={adaptive['adapt_window']}"] = (
+                adaptive["prefix"]["prefix_share"])
         out["shift"] = str(plot_prefix_share(
-            {"served (32 clients)": shift["prefix"]["prefix_share"]}, shift["budget"],
+            series, shift["budget"],
             img_dir / "traffic-shift-share.png", marks=marks[1:],
             title="Shift scenario: cloud share at every prefix of the ledger order"))
     lf = summary.get("labelfree")
@@ -880,6 +890,33 @@ def _shift_reading(sh: dict[str, Any]) -> list[str]:
     ]
 
 
+def adaptive_section(fixed: dict[str, Any], ad: dict[str, Any]) -> list[str]:
+    """Section 1b: the same traffic with a threshold that follows it (adapt_window)."""
+    w = ad["adapt_window"]
+    rows = []
+    for name, sh in (("router's threshold (first come, first served)", fixed),
+                     (f"adapt_window={w}", ad)):
+        p, q = sh["prefix"], sh["quality"]
+        rows.append(f"| {name} | {p['share']:.3f} | {p['max_prefix_excess']} | {sh['lost']} | "
+                    f"{_f(q['random'])} | **{_f(q['router'])}** | {_f(q['oracle'])} |")
+    per = {r["set"]: r for r in fixed["per_set"]}
+    sets = [f"| {r['set']} | {_f(per[r['set']]['cloud_share'])} / {_f(r['cloud_share'])} | "
+            f"{_f(per[r['set']]['quality'])} / {_f(r['quality'])} |" for r in ad["per_set"]]
+    return [
+        "### 1b. Spending the budget on the least confident requests", "",
+        f"The same {ad['n']} requests, the same server and clients, served with "
+        f"`create_app(router, max_cloud_fraction={ad['budget']}, adapt_window={w})` "
+        f"(`confroute serve --max-cloud-fraction {ad['budget']} --adapt-window {w}`): the "
+        f"escalation threshold is refitted on the p_good of the last {w} requests (ties "
+        "drawn at random), so a request wants the cloud when it is among the least "
+        "confident 30 % of recent traffic; the ledger's cap is unchanged.", "",
+        "| rule | cloud share | max prefix excess | lost | random at that share | served "
+        "quality | oracle at that share |", "|---|---|---|---|---|---|---|", *rows, "",
+        "| traffic | cloud share (threshold / adaptive) | served quality (threshold / "
+        "adaptive) |", "|---|---|---|", *sets, "",
+    ]
+
+
 def _labelfree_md(lf: dict[str, Any], goal: dict[str, Any], plots: dict[str, str],
                   doc: Path) -> list[str]:
     lines = [
@@ -989,6 +1026,8 @@ def report_markdown(summary: dict[str, Any], plots: dict[str, str], doc: Path) -
     lines = _setup_md(summary)
     if summary.get("shift"):
         lines += _shift_md(summary["shift"], plots, doc)
+        if summary.get("shift_adaptive"):
+            lines += adaptive_section(summary["shift"], summary["shift_adaptive"])
     if summary.get("labelfree"):
         lf = summary["labelfree"]
         lines += _labelfree_md(lf, labelfree_goal(lf["rows"]), plots, doc)
@@ -1043,7 +1082,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="sqlite generation cache ('' for none)")
     ap.add_argument("--write-doc", default=None, help="write the markdown report here")
     ap.add_argument("--img-dir", default="docs/img")
-    ap.add_argument("--parts", default="shift,labelfree,recal")
+    ap.add_argument("--parts", default="shift,adaptive,labelfree,recal")
     ap.add_argument("--tiny", action="store_true", help="a few requests of each (smoke run)")
     ap.add_argument("--doc-only", action="store_true",
                     help="rewrite the report from <out>/summary.json without running")
@@ -1078,6 +1117,7 @@ def _gemma_or_none(cache: Path | None, skip: bool) -> Any:
 #: The sizes each part depends on (a part run with other values is dropped from a summary).
 PART_FIELDS = {
     "shift": ("nq", "trivia", "arith", "clients", "budget"),
+    "shift_adaptive": ("nq", "trivia", "arith", "clients", "budget", "adapt"),
     "labelfree": ("cal", "report", "gemma", "se", "se_samples", "judge"),
     "recalibration": ("budget", "shadow_rate", "checkpoints", "window", "stream_max",
                       "recal_seconds"),
@@ -1104,7 +1144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     _drop_stale_parts(summary, dataclasses.asdict(sizes))
     cache = Path(args.cache) if args.cache else None
-    parts = [p for p in ("shift", "labelfree", "recal") if p in args.parts.split(",")]
+    parts = [p for p in ("shift", "adaptive", "labelfree", "recal")
+             if p in args.parts.split(",")]
     print(f"[traffic] parts {parts}, sizes: {sizes}", file=sys.stderr)
     t0, load0, started = time.perf_counter(), _load_avg(), time.strftime("%Y-%m-%d %H:%M")
     sets = load_sets(Path(args.data_dir), sizes)
@@ -1113,13 +1154,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for part in parts:
         if part == "shift":
             summary["shift"] = run_shift(edge, sets, sizes)
+        elif part == "adaptive":
+            summary["shift_adaptive"] = run_shift(edge, sets, sizes, adapt_window=sizes.adapt)
         elif part == "labelfree":
             gemma = _gemma_or_none(cache, args.no_gemma)
             summary["labelfree"] = run_labelfree(edge, gemma, sets, sizes)
         else:
             summary["recalibration"] = run_recalibration(edge, sets, sizes,
                                                          out / "recalibration")
-    key = {"shift": "shift", "labelfree": "labelfree", "recal": "recalibration"}
+    key = {"shift": "shift", "adaptive": "shift_adaptive", "labelfree": "labelfree",
+           "recal": "recalibration"}
     runs = [r for r in summary.get("runs", []) if not set(r["parts"]) <= set(parts)
             and all(key[p] in summary for p in r["parts"])]
     summary["runs"] = [*runs, {

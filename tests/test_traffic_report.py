@@ -213,6 +213,10 @@ def test_run_shift_on_a_tiny_edge(tiny_edge):
     assert q["cloud_only"] == 1.0 and q["edge_only"] <= q["oracle"] <= 1.0
     assert sorted(out["arrival_sets"]) == sorted(["NQ-open dev"] * 4 + ["TriviaQA"] * 4
                                                  + ["arithmetic"] * 4)
+    ad = T.run_shift(tiny_edge, sets, sizes, adapt_window=4)  # adapts after 4 requests
+    assert ad["adapt_window"] == 4 and ad["lost"] == 0 and ad["prefix"]["max_prefix_excess"] <= 0
+    md = "\n".join(T.adaptive_section(out, ad))
+    assert "adapt_window=4" in md and "| NQ-open dev |" in md
 
 
 def test_run_recalibration_and_report_on_a_tiny_edge(tiny_edge, tmp_path):
