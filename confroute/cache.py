@@ -79,6 +79,7 @@ def encode_samples(samples: Sequence[Sample]) -> str:
             "token_entropies": _encode_array(s.token_entropies),
             "finish_reason": s.finish_reason,
             "prompt_tokens": s.prompt_tokens,
+            "entropy_kind": s.entropy_kind,
         })
     return json.dumps({"v": _SCHEMA_VERSION, "samples": rows}, ensure_ascii=False)
 
@@ -122,8 +123,13 @@ def decode_samples(text: str, where: str = "cache row") -> list[Sample]:
         pt = r.get("prompt_tokens")
         if pt is not None and (not isinstance(pt, int) or isinstance(pt, bool)):
             raise SerializationError(f"{w}: prompt_tokens is not an int.")
+        kind = r.get("entropy_kind")  # absent from rows written before it existed
+        if kind is not None and (kind not in ("exact", "top_k_bound", "none")
+                                 or (kind == "none") != (ent is None)):
+            raise SerializationError(f"{w}: entropy_kind {kind!r} does not match the entropies.")
         out.append(Sample(text=r["text"], token_ids=tuple(ids), token_logprobs=lp,
-                          token_entropies=ent, finish_reason=finish, prompt_tokens=pt))
+                          token_entropies=ent, finish_reason=finish, prompt_tokens=pt,
+                          entropy_kind=kind))
     return out
 
 

@@ -536,7 +536,7 @@ class Router:
                 scores={n: float(v) for n, v in zip(names, row)},
                 edge_answer=None if greedy is None else greedy.text,
                 reason=tk.reason if tk is not None else self.policy.explain(float(p[i]), esc),
-                ticket=tk,
+                ticket=tk, edge_sample=greedy,
             ))
         return decisions
 
@@ -582,7 +582,8 @@ class Router:
         for i, d in enumerate(ds):
             if d.source == "edge":
                 out[i] = RoutedResponse(text=d.edge_answer, source="edge", decision=d,
-                                        answered_by=_model_name(self.edge))
+                                        answered_by=_model_name(self.edge),
+                                        sample=d.edge_sample)
         if up:
             results = self._call_cloud([ds[i].prompt for i in up], config)
             for i, (res, model) in zip(up, results):
@@ -608,7 +609,7 @@ class Router:
         async def one(d: Decision) -> RoutedResponse:
             if d.source == "edge":
                 return RoutedResponse(text=d.edge_answer, source="edge", decision=d,
-                                        answered_by=_model_name(self.edge))
+                                      answered_by=_model_name(self.edge), sample=d.edge_sample)
             return self._settle_and_respond(d, *await self._acloud_one(d.prompt, config))
 
         return list(await asyncio.gather(*(one(d) for d in ds)))
@@ -634,14 +635,15 @@ class Router:
             "completion_tokens": int(sum(s.n_tokens for s in res)),
         }
         return RoutedResponse(text=res[0].text, source="cloud", decision=d,
-                              cost=cost or 0.0, usage=usage, answered_by=_model_name(model))
+                              cost=cost or 0.0, usage=usage, answered_by=_model_name(model),
+                              sample=res[0])
 
     def _failed(self, d: Decision, err: CloudError) -> RoutedResponse:
         why = f"cloud call failed ({err.reason}): {err}"
         if self.on_cloud_error == "degrade" and d.edge_answer is not None:
             return RoutedResponse(text=d.edge_answer, source="edge", decision=d, degraded=True,
                                   error=why, cloud_error=err,
-                                  answered_by=_model_name(self.edge))
+                                  answered_by=_model_name(self.edge), sample=d.edge_sample)
         return RoutedResponse(text=None, source="cloud", decision=d, error=why, cloud_error=err)
 
     def _call_cloud(self, prompts: list[Prompt], config: GenerationConfig) -> list[Any]:

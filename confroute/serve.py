@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 from confroute._validation import check_float, check_int, param_error
 from confroute.errors import InvalidParameterError, MissingDependencyError
 from confroute.serve_guard import with_guard
+from confroute.serve_surface import check_json, forced_decisions
 from confroute.types import Decision, GenerationConfig, Prompt, RoutedResponse, Sample, prompt_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -390,6 +391,18 @@ def ledger_report(policy: Any) -> dict[str, Any] | None:
 class _Pending:
     prompt: Prompt
     future: asyncio.Future[Decision]
+    forced: str | None = None
+
+
+def _runs(items: list[_Pending]) -> list[list[_Pending]]:
+    """Consecutive runs of normal and of forced requests (arrival order kept)."""
+    runs: list[list[_Pending]] = []
+    for it in items:
+        if runs and (runs[-1][0].forced is None) == (it.forced is None):
+            runs[-1].append(it)
+        else:
+            runs.append([it])
+    return runs
 
 
 class EdgeBatcher:
@@ -435,8 +448,14 @@ class EdgeBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="confroute-edge")
 
-    async def submit(self, prompt: Prompt) -> Decision:
-        """Route one (validated) prompt; its ledger ticket (if any) is ``decision.ticket``."""
+    async def submit(self, prompt: Prompt, *, forced: str | None = None) -> Decision:
+        """Route one (validated) prompt; its ledger ticket (if any) is ``decision.ticket``.
+
+        ``forced`` (``"media"``, ``"tools"`` or ``"json"``) marks a request the
+        edge cannot honour: it is decided by
+        :func:`confroute.serve_surface.forced_decisions` instead of
+        ``router.decide`` (admitted by the same ledger, in the same arrival order).
+        """
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._loop is not loop:
             self._queue = asyncio.Queue()
@@ -444,7 +463,7 @@ class EdgeBatcher:
             self._task = loop.create_task(self._run(), name="confroute-edge-batcher")
         assert self._queue is not None
         fut: asyncio.Future[Decision] = loop.create_future()
-        self._queue.put_nowait(_Pending(prompt, fut))
+        self._queue.put_nowait(_Pending(prompt, fut, forced))
         return await fut
 
     async def aclose(self) -> None:
@@ -471,18 +490,21 @@ class EdgeBatcher:
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
             live = [item for item in batch if not item.future.done()]
-            if live:
-                await self._process(live)
+            for run in _runs(live):
+                await self._process(run)
 
     async def _process(self, items: list[_Pending]) -> None:
         from confroute.policies import OnlinePolicy
 
         loop = asyncio.get_running_loop()
         router = self.router
+        prompts = [it.prompt for it in items]
+        work: Any = functools.partial(router.decide, prompts)
+        if items[0].forced is not None:
+            work = functools.partial(forced_decisions, router, prompts,
+                                     [str(it.forced) for it in items])
         try:
-            decided = await loop.run_in_executor(
-                self._pool, router.decide, [it.prompt for it in items]
-            )
+            decided = await loop.run_in_executor(self._pool, work)
         except asyncio.CancelledError:
             for it in items:
                 if not it.future.done():
@@ -541,7 +563,7 @@ def _routed_prompt(req: ChatCompletionRequest, limits: _Limits) -> Prompt:
     if not any(m["role"] == "user" for m in out):
         raise _BadRequest("'messages' must contain at least one 'user' message.", "messages",
                           "invalid_value")
-    if not any(m["content"].strip() for m in out):
+    if not any(m["content"].strip() for m in out) and req.forced != "media":
         raise _BadRequest("'messages' must contain some non-empty content.", "messages",
                           "invalid_value")
     if req.n is not None and req.n > limits.max_n:
@@ -926,7 +948,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     app.add_route("/metrics", metrics, methods=["GET"])
 
 
-async def _record(traffic: TrafficTap, resp: RoutedResponse) -> None:
+async def _log_request(traffic: TrafficTap, resp: RoutedResponse) -> None:
     """Log an answered request; a failing log write is logged, never the user's error."""
     try:
         await traffic.record(resp)
@@ -959,74 +981,189 @@ def _health(server: _Server) -> dict[str, Any]:
 
 async def _chat(server: _Server, req: ChatCompletionRequest) -> Response:
     """Route one validated request and answer it (JSON or server-sent events)."""
+    from confroute.models.openai import request_fields
+
     t0 = time.perf_counter()
     router = server.router
     try:
         prompt = _routed_prompt(req, server.limits)
         cloud_config = _cloud_config(router.cloud_config, req)
+        _check_logprobs(req)
     except (_BadRequest, ValueError) as exc:
         server.metrics.invalid.inc()
         if isinstance(exc, _BadRequest):
             return _error(exc.status, exc.message, param=exc.param, code=exc.code)
         return _error(400, str(exc), code="invalid_value")
+    forced = req.forced
     try:
-        decision = await server.batcher.submit(prompt)
+        decision = await server.batcher.submit(prompt, forced=forced)
     except Exception as exc:
         logger.exception("edge routing failed")
         server.metrics.observe("error", time.perf_counter() - t0)
         return _error(500, f"Routing failed on the edge model: {type(exc).__name__}: {exc}",
                       type_="server_error", code="edge_failed")
-    (resp,) = await router.aanswer([decision], cloud_config=cloud_config)
-    server.metrics.observe(_outcome(resp), time.perf_counter() - t0)
+    denied = forced is not None and decision.source == "edge"
+    if denied and forced == "media":  # nothing can answer it
+        server.metrics.observe("error", time.perf_counter() - t0)
+        resp = RoutedResponse(text=None, source="edge", decision=decision)
+        return _budget_error(server, _record(resp, forced, denied), str(forced), None)
+    with request_fields(_forwarded(req)):
+        (resp,) = await router.aanswer([decision], cloud_config=cloud_config)
+    reply = _reply(server, req, resp) if resp.text is not None else None
+    why = None
+    if denied and forced == "json" and reply is not None and req.response_format is not None:
+        why = check_json(reply.message.get("content"), req.response_format)
+    server.metrics.observe("error" if why else _outcome(resp), time.perf_counter() - t0)
     if server.traffic is not None:
-        await _record(server.traffic, resp)
-    record = decision_record(resp)
+        await _log_request(server.traffic, resp)
+    record = _record(resp, forced, denied)
     headers = _headers(resp)
     if resp.cloud_error is not None:
         logger.warning("cloud call failed: %s", resp.error)
-    if resp.text is None:
+    if reply is None:
         return _error(502, client_error(resp) or "the cloud call failed", type_="cloud_error",
                       code=getattr(resp.cloud_error, "reason", None) or "cloud_failed",
                       extra={"confroute": record}, headers=headers)
+    if why is not None:
+        return _budget_error(server, record, "json", why)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream(server, resp, record, headers, include_usage)
+        return _stream(server, resp, record, headers, include_usage, reply)
     from starlette.responses import JSONResponse
 
     payload = {
         "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
         # the model that answered; the alias (model_name) stays the id clients address
         "created": int(time.time()), "model": resp.answered_by or server.model_name,
-        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                     "message": {"role": "assistant", "content": resp.text}}],
+        "choices": [{"index": 0, "finish_reason": reply.finish_reason,
+                     "logprobs": reply.logprobs, "message": reply.message}],
         "usage": _usage(resp),
         "confroute": record,
     }
     return JSONResponse(payload, headers=headers)
 
 
+def _record(resp: RoutedResponse, forced: str | None, denied: bool) -> dict[str, Any]:
+    """The ``confroute`` field, with the forced-escalation rule's outcome.
+
+    ``forced`` is the kind (``"media"``, ``"tools"``, ``"json"``) of a request
+    escalated without an edge generation, else None; ``budget_denied`` is True
+    when the budget refused that escalation.
+    """
+    return {**decision_record(resp), "forced": forced, "budget_denied": denied}
+
+
+def _budget_error(server: _Server, record: dict[str, Any], kind: str, why: str | None
+                  ) -> Response:
+    """The 429 of a forced escalation that the budget refused and the edge cannot answer."""
+    from confroute.serve_surface import FORCED_WHY
+
+    budget_kind, budget = _budget_of(server.router.policy)
+    name = f"'{budget_kind}' budget ({budget:g})" if budget_kind else "cloud budget"
+    tail = (f"the edge model answered, but {why}." if why
+            else "the edge model cannot answer it.")
+    return _error(429, f"The {name} of this server refuses the cloud call this request needs "
+                  f"({FORCED_WHY[kind]}): {record['reason']}; {tail}",
+                  type_="insufficient_quota", code="budget_exhausted",
+                  extra={"confroute": record})
+
+
+def _check_logprobs(req: ChatCompletionRequest) -> None:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise _BadRequest("'top_logprobs' requires 'logprobs' to be true. Got "
+                          f"top_logprobs={req.top_logprobs} with logprobs={req.logprobs}.",
+                          "top_logprobs", "invalid_value")
+
+
+def _forwarded(req: ChatCompletionRequest) -> dict[str, Any]:
+    """The request's fields for the cloud body (see ``ChatCompletionRequest.forwarded``).
+
+    The messages are sent as the client wrote them (``developer`` still routed as
+    ``system``) when the routed prompt cannot carry them: media parts, tool
+    calls, ``tool_call_id`` or other message fields.
+    """
+    fields = req.forwarded()
+    if req.logprobs:
+        fields["logprobs"] = True
+        if req.top_logprobs is not None:
+            fields["top_logprobs"] = req.top_logprobs
+    if any(m.has_media or m.content is None or m.model_extra for m in req.messages):
+        fields["messages"] = [{**m.model_dump(exclude_none=True), "role": m.routed_role}
+                              for m in req.messages]
+    return fields
+
+
+@dataclass(frozen=True)
+class _Reply:
+    message: dict[str, Any]
+    finish_reason: str
+    logprobs: dict[str, Any] | None
+
+
+def _reply(server: _Server, req: ChatCompletionRequest, resp: RoutedResponse) -> _Reply:
+    """The choice of an answered request: message, OpenAI finish reason and logprobs."""
+    from confroute.serve_surface import (
+        cloud_logprobs,
+        edge_logprobs,
+        edge_view,
+        finish_reason,
+        reply_message,
+    )
+
+    text = resp.text or ""
+    if resp.source == "cloud":
+        lp = cloud_logprobs(resp.sample, req.top_logprobs) if req.logprobs else None
+        return _Reply(reply_message(resp, text), finish_reason(resp, "stop"), lp)
+    tokenizer = getattr(server.router.edge, "tokenizer", None)
+    text, finish, ids, lps = edge_view(resp.sample, text, req.max_new_tokens, req.stops,
+                                       tokenizer)
+    logprobs = None
+    if req.logprobs:
+        content = edge_logprobs(ids, lps, tokenizer)
+        # an edge served over HTTP has no tokenizer here but its server's own logprobs
+        logprobs = ({"content": content, "refusal": None} if content is not None
+                    else cloud_logprobs(resp.sample, req.top_logprobs))
+    return _Reply({"role": "assistant", "content": text}, finish, logprobs)
+
+
 def _stream(server: _Server, resp: RoutedResponse, record: dict[str, Any],
-            headers: Mapping[str, str], include_usage: bool) -> Response:
-    """The answer as OpenAI chat-completion chunks (server-sent events)."""
+            headers: Mapping[str, str], include_usage: bool, reply: _Reply) -> Response:
+    """The answer as OpenAI chat-completion chunks (server-sent events).
+
+    The text comes in word-sized deltas (the first one carries the whole
+    ``logprobs`` when asked), then the cloud's tool calls or refusal, then the
+    finish reason, then the usage chunk when ``include_usage``.
+    """
     from starlette.responses import StreamingResponse
 
-    cid, now, text = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), resp.text or ""
+    cid, now = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     with_usage = {"usage": None} if include_usage else {}
+    msg = reply.message
+    text = msg.get("content")
+    rest = {k: v for k, v in msg.items() if k in ("tool_calls", "refusal") and v is not None}
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         obj = {"id": cid, "object": "chat.completion.chunk", "created": now,
                "model": resp.answered_by or server.model_name, "choices": choices, **extra}
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def delta(content: dict[str, Any], finish: str | None) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}]
+    def delta(content: dict[str, Any], finish: str | None, logprobs: Any = None
+              ) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": content, "finish_reason": finish, "logprobs": logprobs}]
 
     async def events() -> AsyncIterator[str]:
-        yield chunk(delta({"role": "assistant", "content": ""}, None), confroute=record,
-                    **with_usage)
-        for piece in _pieces(text):
-            yield chunk(delta({"content": piece}, None), **with_usage)
-        yield chunk(delta({}, "stop"), **with_usage)
+        yield chunk(delta({"role": "assistant", "content": "" if text is not None else None},
+                          None), confroute=record, **with_usage)
+        logprobs = reply.logprobs
+        for piece in _pieces(text or ""):
+            yield chunk(delta({"content": piece}, None, logprobs), **with_usage)
+            logprobs = None
+        if "tool_calls" in rest:
+            calls = [{**call, "index": i} for i, call in enumerate(rest["tool_calls"])]
+            yield chunk(delta({"tool_calls": calls}, None), **with_usage)
+        if "refusal" in rest:
+            yield chunk(delta({"refusal": rest["refusal"]}, None), **with_usage)
+        yield chunk(delta({}, reply.finish_reason, logprobs), **with_usage)
         if include_usage:
             yield chunk([], usage=_usage(resp))  # null for edge answers (not metered)
         yield "data: [DONE]\n\n"

@@ -14,11 +14,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "JSON_FORMATS",
+    "MEDIA_PARTS",
     "ROLES",
+    "SERVED_FIELDS",
     "ChatCompletionRequest",
     "ChatMessage",
     "ContentPart",
@@ -29,7 +32,11 @@ __all__ = [
 ROLES = ("developer", "system", "user", "assistant", "tool")
 Role = Literal["developer", "system", "user", "assistant", "tool"]
 
-_CONTENT = "a string or an array of text content parts"
+_CONTENT = "a string or an array of content parts"
+#: Content parts the edge model cannot read: a request holding one is escalated.
+MEDIA_PARTS = ("image_url", "input_audio", "file")
+#: ``response_format`` types the edge model cannot promise: such a request is escalated.
+JSON_FORMATS = ("json_object", "json_schema")
 
 # What each field must be, by its parameter path with list indices written "[*]".
 _EXPECTED: Mapping[str, str] = {
@@ -51,12 +58,20 @@ _EXPECTED: Mapping[str, str] = {
     "stop": "a non-empty string or a list of at most 4 of them",
     "user": "a string",
     "metadata": "an object with string values",
+    "logprobs": "a boolean",
+    "top_logprobs": "an integer in [0, 20]",
+    "tools": "a list of tool objects",
+    "tools[*]": "a tool object",
+    "tool_choice": "'none', 'auto', 'required' or an object naming a tool",
+    "parallel_tool_calls": "a boolean",
+    "response_format": "an object with a string 'type'",
 }
 # Fields whose wrong-typed values are reported with code "invalid_type" (the others,
 # numbers mostly, say "invalid_value", as OpenAI does).
 _TYPE_CODE_FIELDS = frozenset({
     "messages", "messages[*]", "messages[*].content", "messages[*].name", "model", "stream",
-    "stream_options", "stream_options.include_usage", "user", "metadata",
+    "stream_options", "stream_options.include_usage", "user", "metadata", "logprobs",
+    "tools", "tools[*]", "tool_choice", "parallel_tool_calls", "response_format",
 })
 _TYPE_ERRORS = frozenset({
     "model_type", "model_attributes_type", "list_type", "dict_type", "string_type", "bool_type",
@@ -88,18 +103,23 @@ class _Open(BaseModel):
 
 
 class ContentPart(_Open):
-    """One element of an array ``content``; only ``{"type": "text", "text": ...}`` is served."""
+    """One element of an array ``content``: text, or an image, audio or file part.
+
+    Text parts are read by the edge model; image, audio and file parts
+    (:data:`MEDIA_PARTS`, their payload kept as sent) make the request escalate
+    to the cloud, which receives them unchanged.
+    """
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(_Open):
-    """One chat message. ``content`` is a string or an array of text content parts.
+    """One chat message. ``content`` is a string or an array of content parts.
 
     ``developer`` messages are routed as ``system`` messages (the edge model's chat
-    template and most servers know no ``developer`` role). Image, audio and file
-    parts are refused: the edge model reads text only.
+    template and most servers know no ``developer`` role). ``content`` may be null
+    only in an ``assistant`` message (one that made tool calls).
     """
 
     role: Role
@@ -108,49 +128,64 @@ class ChatMessage(_Open):
 
     @field_validator("content", mode="before")
     @classmethod
-    def _check_content(cls, value: Any) -> Any:
+    def _check_content(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str):
             _check_unicode(value)
+            return value
+        if value is None and info.data.get("role") == "assistant":
             return value
         if not isinstance(value, list):
             raise PydanticCustomError(
                 "invalid_type",
-                "must be {expected} (null content is not supported). Got {got}.",
+                "must be {expected} (null content only in an assistant message). Got {got}.",
                 {"expected": _CONTENT, "got": type(value).__name__},
             )
         for j, part in enumerate(value):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                _check_unicode(part["text"], f" (element {j})")
-                continue
-            if isinstance(kind, str) and kind != "text":
-                raise PydanticCustomError(
-                    "unsupported_content",
-                    "has a content part of type {kind} at index {j}: image, audio and file "
-                    "parts are not supported by the edge model of this server; send text parts "
-                    "only.",
-                    {"kind": repr(kind), "j": j},
-                )
-            raise PydanticCustomError(
-                "invalid_type",
-                "must be {expected}: element {j} is not a text part "
-                "(an object with 'type': 'text' and a string 'text'). Got {got}.",
-                {"expected": _CONTENT, "j": j, "got": repr(part)[:80]},
-            )
+            _check_part(part, j)
         return value
 
     @property
     def text(self) -> str:
-        """The content as one string (text parts concatenated, in order)."""
+        """The text parts as one string (concatenated, in order; media parts left out)."""
         content = self.content
         if isinstance(content, str):
             return content
-        return "".join(part.text or "" for part in content or ())
+        return "".join(part.text or "" for part in content or () if part.type == "text")
+
+    @property
+    def has_media(self) -> bool:
+        """Whether ``content`` holds an image, audio or file part."""
+        content = self.content
+        return isinstance(content, list) and any(p.type != "text" for p in content)
 
     @property
     def routed_role(self) -> str:
         """The role the router sees (``developer`` becomes ``system``)."""
         return "system" if self.role == "developer" else self.role
+
+
+def _check_part(part: Any, j: int) -> None:
+    """Refuse a content part that is neither text nor a media part with its payload."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        _check_unicode(part["text"], f" (element {j})")
+        return
+    if kind in MEDIA_PARTS and isinstance(part.get(kind), dict):
+        return
+    if isinstance(kind, str) and kind not in MEDIA_PARTS and kind != "text":
+        raise PydanticCustomError(
+            "unsupported_content",
+            "has a content part of type {kind} at index {j}; this server accepts the part "
+            "types 'text', 'image_url', 'input_audio' and 'file'.",
+            {"kind": repr(kind), "j": j},
+        )
+    raise PydanticCustomError(
+        "invalid_type",
+        "must be {expected}: element {j} is not a valid part (an object with 'type': 'text' "
+        "and a string 'text', or a 'type' of {media} with an object of that name). Got {got}.",
+        {"expected": _CONTENT, "j": j, "media": ", ".join(repr(m) for m in MEDIA_PARTS),
+         "got": repr(part)[:80]},
+    )
 
 
 class StreamOptions(_Open):
@@ -159,10 +194,17 @@ class StreamOptions(_Open):
     include_usage: bool | None = None
 
 
+#: Request fields the server handles itself (through the router and its configs)
+#: rather than forwarding them to the cloud as they are.
+SERVED_FIELDS = ("messages", "model", "stream", "stream_options", "n", "max_tokens",
+                 "max_completion_tokens", "temperature", "top_p", "logprobs", "top_logprobs")
+
+
 class ChatCompletionRequest(_Open):
     """An OpenAI chat-completion request as this server accepts it.
 
-    Unknown fields are accepted and ignored (``extra="allow"``). Server limits
+    Unknown fields are accepted and forwarded to the cloud (``extra="allow"``,
+    see :meth:`forwarded`). Server limits
     (number of messages, conversation length, ``n``) are checked after parsing by
     :func:`confroute.serve.create_app`.
     """
@@ -180,6 +222,21 @@ class ChatCompletionRequest(_Open):
     seed: int | None = Field(default=None, ge=0)
     user: str | None = None
     metadata: dict[str, str] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format", mode="after")
+    @classmethod
+    def _check_format(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value.get("type"), str):
+            raise PydanticCustomError(
+                "invalid_value", "must be {expected}. Got {got}.",
+                {"expected": _EXPECTED["response_format"], "got": repr(value)[:80]})
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -207,6 +264,32 @@ class ChatCompletionRequest(_Open):
         """``max_completion_tokens``, else ``max_tokens``, else None."""
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def forced(self) -> str | None:
+        """Why the edge model cannot honour this request, or None if it can.
+
+        ``"media"``: a message holds an image, audio or file part; ``"tools"``:
+        ``tools`` are given and ``tool_choice`` is not ``"none"``; ``"json"``:
+        ``response_format`` asks for ``json_object`` or ``json_schema``. The
+        first that applies, in that order.
+        """
+        if any(m.has_media for m in self.messages):
+            return "media"
+        if self.tools and self.tool_choice != "none":
+            return "tools"
+        if self.response_format is not None and self.response_format.get("type") in JSON_FORMATS:
+            return "json"
+        return None
+
+    def forwarded(self) -> dict[str, Any]:
+        """The fields sent to the cloud as they are: every field but :data:`SERVED_FIELDS`.
+
+        ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format``,
+        ``seed``, ``stop``, ``user``, ``metadata`` and any unknown field
+        (``logit_bias``, ``presence_penalty``, ...) are included when given.
+        """
+        return self.model_dump(exclude=set(SERVED_FIELDS), exclude_none=True)
+
 
 def _param(loc: Sequence[Any]) -> tuple[str | None, str | None]:
     """(parameter path, its pattern with "[*]") of a pydantic error location."""
@@ -217,7 +300,8 @@ def _param(loc: Sequence[Any]) -> tuple[str | None, str | None]:
     for p in parts:
         if isinstance(p, int):
             path, pattern = f"{path}[{p}]", f"{pattern}[*]"
-        elif p in {"str", "list[str]", "list[ContentPart]"} or str(p).startswith("function-"):
+        elif p in {"str", "list[str]", "list[ContentPart]", "dict[str,any]"} or str(p).startswith(
+                ("function-", "literal[")):
             continue  # union members and validator wrappers are not parameters
         else:
             path = f"{path}.{p}" if path else str(p)

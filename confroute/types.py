@@ -20,6 +20,7 @@ from confroute.errors import CloudError
 
 __all__ = [
     "Decision",
+    "EntropyKind",
     "Estimate",
     "GenerationConfig",
     "Message",
@@ -149,6 +150,9 @@ class GenerationConfig:
 
 
 FinishReason = Literal["stop", "length", "early_stop", "error"]
+#: How ``Sample.token_entropies`` were obtained (see :class:`Sample`).
+EntropyKind = Literal["exact", "top_k_bound", "none"]
+_ENTROPY_KINDS = ("exact", "top_k_bound", "none")
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,6 +184,20 @@ class Sample:
         passes themselves; None unless the config asked for ``hidden_layers``.
     hidden_layers : tuple of int
         The layer indices of ``hidden_states``.
+    entropy_kind : {"exact", "top_k_bound", "none"} or None
+        Provenance of ``token_entropies``: ``"exact"`` (computed over the full
+        vocabulary, e.g. by a local model), ``"top_k_bound"`` (a lower bound from
+        the top-k log-probabilities a remote server reported, see
+        :func:`~confroute.models.openai.approximate_entropy`) or ``"none"`` (no
+        entropies). None (the default) resolves to ``"none"`` without entropies
+        and to ``"exact"`` with them: a back-end that approximates must say so.
+    extra : mapping
+        Back-end details of the reply that confroute does not interpret, passed
+        through as received. For an OpenAI-compatible server: ``"message"``
+        (the raw chat message: ``tool_calls``, ``refusal``, ...),
+        ``"finish_reason"`` (the server's own string, e.g. ``"tool_calls"`` or
+        ``"content_filter"``) and ``"logprobs"`` (the raw logprobs object).
+        Empty for local models. Not part of the repr.
     """
 
     text: str
@@ -190,6 +208,18 @@ class Sample:
     prompt_tokens: int | None = None
     hidden_states: np.ndarray | None = field(default=None, repr=False)
     hidden_layers: tuple[int, ...] = ()
+    entropy_kind: EntropyKind | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        kind = self.entropy_kind
+        if kind is None:
+            kind = "none" if self.token_entropies is None else "exact"
+        elif kind not in _ENTROPY_KINDS or (kind == "none") != (self.token_entropies is None):
+            raise param_error(
+                "entropy_kind", "Sample", "'none' without token_entropies, 'exact' or "
+                "'top_k_bound' with them", kind)
+        object.__setattr__(self, "entropy_kind", kind)
 
     @property
     def n_tokens(self) -> int:
@@ -314,6 +344,10 @@ class Decision:
         The edge model's answer, when one was generated.
     reason : str
         Short human-readable reason ("p_good 0.82 >= threshold 0.60", "budget exhausted").
+    edge_sample : Sample or None
+        The edge model's greedy answer behind ``edge_answer`` (its token
+        statistics and ``finish_reason``), when one was generated. Not part of
+        the repr or of equality.
     ticket : Ticket or None
         The online policy's ledger ticket (:meth:`~confroute.policies.OnlinePolicy.admit`)
         when the router's policy enforces a budget online, None otherwise.
@@ -328,6 +362,7 @@ class Decision:
     edge_answer: str | None
     reason: str = ""
     ticket: Any = field(default=None, repr=False, compare=False)
+    edge_sample: Sample | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -357,6 +392,11 @@ class RoutedResponse:
         Name of the model that produced ``text``: the cloud of the fallback chain
         that answered, or the edge model (for edge and degraded answers); None
         for error records and when the model is unknown.
+    sample : Sample or None
+        The sample whose text is served: the edge's greedy answer or the
+        answering cloud's first sample (its ``finish_reason``, token
+        statistics and back-end ``extra``, e.g. a cloud's tool calls); None
+        when unknown. Not part of the repr or of equality.
     """
 
     text: str | None
@@ -368,3 +408,4 @@ class RoutedResponse:
     usage: Mapping[str, int] = field(default_factory=dict)
     cloud_error: CloudError | None = field(default=None, repr=False, compare=False)
     answered_by: str | None = None
+    sample: Sample | None = field(default=None, repr=False, compare=False)

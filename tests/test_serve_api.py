@@ -78,8 +78,8 @@ def test_developer_role_text_parts_and_unknown_fields_are_accepted(server):
     sent = json.dumps(list(routed), ensure_ascii=False)
     assert info["prompt_hash"] == hashlib.sha256(sent.encode()).hexdigest()[:16]
     parsed = ChatCompletionRequest.model_validate(body)
-    assert parsed.model_extra == {"response_format": {"type": "text"},
-                                  "logit_bias": {"50256": -100}}
+    assert parsed.model_extra == {"logit_bias": {"50256": -100}}  # unknown: forwarded
+    assert parsed.response_format == {"type": "text"} and parsed.forced is None
 
 
 def test_tool_messages_reach_the_router(server):
@@ -107,8 +107,14 @@ def test_tool_messages_reach_the_router(server):
          "messages[0].content", "invalid_type"),
         ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content",
          "invalid_type"),
-        ({"messages": [{"role": "user", "content": [{"type": "file", "file": {}}]}]},
+        ({"messages": [{"role": "user", "content": [{"type": "video", "video": {}}]}]},
          "messages[0].content", "unsupported_content"),
+        ({"messages": [USER], "top_logprobs": 2}, "top_logprobs", "invalid_value"),
+        ({"messages": [USER], "top_logprobs": 21, "logprobs": True}, "top_logprobs",
+         "invalid_value"),
+        ({"messages": [USER], "tool_choice": "sometimes"}, "tool_choice", "invalid_type"),
+        ({"messages": [USER], "response_format": {"schema": {}}}, "response_format",
+         "invalid_value"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 150},
                                                     {"type": "text", "text": "y" * 51}]}]},
          "messages", "prompt_too_long"),

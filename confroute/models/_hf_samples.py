@@ -122,6 +122,7 @@ def make_sample(
         token_ids=tuple(int(i) for i in ids),
         token_logprobs=logprobs[:length].copy(),
         token_entropies=entropies[:length].copy(),
+        entropy_kind="exact",  # over the full vocabulary
         finish_reason=finish,  # type: ignore[arg-type]
         prompt_tokens=prompt_tokens,
         hidden_states=None if hidden is None else hidden[:, :length].copy(),

@@ -42,6 +42,7 @@ from confroute._validation import (
 )
 from confroute.errors import InvalidTypeError, redact, url_secrets
 from confroute.models.openai.client import ClientPool
+from confroute.models.openai.context import current_request_fields, request_fields
 from confroute.models.openai.cost import (
     Billing,
     check_price_table,
@@ -58,7 +59,7 @@ from confroute.models.openai.wire import (
 )
 from confroute.types import GenerationConfig, Prompt, Sample
 
-__all__ = ["OpenAIModel", "approximate_entropy"]
+__all__ = ["OpenAIModel", "approximate_entropy", "current_request_fields", "request_fields"]
 
 _OWNER = "OpenAIModel"
 _USAGE_KEYS = ("requests", "prompt_tokens", "completion_tokens", "failures", "retries")
@@ -335,6 +336,7 @@ class OpenAIModel(ParamsMixin):
             api_key=key,
             headers=dict(hdrs or {}),
             basic_auth=basic,
+            request_fields=current_request_fields(),
         )
 
     # -- small shared helpers ------------------------------------------------
@@ -372,6 +374,9 @@ class OpenAIModel(ParamsMixin):
                 token_entropies=c.entropies,
                 finish_reason=c.finish_reason,
                 prompt_tokens=parsed.prompt_tokens,
+                # entropies from the reported top-k alternatives only: a lower bound
+                entropy_kind=None if c.entropies is None else "top_k_bound",
+                extra=dict(c.raw),
             )
             self._billing.record(sample, prompt_share, n_tok)
             out.append(sample)

@@ -80,12 +80,19 @@ class Malformed(Exception):
 
 @dataclass(frozen=True)
 class Choice:
-    """One parsed choice; ``logprobs``/``entropies`` of shape (n_tokens,) when served."""
+    """One parsed choice; ``logprobs``/``entropies`` of shape (n_tokens,) when served.
+
+    ``raw`` keeps what the server sent that confroute does not interpret, as
+    received: ``"message"`` (chat: the message object, with ``tool_calls``,
+    ``refusal``, ...), ``"finish_reason"`` (the server's string) and
+    ``"logprobs"`` (the logprobs object), each only when present.
+    """
 
     text: str
     logprobs: np.ndarray | None
     entropies: np.ndarray | None
     finish_reason: Literal["stop", "length"]
+    raw: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,11 @@ def parse_body(content: bytes, endpoint: str) -> Parsed:
             logprobs, entropies = completion_logprobs(c.get("logprobs"))
         if text is not None and not isinstance(text, str):
             raise Malformed("choice text is not a string")
-        choices.append(Choice(text or "", logprobs, entropies, finish_of(c.get("finish_reason"))))
+        raw = {k: v for k, v in (("message", c.get("message")),
+                                 ("finish_reason", c.get("finish_reason")),
+                                 ("logprobs", c.get("logprobs"))) if v is not None}
+        choices.append(Choice(text or "", logprobs, entropies, finish_of(c.get("finish_reason")),
+                              raw))
     usage = payload.get("usage")
     prompt_tokens = completion_tokens = None
     if isinstance(usage, Mapping):
@@ -242,6 +253,8 @@ class Settings:
     api_key: str | None = field(repr=False)
     headers: dict[str, str] = field(default_factory=dict, repr=False)
     basic_auth: str | None = field(default=None, repr=False)
+    #: Per-request body fields (:func:`~confroute.models.openai.request_fields`).
+    request_fields: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def split_userinfo(url: str) -> tuple[str, str | None]:
@@ -320,5 +333,7 @@ def request_body(
             body["top_logprobs"] = s.top_logprobs
         else:
             body["logprobs"] = s.top_logprobs
+    # a client's own fields (tools, response_format, ...), then the operator's extra_body
+    body.update(s.request_fields)
     body.update(s.extra_body)
     return body
