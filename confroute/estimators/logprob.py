@@ -62,6 +62,16 @@ class MeanTokenEntropy(_GreedyAnswerEstimator):
     max_new_tokens : int >= 1, default 64
         Length bound of the greedy answer.
 
+    Notes
+    -----
+    ``Estimate.details["entropy_exact"]`` (float array of shape (n_prompts,),
+    numeric like every detail) is 1.0 where the entropies were exact (a local
+    model's full next-token distribution, ``Sample.entropy_kind == "exact"``)
+    and 0.0 where they are a top-k lower bound (a remote server's top-k
+    log-probabilities, ``"top_k_bound"``: see
+    :func:`~confroute.models.openai.approximate_entropy`). Scores of the two
+    kinds are not comparable: calibrate on the kind you serve.
+
     Raises
     ------
     EstimationError
@@ -89,7 +99,9 @@ class MeanTokenEntropy(_GreedyAnswerEstimator):
             ent = np.asarray(g.token_entropies, dtype=np.float64)
             n_tokens[i] = ent.size
             scores[i] = float(np.mean(ent)) if ent.size else math.nan
-        return scores, {"n_tokens": n_tokens}
+        # exact (local model) or a top-k lower bound (remote server): see Sample.entropy_kind
+        exact = np.array([g.entropy_kind == "exact" for g in greedy], dtype=np.float64)
+        return scores, {"n_tokens": n_tokens, "entropy_exact": exact}
 
 
 @estimator_registry.register("sequence_logprob")
