@@ -448,3 +448,53 @@ def test_entropy_kind_defaults_checks_and_survives_the_cache():
     got = MeanTokenEntropy().estimate(
         ["x", "y"], samples=[Samples("x", greedy=exact), Samples("y", greedy=bound)])
     assert got.details["entropy_exact"].tolist() == [1.0, 0.0]
+
+
+# ------------------------------------------------------------------ smaller parts
+def test_edge_stop_cuts_the_answer(surface):
+    full = surface.client.chat.completions.create(model="confroute", messages=[USER])
+    text = full.choices[0].message.content
+    assert len(text) >= 2
+    stop = text[1:3] if text[1:3].strip() else text[1]
+    cut = surface.client.chat.completions.create(model="confroute", messages=[USER],
+                                                 stop=stop, logprobs=True)
+    assert cut.choices[0].message.content == text[:text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    tokens = "".join(t.token for t in cut.choices[0].logprobs.content)
+    assert text.startswith(tokens) and len(tokens) <= text.find(stop)
+
+
+def test_streamed_edge_logprobs(surface):
+    chunks = list(surface.client.chat.completions.create(
+        model="confroute", messages=[USER], logprobs=True, stream=True))
+    whole = surface.client.chat.completions.create(model="confroute", messages=[USER],
+                                                   logprobs=True)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [
+        (t.token, t.logprob) for t in whole.choices[0].logprobs.content]
+
+
+def test_check_json_rule():
+    from confroute.serve_surface import check_json
+
+    pytest.importorskip("jsonschema")
+    assert check_json('{"answer": 4}', JSON_FORMAT) is None
+    assert check_json('{"answer": 4}', {"type": "json_object"}) is None
+    assert "not valid JSON" in str(check_json("four", {"type": "json_object"}))
+    assert "does not meet the JSON schema" in str(check_json('{"answer": "4"}', JSON_FORMAT))
+
+
+def test_request_fields_are_scoped_and_never_override_the_transport(loopback):
+    from confroute.models.openai import current_request_fields, request_fields
+
+    model = _cloud_model(loopback)
+    loopback.bodies.clear()
+    with request_fields({"user": "u-9", "n": 5, "stream": True, "model": "x"}):
+        assert current_request_fields() == {"user": "u-9"}
+        model.generate(["hi"], GenerationConfig(max_new_tokens=2))
+    model.generate(["hi"], GenerationConfig(max_new_tokens=2))
+    first, second = loopback.bodies
+    assert first["user"] == "u-9" and first["n"] == 1 and first["model"] == "big-model"
+    assert "stream" not in first and "user" not in second
+    assert current_request_fields() == {}

@@ -146,6 +146,14 @@ class OpenAIModel(ParamsMixin):
     ``GenerationConfig.top_k`` is not part of the OpenAI API and is not sent;
     pass it through ``extra_body`` to servers that accept it.
 
+    Per-request body fields (a client's ``tools``, ``response_format``,
+    ``user``, ...) are added inside a
+    :func:`~confroute.models.openai.request_fields` block; the reply's
+    uninterpreted parts (the chat ``message`` with its ``tool_calls``, the
+    server's own ``finish_reason``, the raw ``logprobs``) are kept in
+    ``Sample.extra``. Entropies approximated from ``top_logprobs`` are marked
+    ``Sample.entropy_kind == "top_k_bound"``.
+
     Examples
     --------
     >>> from confroute.models import OpenAIModel

@@ -334,6 +334,7 @@ def request_body(
         else:
             body["logprobs"] = s.top_logprobs
     # a client's own fields (tools, response_format, ...), then the operator's extra_body
-    body.update(s.request_fields)
+    body.update((k, v) for k, v in s.request_fields.items()
+                if s.endpoint == "chat" or k != "messages")
     body.update(s.extra_body)
     return body
