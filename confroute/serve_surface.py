@@ -49,11 +49,13 @@ __all__ = [
 #: its end (as by a length limit); "error" has no OpenAI counterpart.
 EDGE_FINISH: Mapping[str, str] = {"stop": "stop", "length": "length", "early_stop": "length",
                                   "error": "stop"}
-#: What each forced-escalation kind means, for reasons and error messages.
+#: What each forced-escalation kind means, for reasons and error messages (the
+#: wording of :data:`confroute.integrations.common.ESCALATION_RULE`).
 FORCED_WHY: Mapping[str, str] = {
-    "media": "image, audio or file content the edge model cannot read",
-    "tools": "tools the edge model does not call",
-    "json": "a JSON response_format the edge model cannot promise",
+    "media": "a message has content that is not text",
+    "tools": "the request carries tools (the edge model cannot call tools)",
+    "json": "the request asks for structured output (the edge model cannot guarantee a "
+            "schema)",
 }
 # OpenAI's stand-in for a log-probability of -inf (JSON has no infinity).
 _MIN_LOGPROB = -9999.0
@@ -90,7 +92,7 @@ def forced_decisions(router: Router, prompts: Sequence[Prompt], kinds: Sequence[
         ticket = policy.admit(0.0) if online else None
         if ticket is None or ticket.escalate:
             out.append(Decision(prompt=prompt, source="cloud", p_good=math.nan, scores={},
-                                edge_answer=None, reason=f"forced: {FORCED_WHY[kind]}",
+                                edge_answer=None, reason=f"escalated by rule: {FORCED_WHY[kind]}",
                                 ticket=ticket))
             continue
         greedy = None
@@ -196,7 +198,7 @@ def reply_message(resp: RoutedResponse, text: str) -> dict[str, Any]:
     if resp.source != "cloud" or not isinstance(raw, Mapping):
         return {"role": "assistant", "content": text}
     message = {k: v for k, v in raw.items() if k not in ("role", "content")}
-    content = text if text or not raw.get("tool_calls") else None
+    content = None if raw.get("content") is None and not text else text  # null stays null
     return {"role": "assistant", "content": content, **message}
 
 

@@ -69,7 +69,10 @@ def cloud_reply(body: dict[str, Any]) -> dict[str, Any]:
     tokens: list[str] = []
     finish = "stop"
     fmt = body.get("response_format") or {}
-    if body.get("tools") and body.get("tool_choice") != "none":
+    last = body["messages"][-1].get("content")
+    if isinstance(last, str) and "refuse" in last:
+        message["refusal"] = "I cannot help with that."
+    elif body.get("tools") and body.get("tool_choice") != "none":
         message["tool_calls"] = [TOOL_CALL]
         finish = "tool_calls"
     elif fmt.get("type") in ("json_object", "json_schema"):
@@ -197,6 +200,7 @@ def test_tools_come_back_as_the_sdks_tool_calls_and_every_field_is_forwarded(sur
     info = _info(completion)
     assert info["forced"] == "tools" and info["budget_denied"] is False
     assert info["source"] == "cloud" and info["p_good"] is None  # no edge generation
+    assert info["reason"].startswith("escalated by rule: the request carries tools")
     assert completion.model == "big-model"
     (body,) = surface.cloud.bodies
     assert body["tools"] == TOOLS and body["tool_choice"] == "auto"
@@ -498,3 +502,15 @@ def test_request_fields_are_scoped_and_never_override_the_transport(loopback):
     assert first["user"] == "u-9" and first["n"] == 1 and first["model"] == "big-model"
     assert "stream" not in first and "user" not in second
     assert current_request_fields() == {}
+
+
+def test_a_cloud_refusal_comes_back(surface):
+    set_mode(surface.router, "cloud")
+    messages = [{"role": "user", "content": "Please refuse this."}]
+    completion = surface.client.chat.completions.create(model="confroute", messages=messages)
+    message = completion.choices[0].message
+    assert message.refusal == "I cannot help with that." and message.content is None
+    chunks = list(surface.client.chat.completions.create(model="confroute", messages=messages,
+                                                         stream=True))
+    assert [c.choices[0].delta.refusal for c in chunks if c.choices[0].delta.refusal] == [
+        "I cannot help with that."]
