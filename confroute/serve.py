@@ -670,8 +670,12 @@ def _pieces(text: str) -> list[str]:
     return re.findall(r"\s*\S+|\s+", text)
 
 
-def _usage(resp: RoutedResponse) -> dict[str, int] | None:
-    """OpenAI ``usage`` of a cloud answer (None for edge answers: not metered)."""
+def _usage(resp: RoutedResponse) -> dict[str, Any] | None:
+    """OpenAI ``usage`` of a cloud answer: the cloud's own object when it sent one, else
+    the router's token counts (None for edge answers: not metered)."""
+    raw = None if resp.sample is None else resp.sample.extra.get("usage")
+    if resp.source == "cloud" and isinstance(raw, Mapping):
+        return dict(raw)
     if resp.source != "cloud" or not resp.usage:
         return None
     pt = int(resp.usage.get("prompt_tokens", 0))

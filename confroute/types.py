@@ -196,7 +196,8 @@ class Sample:
         through as received. For an OpenAI-compatible server: ``"message"``
         (the raw chat message: ``tool_calls``, ``refusal``, ...),
         ``"finish_reason"`` (the server's own string, e.g. ``"tool_calls"`` or
-        ``"content_filter"``) and ``"logprobs"`` (the raw logprobs object).
+        ``"content_filter"``), ``"logprobs"`` (the raw logprobs object) and
+        ``"usage"`` (the response's usage object).
         Empty for local models. Not part of the repr.
     """
 

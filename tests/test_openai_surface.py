@@ -197,6 +197,8 @@ def test_tools_come_back_as_the_sdks_tool_calls_and_every_field_is_forwarded(sur
     assert (call.id, call.function.name) == ("call_1", "add")
     assert json.loads(call.function.arguments) == {"a": 2, "b": 2}
     assert choice.message.content is None
+    # the cloud's own usage (no logprobs to count tokens from a tool call)
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (11, 1)
     info = _info(completion)
     assert info["forced"] == "tools" and info["budget_denied"] is False
     assert info["source"] == "cloud" and info["p_good"] is None  # no edge generation
@@ -514,3 +516,18 @@ def test_a_cloud_refusal_comes_back(surface):
                                                          stream=True))
     assert [c.choices[0].delta.refusal for c in chunks if c.choices[0].delta.refusal] == [
         "I cannot help with that."]
+
+
+def test_decisions_and_responses_carry_the_sample_they_serve(surface):
+    router = surface.router
+    prompt = [USER]
+    (d,) = router.decide([prompt])
+    assert d.source == "edge" and d.edge_sample is not None
+    assert d.edge_sample.text == d.edge_answer and d.edge_sample.token_logprobs is not None
+    (resp,) = router.answer([d])
+    assert resp.sample is d.edge_sample
+    set_mode(router, "cloud")
+    (up,) = router.answer(router.decide([prompt]))
+    assert up.source == "cloud" and up.sample is not None and up.sample.text == up.text
+    assert up.sample.extra["finish_reason"] == "stop"
+    assert up.sample.extra["message"]["content"] == up.text

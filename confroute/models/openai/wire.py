@@ -85,7 +85,8 @@ class Choice:
     ``raw`` keeps what the server sent that confroute does not interpret, as
     received: ``"message"`` (chat: the message object, with ``tool_calls``,
     ``refusal``, ...), ``"finish_reason"`` (the server's string) and
-    ``"logprobs"`` (the logprobs object), each only when present.
+    ``"logprobs"`` (the logprobs object) and ``"usage"`` (the response's usage
+    object, shared by its choices), each only when present.
     """
 
     text: str
@@ -195,6 +196,7 @@ def parse_body(content: bytes, endpoint: str) -> Parsed:
         raise Malformed("'choices' entries must be objects")
     if all(isinstance(c.get("index"), int) for c in raw):
         raw = sorted(raw, key=lambda c: c["index"])
+    usage = payload.get("usage")
     choices = []
     for c in raw:
         if endpoint == "chat":
@@ -210,10 +212,10 @@ def parse_body(content: bytes, endpoint: str) -> Parsed:
             raise Malformed("choice text is not a string")
         raw = {k: v for k, v in (("message", c.get("message")),
                                  ("finish_reason", c.get("finish_reason")),
-                                 ("logprobs", c.get("logprobs"))) if v is not None}
+                                 ("logprobs", c.get("logprobs")), ("usage", usage))
+               if v is not None}
         choices.append(Choice(text or "", logprobs, entropies, finish_of(c.get("finish_reason")),
                               raw))
-    usage = payload.get("usage")
     prompt_tokens = completion_tokens = None
     if isinstance(usage, Mapping):
         pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
