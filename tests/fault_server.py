@@ -67,11 +67,32 @@ class Step:
             raise ValueError(f"unknown step {self.kind!r}; valid: {sorted(KINDS)}")
 
 
+class Headers(dict[str, str]):
+    """Received headers, looked up case-insensitively as HTTP requires (clients
+    differ in the case they send: the openai SDK sends lower-case names)."""
+
+    def _key(self, name: object) -> object:
+        if isinstance(name, str):
+            for k in self.keys():
+                if k.lower() == name.lower():
+                    return k
+        return name
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(self._key(name))  # type: ignore[index]
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(self._key(name))
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(self._key(name), default)  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
 class RecordedRequest:
     path: str
     body: dict[str, Any]
-    headers: dict[str, str]
+    headers: Headers
     time: float
 
 
@@ -132,7 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         if not isinstance(body, dict):
             body = {}
-        srv.record(RecordedRequest(self.path, body, dict(self.headers.items()), time.monotonic()))
+        srv.record(RecordedRequest(self.path, body, Headers(self.headers.items()),
+                                   time.monotonic()))
         if self.path not in ("/v1/chat/completions", "/v1/completions"):
             self._error(404, f"no route {self.path}")
             return
