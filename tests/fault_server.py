@@ -10,7 +10,8 @@ step            behaviour
 ``ok``          a well-formed completion with ``n`` choices, logprobs and usage
 ``500``/``503`` an OpenAI-shaped error body with that status
 ``400``         a non-retryable client error
-``429``         rate limited, with ``Retry-After: Step.retry_after`` if given
+``429``         rate limited, with ``Retry-After: Step.retry_after`` and
+                ``retry-after-ms: Step.retry_after_ms`` if given
 ``sleep``       wait ``Step.sleep`` seconds (past the client's timeout), then ok
 ``truncated``   200 whose JSON body is cut in half (correctly framed)
 ``malformed``   200 whose body is not JSON at all
@@ -61,6 +62,7 @@ class Step:
     kind: str
     retry_after: str | None = None
     sleep: float = 0.0
+    retry_after_ms: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -176,6 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if kind == "429":
             headers = {"Retry-After": step.retry_after} if step.retry_after is not None else {}
+            if step.retry_after_ms is not None:
+                headers["retry-after-ms"] = step.retry_after_ms
             self._error(429, "Rate limit reached", headers)
             return
         if kind == "reset":

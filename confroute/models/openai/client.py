@@ -142,7 +142,9 @@ def sdk_headers(s: Settings, omit: Any) -> dict[str, Any]:
     return headers
 
 
-def sdk_failure(exc: Exception, s: Settings, httpx: Any, openai: Any) -> Failure:
+def sdk_outcome(
+    exc: Exception, s: Settings, httpx: Any, openai: Any
+) -> Parsed | Failure:
     """Classify a failed SDK call exactly as the direct httpx transport did.
 
     An HTTP error status goes through :func:`interpret` (status, headers, bytes);
@@ -246,7 +248,7 @@ class ClientPool:
                     r = client.sdk.post(path, body=body, cast_to=httpx.Response, options=options)
                     outcome = interpret(r.status_code, r.headers, r.content, s.endpoint)
                 except (openai.APIStatusError, openai.APIConnectionError, httpx.HTTPError) as exc:
-                    outcome = sdk_failure(exc, s, httpx, openai)
+                    outcome = sdk_outcome(exc, s, httpx, openai)
             if isinstance(outcome, Parsed):
                 return outcome
             time.sleep(state.on_failure(outcome))
@@ -269,7 +271,7 @@ class ClientPool:
                                               options=options)
                     outcome = interpret(r.status_code, r.headers, r.content, s.endpoint)
                 except (openai.APIStatusError, openai.APIConnectionError, httpx.HTTPError) as exc:
-                    outcome = sdk_failure(exc, s, httpx, openai)
+                    outcome = sdk_outcome(exc, s, httpx, openai)
             if isinstance(outcome, Parsed):
                 return outcome
             await asyncio.sleep(state.on_failure(outcome))
