@@ -82,17 +82,23 @@ def test_retry_after_ms_is_honoured_by_confroute_not_the_sdk() -> None:
 @pytest.mark.parametrize(("step", "reason"), [("400", "http_400"), ("503", "http_503")])
 def test_the_sdk_never_retries_on_its_own(step: str, reason: str) -> None:
     # max_retries=0 here: the SDK's default (2 retries) would send 3 requests for a 503.
-    with FaultServer([step]) as srv, model_for(srv, max_retries=0) as model:
-        with pytest.raises(CloudError) as info:
-            model.generate(["q"], GREEDY)
+    with (
+        FaultServer([step]) as srv,
+        model_for(srv, max_retries=0) as model,
+        pytest.raises(CloudError) as info,
+    ):
+        model.generate(["q"], GREEDY)
     assert len(srv.requests) == 1
     assert info.value.reason == reason and info.value.attempts == 1
 
 
 def test_a_400_is_not_retried() -> None:
-    with FaultServer(["400"]) as srv, model_for(srv) as model:
-        with pytest.raises(CloudError, match="not retryable") as info:
-            model.generate(["q"], GREEDY)
+    with (
+        FaultServer(["400"]) as srv,
+        model_for(srv) as model,
+        pytest.raises(CloudError, match="not retryable") as info,
+    ):
+        model.generate(["q"], GREEDY)
     assert len(srv.requests) == 1 and srv.remaining_steps == 0
     assert info.value.status == 400 and "scripted 400" in str(info.value)
     assert KEY not in str(info.value)
@@ -127,9 +133,9 @@ def test_a_timeout_stays_a_timeout() -> None:
     with (
         FaultServer([Step("sleep", sleep=1.5)]) as srv,
         model_for(srv, timeout=0.2, max_retries=0) as model,
+        pytest.raises(CloudError) as info,
     ):
-        with pytest.raises(CloudError) as info:
-            model.generate(["q"], GREEDY)
+        model.generate(["q"], GREEDY)
     assert info.value.reason == "timeout" and info.value.status is None
 
 
@@ -149,9 +155,12 @@ def test_a_refused_connection_stays_a_connection_failure() -> None:
 @pytest.mark.parametrize(("step", "reason"), [("reset", "connection"),
                                               ("malformed", "malformed_response")])
 def test_broken_responses_keep_their_reasons(step: str, reason: str) -> None:
-    with FaultServer([step]) as srv, model_for(srv, max_retries=0) as model:
-        with pytest.raises(CloudError) as info:
-            model.generate(["q"], GREEDY)
+    with (
+        FaultServer([step]) as srv,
+        model_for(srv, max_retries=0) as model,
+        pytest.raises(CloudError) as info,
+    ):
+        model.generate(["q"], GREEDY)
     assert info.value.reason == reason
 
 
@@ -218,7 +227,8 @@ def test_missing_openai_package_names_the_extra() -> None:
         "assert 'openai' not in sys.modules, 'openai imported eagerly'\n"
         "sys.modules['openai'] = None\n"
         "try:\n"
-        "    OpenAIModel('x', base_url='http://127.0.0.1:9/v1').generate(['q'], GenerationConfig())\n"
+        "    m = OpenAIModel('x', base_url='http://127.0.0.1:9/v1')\n"
+        "    m.generate(['q'], GenerationConfig())\n"
         "except ImportError as exc:\n"
         "    print(type(exc).__name__, exc)\n"
     )
