@@ -69,6 +69,36 @@ Without a GPU (no `nvidia-smi`, or torch sees no CUDA device) it prints
 """
 
 
+# Measured separately (benchmarks/bench_transport.py), kept the same way.
+TRANSPORT = """
+## OpenAIModel transport: openai SDK vs direct httpx
+
+Measured separately, once (`python benchmarks/bench_transport.py --calls 500
+--blocks 5`, not part of `run_all`): 500 sequential one-prompt `generate` calls per
+transport against a loopback server answering 32 tokens with `top_logprobs=5`,
+through the whole `OpenAIModel` path (body, logprob and entropy parsing, samples),
+the two transports interleaved in 5 blocks. openai 3.57.0, httpx 0.29.0; the
+machine was shared (load average 4.6 on 2 cores), so wall times are noisy and the
+client-thread CPU time is the figure to trust.
+
+| quantity | min | median | max |
+|---|---|---|---|
+| SDK transport, ms per call | 4.52 | 5.08 | 5.76 |
+| direct httpx (before), ms per call | 3.29 | 3.7 | 4.79 |
+| SDK / direct httpx (wall) | 1.06 | 1.37 | 1.55 |
+| SDK transport, client CPU ms per call | 2.01 | 2.25 | 2.54 |
+| direct httpx (before), client CPU ms per call | 1.43 | 1.61 | 2.06 |
+| SDK / direct httpx (client CPU) | 1.09 | 1.41 | 1.57 |
+
+The SDK adds about 0.6 ms of client CPU per call (building its request options and
+headers), 1.4x the direct call's client CPU; a whole loopback call took 5.1 ms
+instead of 3.7 ms, and the difference is nothing next to the tens to thousands of
+milliseconds of a real model. Two earlier runs made while the script
+was written (whole-process CPU) gave wall ratios of 1.84 and 0.48: on this machine
+wall-time ratios of millisecond calls are noise.
+"""
+
+
 def table(rows: list[Row]) -> str:
     head = "| bench | quantity | min | median | max | unit | target | ok | note |"
     lines = [head, "|" + "---|" * 9]
@@ -220,7 +250,7 @@ median unless stated.
 nox -s bench                       # installs torch first, then runs everything
 python -m benchmarks.run_all {cmd}
 ```
-{GPU_CHECK}"""
+{GPU_CHECK}{TRANSPORT}"""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
 

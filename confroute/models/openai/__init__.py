@@ -9,11 +9,11 @@ over HTTP.
 The package is split by job: :mod:`~confroute.models.openai.wire` (request
 bodies, response and logprob parsing, top-k entropy),
 :mod:`~confroute.models.openai.retry` (which failures are retried and how long to
-wait), :mod:`~confroute.models.openai.client` (lazy httpx clients) and
+wait), :mod:`~confroute.models.openai.client` (the ``openai`` SDK as transport) and
 :mod:`~confroute.models.openai.cost` (price table, per-sample billing). This
 module holds the model: its parameters, their validation, and the generation loop.
 
-``httpx`` is imported only when a request is made (optional extra ``http``).
+``httpx`` and ``openai`` are imported only when a request is made (extra ``http``).
 Clients are created lazily, so constructing a model never opens a connection.
 """
 
