@@ -169,7 +169,9 @@ def test_no_key_means_no_authorization_and_no_sdk_environment_headers(
 ) -> None:
     monkeypatch.setenv("OPENAI_ORG_ID", "org-from-environment")
     monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-from-environment")
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    # The SDK reads these too; with api_key_env=None confroute sends no key at all.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-environment-SECRET")
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", "sk-admin-environment-SECRET")
     with FaultServer() as srv:
         with model_for(srv, api_key=None, api_key_env=None) as model:
             model.generate(["q"], GREEDY)
@@ -177,6 +179,7 @@ def test_no_key_means_no_authorization_and_no_sdk_environment_headers(
             model.generate(["q"], GREEDY)
     keyless, chosen = srv.requests
     assert "Authorization" not in keyless.headers
+    assert not any("SECRET" in v for v in keyless.headers.values())
     assert "OpenAI-Organization" not in keyless.headers
     assert "OpenAI-Project" not in keyless.headers
     assert chosen.headers["OpenAI-Organization"] == "org-chosen"
