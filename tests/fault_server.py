@@ -162,14 +162,20 @@ class _Handler(BaseHTTPRequestHandler):
             return
         step = srv.next_step()
         srv.enter()
+        counted = True
         try:
             if srv.latency:
                 srv.stopping.wait(srv.latency)
+            # In flight while being processed, not while the reply is on the wire: the
+            # client may read it and send its next request before this thread runs again.
+            srv.leave()
+            counted = False
             self._respond(step, body)
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass  # the client gave up (timeout) or we reset on purpose
         finally:
-            srv.leave()
+            if counted:
+                srv.leave()
 
     def _respond(self, step: Step, body: dict[str, Any]) -> None:
         kind = step.kind
