@@ -53,7 +53,7 @@ __all__ = ["BEGIN", "CURVE_SIZES", "END", "ISSUE_SIZES", "LEARNED_DEFAULTS", "Le
            "write_learned_section"]
 
 ISSUE_SIZES = {"n_train": 3610, "n_trivia": 3000, "n_test": 1800}
-LEARNED_DEFAULTS: dict[str, Any] = {**ISSUE_SIZES, "n_se": 400, "n_mc": 0, "n_samples": 5,
+LEARNED_DEFAULTS: dict[str, Any] = {**ISSUE_SIZES, "n_se": 400, "n_mc": 500, "n_samples": 5,
                                     "max_new_tokens": 32, "layers": (8, 15, 22, 29)}
 CURVE_SIZES = (100, 300, 1000, 3000)
 BEGIN, END = "<!-- learned-estimators:begin -->", "<!-- learned-estimators:end -->"
@@ -109,10 +109,20 @@ def _row(name: str, router: Any, fit: tuple[list[Any], list[Samples], np.ndarray
          test: tuple[list[Any], list[Samples], np.ndarray, np.ndarray], *, n_boot: int,
          seconds: float, kind: str) -> dict[str, Any]:
     """Calibrate ``router`` on ``fit``, measure it on ``test``: one table row."""
+    from confroute.errors import InvalidParameterError
     from confroute.estimators import estimate_many
 
     t0 = time.perf_counter()
-    router.calibrate(fit[0], labels=fit[2], samples=fit[1])
+    head = {"name": name, "kind": kind, "calibrator": type(router.calibrator).__name__,
+            "n_train": len(fit[0]), "n_test": len(test[0])}
+    try:
+        router.calibrate(fit[0], labels=fit[2], samples=fit[1])
+    except InvalidParameterError as exc:  # e.g. a single class: the row says so
+        nan = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+        return {**head, "error": str(exc), "n_unscored": len(test[0]), "probes": {},
+                "metrics": dict.fromkeys(("auroc", "prr", "ece", "brier", "cpt50", "cpt80",
+                                          "apgr", "gain_captured"), nan),
+                "edge_seconds_per_query": float("nan"), "fit_seconds": float("nan")}
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = estimate_many(router.estimators, test[0], router.edge, samples=test[1])
@@ -124,9 +134,7 @@ def _row(name: str, router: Any, fit: tuple[list[Any], list[Samples], np.ndarray
     conf = -cols[0] if len(cols) == 1 else p
     probes = {e.name: {"layer": int(e.layer_), "C": float(e.C_), "cv_auroc": float(e.cv_auroc_)}
               for e in router.estimators if hasattr(e, "layer_")}
-    return {"name": name, "kind": kind, "calibrator": type(router.calibrator).__name__,
-            "n_train": len(fit[0]), "n_test": len(test[0]),
-            "n_unscored": int(np.isnan(np.asarray(conf, dtype=float)).sum()),
+    return {**head, "n_unscored": int(np.isnan(np.asarray(conf, dtype=float)).sum()),
             "metrics": metrics_with_intervals(conf, p, test[2], test[3], n_boot=n_boot),
             "edge_seconds_per_query": seconds + score_s, "fit_seconds": fit_s,
             "probes": probes}

@@ -81,7 +81,7 @@ def run_learned_suite(
     data_dir: str | Path, out: str | Path, cache: str | Path | None,
     results: str | Path | None, *, n_train: int = ISSUE_SIZES["n_train"],
     n_trivia: int = ISSUE_SIZES["n_trivia"], n_test: int = ISSUE_SIZES["n_test"],
-    n_se: int = LEARNED_DEFAULTS["n_se"], n_mc: int = 0,
+    n_se: int = LEARNED_DEFAULTS["n_se"], n_mc: int = LEARNED_DEFAULTS["n_mc"],
     layers: Sequence[int] = LEARNED_DEFAULTS["layers"], max_new_tokens: int = 32,
     n_samples: int = 5, n_boot: int = 1000, img: str | Path | None = "docs/img/learned.png",
 ) -> dict[str, Any]:
@@ -103,7 +103,9 @@ def run_learned_suite(
     n_se : int
         Training and test questions of the semantic-entropy subset.
     n_mc : int
-        Multiple-choice questions per set (0: all).
+        Multiple-choice questions per set (seeded subsample; 0: all). Option scoring
+        teacher-forces each option after the prompt (4 forward passes per question),
+        so the default is 500 per set.
     layers : sequence of int
         Candidate layers of the probes.
 
@@ -121,8 +123,10 @@ def run_learned_suite(
         check_int(v, name, owner, min_value=0)
     train, n_nq, test, choice = _datasets(Path(data_dir), n_train, n_trivia, n_test, n_mc)
     lazy, edge, store, equiv = _edge(cache)
+    # The weighted variant (Kuhn et al.) is continuous; the discrete one ties at log N
+    # when every sample differs, and the probe's above-median target then has one class.
     semantic = SemanticEntropy(n_samples=n_samples, max_new_tokens=max_new_tokens,
-                               equivalence=equiv, seed=0)
+                               equivalence=equiv, variant="weighted", seed=0)
     sizes = {"n_train": n_train, "n_trivia": n_trivia, "n_test": n_test, "n_se": n_se,
              "n_mc": n_mc, "n_nq_train": n_nq}
     summary = run_learned_section(
@@ -174,7 +178,9 @@ def _setup(s: dict[str, Any]) -> list[str]:
         "CPT and APGR rank by the raw score (a stack by its calibrated P(good)); ECE is "
         "that of the calibrated P(good) on the test questions; 95% bootstrap intervals "
         f"({s['n_boot']} resamples).",
-        f"- Semantic entropy (N = {s['n_samples']}, T = 0.7, embedding equivalence) and its "
+        f"- Semantic entropy (N = {s['n_samples']}, T = 0.7, embedding equivalence, the "
+        "likelihood-weighted variant of Kuhn et al.; the main tables use the discrete one) "
+        "and its "
         f"probe: trained on {s['n_se']} training questions and measured on the first "
         f"{s['n_se']} test questions (N samples per question are costly); the probe is "
         "trained without labels, to predict whether semantic entropy is above its median.",
@@ -199,6 +205,9 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             f"{r['n_test']} | {_ci(m['auroc'])} | {_ci(m['prr'])} | {_ci(m['ece'])} | "
             f"{_ci(m['cpt50'])} | {_ci(m['apgr'])} | {_ci(m['gain_captured'])} | "
             f"{r['edge_seconds_per_query']:.4f} | {layer} |")
+        if "error" in r:
+            out[-1] = (f"| {r['name']} | {r['kind']} | not fitted: {r['error']} |"
+                       + " |" * 9)
     return [*out, ""]
 
 
@@ -260,7 +269,8 @@ def _choice(s: dict[str, Any]) -> list[str]:
     out = ["### Multiple choice: option entropy", "",
            "The answer is the option letter with the highest log-likelihood after the prompt "
            "(`OptionEntropy`, one scoring pass, nothing decoded); the uncertainty is the "
-           "entropy or 1 - margin of the option distribution. Nothing was tuned.", "",
+           "entropy or 1 - margin of the option distribution. Nothing was tuned. "
+           f"Seeded subsamples of {s['sizes'].get('n_mc') or 'all'} questions per set.", "",
            "| set | n | accuracy of the argmax option | AUROC entropy | AUROC 1 - margin |",
            "|---|---|---|---|---|"]
     for r in s["choice"]:
@@ -278,5 +288,5 @@ def learned_markdown(summary: dict[str, Any], *, results: str | Path | None = No
              *_curves(summary, results), *_choice(summary),
              "Reproduce: `confroute evaluate-report --learned --data-dir ../shared/data "
              "--cache runs/cache.sqlite --results docs/results.md` (sizes: `--n-train`, "
-             "`--n-trivia`, `--n-test`, `--n-se`, `--n-mc`).", ""]
+             "`--n-trivia-train`, `--n-test`, `--n-se`, `--n-mc`).", ""]
     return "\n".join(parts)
