@@ -117,3 +117,24 @@ def test_section_is_replaced_between_markers(tmp_path: Path) -> None:
     assert "second" in text and "first" not in text and text.startswith("# Results\n\nintro")
     block = learned_section_of(text)
     assert block is not None and block.startswith(BEGIN) and "second" in block
+
+
+def test_store_treats_a_corrupt_file_as_missing(tmp_path: Path) -> None:
+    store = HiddenStateStore(tmp_path / "h")
+    store.put("m", "a prompt", "tag", {"x": np.arange(3.0)})
+    got = store.get("m", "a prompt", "tag")
+    assert got is not None and got["x"].tolist() == [0.0, 1.0, 2.0]
+    assert store.get("m", "another prompt", "tag") is None
+    (f,) = list((tmp_path / "h").rglob("*.npz"))
+    f.write_bytes(b"not a zip file")
+    assert store.get("m", "a prompt", "tag") is None and store.n_corrupt == 1
+
+
+def test_suite_sizes_are_checked_before_any_work(tmp_path: Path) -> None:
+    from confroute.errors import InvalidParameterError
+    from confroute.evaluation.report_learned_suite import run_learned_suite
+
+    with pytest.raises(InvalidParameterError, match="'n_train'.*Got 3"):
+        run_learned_suite(tmp_path / "no-data", tmp_path, None, None, n_train=3)
+    with pytest.raises(InvalidParameterError, match="'n_se'"):
+        run_learned_suite(tmp_path / "no-data", tmp_path, None, None, n_se=-1)
