@@ -134,7 +134,7 @@ def test_suite_sizes_are_checked_before_any_work(tmp_path: Path) -> None:
     from confroute.errors import InvalidParameterError
     from confroute.evaluation.report_learned_suite import run_learned_suite
 
-    with pytest.raises(InvalidParameterError, match="'n_train'.*Got 3"):
+    with pytest.raises(InvalidParameterError, match=r"'n_train'.*Got 3"):
         run_learned_suite(tmp_path / "no-data", tmp_path, None, None, n_train=3)
     with pytest.raises(InvalidParameterError, match="'n_se'"):
         run_learned_suite(tmp_path / "no-data", tmp_path, None, None, n_se=-1)
