@@ -157,7 +157,7 @@ def register(sub: Any) -> None:
 
 def _learned_args(r: Any) -> None:
     """Flags of ``evaluate-report --learned`` (defaults: the full sizes of issue 15)."""
-    from confroute.evaluation.report_learned import LEARNED_DEFAULTS
+    from confroute.evaluation.report_learned_data import LEARNED_DEFAULTS
 
     g = r.add_argument_group(
         "learned estimators (--learned)",

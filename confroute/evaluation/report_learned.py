@@ -39,6 +39,9 @@ from confroute.evaluation import metrics as M
 from confroute.evaluation.datasets import Example
 from confroute.evaluation.harness import grade_answers, metrics_with_intervals
 from confroute.evaluation.report_learned_data import (
+    CURVE_SIZES,
+    ISSUE_SIZES,
+    LEARNED_DEFAULTS,
     CapturedAnswer,
     HiddenStateStore,
     capture_answers,
@@ -52,10 +55,6 @@ __all__ = ["BEGIN", "CURVE_SIZES", "END", "ISSUE_SIZES", "LEARNED_DEFAULTS", "Le
            "plot_learning_curves", "prepare_inputs", "run_learned_section",
            "write_learned_section"]
 
-ISSUE_SIZES = {"n_train": 3610, "n_trivia": 3000, "n_test": 1800}
-LEARNED_DEFAULTS: dict[str, Any] = {**ISSUE_SIZES, "n_se": 400, "n_mc": 500, "n_samples": 5,
-                                    "max_new_tokens": 32, "layers": (8, 15, 22, 29)}
-CURVE_SIZES = (100, 300, 1000, 3000)
 BEGIN, END = "<!-- learned-estimators:begin -->", "<!-- learned-estimators:end -->"
 
 

@@ -32,8 +32,16 @@ import numpy as np
 from confroute._validation import param_error
 from confroute.types import GenerationConfig, Prompt, Sample, Samples, prompt_key
 
-__all__ = ["CapturedAnswer", "HiddenStateStore", "LazyEdge", "capture_answers",
-           "option_logliks", "prefill_seconds"]
+__all__ = ["CURVE_SIZES", "ISSUE_SIZES", "LEARNED_DEFAULTS", "CapturedAnswer",
+           "HiddenStateStore", "LazyEdge", "capture_answers", "option_logliks",
+           "prefill_seconds"]
+
+# The sizes issue 15 asks for (training: NQ-open dev + TriviaQA; test: efficientqa_dev),
+# and the defaults of `confroute evaluate-report --learned` (light: the CLI reads them).
+ISSUE_SIZES = {"n_train": 3610, "n_trivia": 3000, "n_test": 1800}
+LEARNED_DEFAULTS: dict[str, Any] = {**ISSUE_SIZES, "n_se": 400, "n_mc": 500, "n_samples": 5,
+                                    "max_new_tokens": 32, "layers": (8, 15, 22, 29)}
+CURVE_SIZES = (100, 300, 1000, 3000)
 
 
 class HiddenStateStore:
