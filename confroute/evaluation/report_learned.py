@@ -164,8 +164,14 @@ def _main_rows(inp: LearnedInputs, layers: tuple[int, ...], edge: Any, n_boot: i
         ("PromptProbe (prompt's last token)", [PromptProbe(layers)], "isotonic", prefill_s,
          "pre-generation"),
     ]
-    return [_row(name, Router(ests, cal, "threshold", edge=edge), fit, test, n_boot=n_boot,
-                 seconds=secs, kind=kind) for name, ests, cal, secs, kind in specs]
+    from tqdm.auto import tqdm
+
+    rows = []
+    for name, ests, cal, secs, kind in tqdm(specs, desc="learned rows (fit + measure)",
+                                            unit="row"):
+        rows.append(_row(name, Router(ests, cal, "threshold", edge=edge), fit, test,
+                         n_boot=n_boot, seconds=secs, kind=kind))
+    return rows
 
 
 def _sampled(edge: Any, samples: list[Samples], est: Any) -> tuple[list[Samples], float]:
@@ -268,8 +274,10 @@ def learning_curves(inp: LearnedInputs, *, layers: Sequence[int], sizes: Sequenc
     lp_ci = _auroc_ci(-lp, y_test, n_boot)
     out: dict[str, Any] = {"sizes": used, "sequence log-prob": [lp_ci] * len(used),
                            "HiddenStateProbe": [], "PromptProbe": []}
+    from tqdm.auto import tqdm
+
     rng = np.random.default_rng(seed)
-    for size in used:
+    for size in tqdm(used, desc="learning curves", unit="size"):
         idx = sorted(rng.choice(n, size, replace=False).tolist())
         fit_p, fit_s = [inp.train[i].prompt for i in idx], inp.samples("train", idx)
         for name, probe in (("HiddenStateProbe", HiddenStateProbe(tuple(layers))),

@@ -6,6 +6,11 @@ fail straight to the cloud, **without running the edge model at all**. Stage 2
 runs a calibrated post-generation :class:`~confroute.router.Router` (edge
 answer, uncertainty estimate, calibrator, policy) on the rest.
 
+The gate can also be the edge model's own pre-generation probe
+(:class:`~confroute.estimators.PromptProbe`): it reads the hidden state at the
+prompt's last token after one prefill and escalates the queries it predicts the
+edge will get wrong, before any token is decoded.
+
 The gate saves the edge generations (and the uncertainty sampling) of the
 queries it escalates; the post-generation router keeps its finer, answer-aware
 decision for everything else. Zhang et al. (2025) propose both signals; this
