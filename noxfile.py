@@ -96,6 +96,8 @@ def evaluate(session: nox.Session) -> None:
 
     Reads ../shared/data (or CONFROUTE_DATA_DIR); extra arguments go to
     `confroute evaluate-report` (e.g. `-- --n-nq 150 --n-trivia 150 --n-arith 105`).
+    Then the learned-estimators section (issue 15) at the issue's full sizes, as
+    `nox -s learned` (which takes its own size flags).
     """
     _install(session, "embedded,plot")
     data = os.environ.get("CONFROUTE_DATA_DIR", "../shared/data")
@@ -104,6 +106,29 @@ def evaluate(session: nox.Session) -> None:
         "--cache", "runs/cache.sqlite", "--results", "docs/results.md", *session.posargs,
         env=OFFLINE,
     )
+    _learned(session, data, [])
+
+
+def _learned(session: nox.Session, data: str, args: list[str]) -> None:
+    session.run(
+        "confroute", "evaluate-report", "--learned", "--data-dir", data, "--out", "runs/report",
+        "--cache", "runs/cache.sqlite", "--results", "docs/results.md",
+        "--img", "docs/img/learned.png", *args, env=OFFLINE,
+    )
+
+
+@nox.session
+def learned(session: nox.Session) -> None:
+    """Only the learned-estimators section of docs/results.md (probes, issue 15).
+
+    Greedy answers and hidden states are stored in runs/cache.sqlite.hidden, so a
+    re-run, or a larger one, computes only what is missing. Sizes are flags, e.g.
+    ``nox -s learned -- --n-train 400 --n-trivia-train 0 --n-test 300 --n-se 100``
+    (defaults: the issue's full sizes; the section says when it is smaller).
+    """
+    _install(session, "embedded,plot")
+    _learned(session, os.environ.get("CONFROUTE_DATA_DIR", "../shared/data"),
+             list(session.posargs))
 
 
 @nox.session

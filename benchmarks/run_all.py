@@ -30,6 +30,7 @@ BENCHES = {
     "B6": "benchmarks.bench_memory",
     "E": "benchmarks.bench_early",
     "P": "benchmarks.bench_prefill",
+    "L": "benchmarks.probes",
 }
 
 
@@ -241,6 +242,10 @@ median unless stated.
   router's overhead over the estimator alone on the same precomputed generations.
 - **B6** peak RSS in fresh subprocesses (`resource.getrusage`).
 - **E** early escalation (`confroute.early.EarlyEscalation`) on NQ-open dev questions.
+- **L** probe costs (issue 15), interleaved with the greedy answer of the same 4 NQ-open
+  questions: the greedy answer with hidden states captured in its decoding passes plus a
+  HiddenStateProbe score (goal <= 1.05x), a PromptProbe decision from one prefill with
+  nothing decoded (goal <= 0.2x), and a SemanticEntropyProbe score (goal <= 1.05x).
 - **P** shared histories (the prompt, then common generated prefixes, computed once)
   in the own decoding loop, and length bucketing in `HFLanguageModel`.
 

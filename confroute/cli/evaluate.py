@@ -13,6 +13,7 @@ Examples
         --edge recorded:6b_finetuning --cloud recorded:175b_finetuning --out runs/gsm8k
     confroute evaluate-report --data-dir ../shared/data --out runs/report \\
         --cache runs/cache.sqlite --results docs/results.md
+    confroute evaluate-report --learned --n-train 40 --n-trivia-train 0 --n-test 40 --n-se 20
 """
 
 from __future__ import annotations
@@ -89,6 +90,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_evaluate_report(args: argparse.Namespace) -> int:
     from confroute.evaluation.report import run_results_suite
 
+    if args.learned:
+        from confroute.evaluation.report_learned_suite import run_learned_suite
+
+        run_learned_suite(args.data_dir, args.out, args.cache, args.results,
+                          n_train=args.n_train, n_trivia=args.n_trivia_train,
+                          n_test=args.n_test, n_se=args.n_se, n_mc=args.n_mc,
+                          layers=args.layers, max_new_tokens=args.max_new_tokens,
+                          n_samples=args.n_samples, n_boot=args.n_boot, img=args.img)
+        return 0
     run_results_suite(args.data_dir, args.out, args.cache, args.results, n_nq=args.n_nq,
                       n_trivia=args.n_trivia, n_arith=args.n_arith, n_samples=args.n_samples,
                       max_new_tokens=args.max_new_tokens, n_boot=args.n_boot)
@@ -141,4 +151,31 @@ def register(sub: Any) -> None:
     r.add_argument("--n-samples", type=int, default=SUITE_DEFAULTS["n_samples"])
     r.add_argument("--max-new-tokens", type=int, default=SUITE_DEFAULTS["max_new_tokens"])
     r.add_argument("--n-boot", type=int, default=1000)
+    _learned_args(r)
     r.set_defaults(func=cmd_evaluate_report)
+
+
+def _learned_args(r: Any) -> None:
+    """Flags of ``evaluate-report --learned`` (defaults: the full sizes of issue 15)."""
+    from confroute.evaluation.report_learned_data import LEARNED_DEFAULTS
+
+    g = r.add_argument_group(
+        "learned estimators (--learned)",
+        "Run only the learned-estimators section (hidden-state probes, learning curves, "
+        "option entropy) and replace it in --results; greedy answers and hidden states are "
+        "stored in <cache>.hidden, so a re-run or a larger run computes only what is missing.")
+    g.add_argument("--learned", action="store_true",
+                   help="run the learned-estimators section instead of the main suite")
+    g.add_argument("--n-train", type=int, default=LEARNED_DEFAULTS["n_train"],
+                   help="NQ-open dev.jsonl training questions")
+    g.add_argument("--n-trivia-train", dest="n_trivia_train", type=int,
+                   default=LEARNED_DEFAULTS["n_trivia"], help="TriviaQA training questions")
+    g.add_argument("--n-test", type=int, default=LEARNED_DEFAULTS["n_test"],
+                   help="efficientqa_dev.jsonl test questions")
+    g.add_argument("--n-se", type=int, default=LEARNED_DEFAULTS["n_se"],
+                   help="train and test questions of the semantic-entropy subset")
+    g.add_argument("--n-mc", type=int, default=LEARNED_DEFAULTS["n_mc"],
+                   help="multiple-choice questions per set (0: all)")
+    g.add_argument("--layers", type=int, nargs="+", default=list(LEARNED_DEFAULTS["layers"]),
+                   help="candidate probe layers")
+    g.add_argument("--img", default="docs/img/learned.png", help="learning-curve plot")

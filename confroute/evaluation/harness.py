@@ -87,6 +87,7 @@ __all__ = [
     "evaluate",
     "evaluate_pair",
     "grade_answers",
+    "metrics_with_intervals",
     "subsample",
     "write_report",
 ]
@@ -285,6 +286,45 @@ def _prob_metric(which: str) -> Callable[..., float]:
             raise InvalidParameterError("no scored prompt")
         return M.ece(p[ok], y[ok]) if which == "ece" else M.brier(p[ok], y[ok])
     return fn
+
+
+def metrics_with_intervals(
+    conf: Any, p_good: Any, edge_quality: Any, cloud_quality: Any, *, n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """The test-part metrics of :func:`evaluate` for one confidence, with 95% intervals.
+
+    Parameters
+    ----------
+    conf : array-like of shape (n,)
+        Confidence (higher = keep on the edge; e.g. ``-score`` or a calibrated
+        P(good)); NaN counts as the least confident, as in :func:`evaluate`.
+    p_good : array-like of shape (n,)
+        Calibrated P(edge answer good) (ECE and Brier; NaN rows left out).
+    edge_quality, cloud_quality : array-like of shape (n,)
+        Qualities in [0, 1]; an edge answer is good when its quality is >= 0.5.
+    n_boot : int, default 1000
+    seed : int, default 0
+
+    Returns
+    -------
+    dict
+        ``auroc``, ``prr``, ``ece``, ``brier``, ``cpt50``, ``cpt80``, ``apgr`` and
+        ``gain_captured``, each ``{"value", "low", "high"}`` (NaN when undefined).
+    """
+    conf_t = _fill_nan_conf(np.asarray(conf, dtype=float))
+    p = np.asarray(p_good, dtype=float)
+    e, c = np.asarray(edge_quality, dtype=float), np.asarray(cloud_quality, dtype=float)
+    check_same_length("metrics_with_intervals", conf=conf_t, p_good=p, edge_quality=e,
+                      cloud_quality=c)
+    y = (e >= 0.5).astype(int)
+    m = {"auroc": _ci(M.auroc, conf_t, y, n_boot=n_boot, seed=seed),
+         "prr": _ci(M.prr, conf_t, e, n_boot=n_boot, seed=seed),
+         "ece": _ci(_prob_metric("ece"), p, y, n_boot=n_boot, seed=seed),
+         "brier": _ci(_prob_metric("brier"), p, y, n_boot=n_boot, seed=seed)}
+    for which in ("cpt50", "cpt80", "apgr", "gain_captured"):
+        m[which] = _ci(_curve_metric(which), conf_t, e, c, n_boot=n_boot, seed=seed)
+    return m
 
 
 # ---------------------------------------------------------------- generation stages

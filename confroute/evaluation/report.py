@@ -124,10 +124,19 @@ def run_results_suite(
                "sizes": {"nq": n_nq, "trivia": n_trivia, "arith": n_arith,
                          "n_samples": n_samples, "max_new_tokens": max_new_tokens}}
     if results is not None:
-        write_atomic(results, results_markdown(summary), owner="suite")
+        write_atomic(results, results_markdown(summary) + _kept_learned(results), owner="suite")
     print(f"[suite] done in {wall:.1f} s ({history[-1]['model_calls']} edge model calls)",
           file=sys.stderr)
     return summary
+
+
+def _kept_learned(results: str | Path) -> str:
+    """The learned-estimators section of the existing page (``--learned`` writes it), kept."""
+    from confroute.evaluation.report_learned import learned_section_of
+
+    p = Path(results)
+    block = learned_section_of(p.read_text(encoding="utf-8")) if p.exists() else None
+    return "" if block is None else "\n" + block
 
 
 def _record_run(hist_path: Path, model: Any, wall: float,

@@ -6,6 +6,11 @@ fail straight to the cloud, **without running the edge model at all**. Stage 2
 runs a calibrated post-generation :class:`~confroute.router.Router` (edge
 answer, uncertainty estimate, calibrator, policy) on the rest.
 
+The gate can also be the edge model's own pre-generation probe
+(:class:`~confroute.estimators.PromptProbe`): it reads the hidden state at the
+prompt's last token after one prefill and escalates the queries it predicts the
+edge will get wrong, before any token is decoded.
+
 The gate saves the edge generations (and the uncertainty sampling) of the
 queries it escalates; the post-generation router keeps its finer, answer-aware
 decision for everything else. Zhang et al. (2025) propose both signals; this
@@ -127,9 +132,13 @@ class TwoStageRouter:
 
     Parameters
     ----------
-    gate : QueryRouter or QueryRouterEstimator
+    gate : QueryRouter, QueryRouterEstimator or PromptProbe
         A fitted query router (scores P(strong wins); higher = escalate), or one
-        already wrapped as an estimator (which carries its embedder).
+        already wrapped as an estimator (which carries its embedder); or a fitted
+        pre-generation probe (:class:`~confroute.estimators.PromptProbe`, scores
+        P(edge answer bad) from the edge model's hidden state after one prefill of
+        the prompt, nothing decoded; it reads ``router.edge``, and its prompt
+        states are passed on to stage 2).
     router : Router
         A calibrated post-generation router with its ``edge`` and ``cloud``
         models; its ``on_cloud_error`` also governs the gate's cloud calls
@@ -178,9 +187,11 @@ class TwoStageRouter:
 
         if isinstance(gate, QueryRouter):
             gate = QueryRouterEstimator(gate, embedder=embedder)
+        elif _is_prompt_probe(gate):
+            gate.check_fitted()  # NotFittedError naming the fix, before any routing
         elif not isinstance(gate, QueryRouterEstimator):
-            raise param_error("gate", _OWNER, "a fitted QueryRouter or QueryRouterEstimator",
-                              gate, type_error=True)
+            raise param_error("gate", _OWNER, "a fitted QueryRouter, QueryRouterEstimator or "
+                              "pre-generation probe (PromptProbe)", gate, type_error=True)
         if not isinstance(router, Router):
             raise param_error("router", _OWNER, "a calibrated Router", router, type_error=True)
         if (gate_threshold is None) == (gate_share is None):
@@ -194,7 +205,7 @@ class TwoStageRouter:
                                           allow_none=True)
         self.gate_share = check_float(gate_share, "gate_share", _OWNER, min_value=0.0,
                                       max_value=1.0, allow_none=True)
-        self.gate: QueryRouterEstimator = gate
+        self.gate: Any = gate
         self.router = router
         self.gate_threshold_: float | None = self.gate_threshold
         self.gate_share_interval_: tuple[float, float] | None = None
@@ -206,7 +217,13 @@ class TwoStageRouter:
     def gate_scores(self, prompts: Sequence[Prompt]) -> np.ndarray:
         """Stage-1 scores, P(strong wins | query), shape (n_prompts,)."""
         plist = check_prompts(prompts, f"{_OWNER}.gate_scores")
-        return np.asarray(self.gate.estimate(plist).scores, dtype=np.float64)
+        return np.asarray(self._gate_estimate(plist).scores, dtype=np.float64)
+
+    def _gate_estimate(self, plist: list[Prompt]) -> Any:
+        """The gate's estimate; a prompt probe reads the edge model's prefill states."""
+        if _is_prompt_probe(self.gate):
+            return self.gate.estimate(plist, self.router.edge)
+        return self.gate.estimate(plist)
 
     def calibrate_gate(
         self, prompts: Sequence[Prompt], *, confidence: float = 0.95
@@ -260,16 +277,20 @@ class TwoStageRouter:
                 f"{len(samples)} for {len(plist)} prompts."
             )
         t0 = time.perf_counter()
-        g = np.asarray(self.gate.estimate(plist).scores, dtype=np.float64)
+        gated = self._gate_estimate(plist)
+        g = np.asarray(gated.scores, dtype=np.float64)
         stats.gate_seconds += time.perf_counter() - t0
+        if samples is None and _is_prompt_probe(self.gate):
+            samples = gated.samples  # the prompt states, reused by a stage-2 prompt probe
         escalate = g > thr
         decisions: list[Decision | None] = [None] * len(plist)
         for j in np.flatnonzero(escalate):
             decisions[j] = Decision(
                 prompt=plist[j], source="cloud", p_good=math.nan,
                 scores={"gate": float(g[j])}, edge_answer=None,
-                reason=f"stage 1 (gate): P(strong wins) {g[j]:.3f} > {thr:.3f}; "
-                "edge model not run",
+                reason=f"stage 1 (gate): {self._gate_label()} {g[j]:.3f} > {thr:.3f}; "
+                "edge model not run" + (" (one prefill)" if _is_prompt_probe(self.gate)
+                                        else ""),
             )
         rest = [int(i) for i in np.flatnonzero(~escalate)]
         if rest:
@@ -289,6 +310,9 @@ class TwoStageRouter:
         stats.n_stage2_escalated += sum(out[i].source == "cloud" for i in rest)
         assert len(out) == len(plist)
         return out
+
+    def _gate_label(self) -> str:
+        return "P(edge answer bad)" if _is_prompt_probe(self.gate) else "P(strong wins)"
 
     def _record(self, stats: TwoStageStats) -> None:
         with self._lock:
@@ -361,10 +385,13 @@ class TwoStageRouter:
         checked).
         """
         thr = self._threshold()
-        router = self.gate.resolve_router()
-        # part_to_spec reads the query router's state, which fails if it is unfitted.
-        gate_spec = part_to_spec(QueryRouterEstimator(router=router, embedder=None), "gate")
-        emb = self.gate.embedder
+        if _is_prompt_probe(self.gate):
+            gate_spec, emb = part_to_spec(self.gate, "gate"), None
+        else:
+            router = self.gate.resolve_router()
+            # part_to_spec reads the query router's state, which fails if it is unfitted.
+            gate_spec = part_to_spec(QueryRouterEstimator(router=router, embedder=None), "gate")
+            emb = self.gate.embedder
         router_payload = self.router.to_dict()
         write_file(path, _SAVE_KIND, {
             "confroute_version": __version__,
@@ -403,8 +430,9 @@ class TwoStageRouter:
         data = read_file(path, _SAVE_KIND)
         try:
             gate = part_from_spec(data["gate"], "estimator")
-            if not isinstance(gate, QueryRouterEstimator):
-                raise SerializationError(f"The gate in {str(path)!r} is not a query router.")
+            if not isinstance(gate, QueryRouterEstimator) and not _is_prompt_probe(gate):
+                raise SerializationError(f"The gate in {str(path)!r} is not a query router "
+                                         "or a fitted prompt probe.")
             saved_emb = data.get("gate_embedder")
             if saved_emb is not None:
                 got = None if embedder is None else str(getattr(embedder, "name", embedder))
@@ -414,7 +442,8 @@ class TwoStageRouter:
                         f"named {saved_emb!r} (the one the gate was trained with). Got "
                         f"{got!r}."
                     )
-            gate.embedder = embedder
+            if isinstance(gate, QueryRouterEstimator):
+                gate.embedder = embedder
             router = Router.from_dict(data["router"], edge=edge, cloud=cloud)
             thr = data.get("gate_threshold")
             share = data.get("gate_share")
@@ -441,3 +470,10 @@ class TwoStageRouter:
         how = (f"gate_threshold={thr!r}" if self.gate_share is None
                else f"gate_share={self.gate_share!r} (threshold {thr!r})")
         return f"TwoStageRouter(gate={self.gate!r}, {how}, router={self.router!r})"
+
+
+def _is_prompt_probe(gate: Any) -> bool:
+    """A pre-generation learned estimator (e.g. a PromptProbe): scores from one prefill."""
+    from confroute.estimators.probes import LearnedEstimator
+
+    return isinstance(gate, LearnedEstimator) and not gate.needs_generation

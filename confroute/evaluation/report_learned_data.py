@@ -1,0 +1,330 @@
+"""What the learned-estimators evaluation computes once and keeps on disk.
+
+One greedy pass per question produces the answer, its token log-probs and
+entropies, and the hidden states of the candidate layers, captured in the
+decoding passes themselves (``GenerationConfig.hidden_layers``; no second
+pass). Of the states, two pooled vectors per layer are kept: the mean over the
+answer's tokens (what :class:`~confroute.estimators.HiddenStateProbe` reads with
+``position="answer_mean"``) and the state at the prompt's last token, which is
+the state that predicted the first answer token (what
+:class:`~confroute.estimators.PromptProbe` reads after one prefill; the two are
+equal up to float rounding, checked by ``tests/test_probes.py``).
+
+:class:`HiddenStateStore` keeps them as one ``.npz`` file per (model, prompt,
+configuration) next to the sqlite generation cache, so a re-run, or a larger run,
+computes only the questions that are missing. Files are read with
+``allow_pickle=False``: nothing from the store is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from confroute._validation import param_error
+from confroute.types import GenerationConfig, Prompt, Sample, Samples, prompt_key
+
+__all__ = ["CURVE_SIZES", "ISSUE_SIZES", "LEARNED_DEFAULTS", "CapturedAnswer",
+           "HiddenStateStore", "LazyEdge", "capture_answers", "option_logliks",
+           "prefill_seconds"]
+
+# The sizes issue 15 asks for (training: NQ-open dev + TriviaQA; test: efficientqa_dev),
+# and the defaults of `confroute evaluate-report --learned` (light: the CLI reads them).
+ISSUE_SIZES = {"n_train": 3610, "n_trivia": 3000, "n_test": 1800}
+LEARNED_DEFAULTS: dict[str, Any] = {**ISSUE_SIZES, "n_se": 400, "n_mc": 500, "n_samples": 5,
+                                    "max_new_tokens": 32, "layers": (8, 15, 22, 29)}
+CURVE_SIZES = (100, 300, 1000, 3000)
+
+
+class HiddenStateStore:
+    """A folder of ``.npz`` files, one per (model id, prompt, tag).
+
+    Parameters
+    ----------
+    path : str or Path
+        The folder (created on first write), e.g. ``runs/cache.sqlite.hidden``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        if not isinstance(path, (str, Path)):
+            raise param_error("path", "HiddenStateStore", "a str or Path", path,
+                              type_error=True)
+        self.path = Path(path)
+        self.n_hits = 0
+        self.n_corrupt = 0
+
+    def __repr__(self) -> str:
+        return f"HiddenStateStore({str(self.path)!r})"
+
+    def _file(self, model_id: str, prompt: Prompt, tag: str) -> Path:
+        h = hashlib.sha256(json.dumps([model_id, prompt_key(prompt), tag]).encode()).hexdigest()
+        return self.path / h[:2] / f"{h}.npz"
+
+    def get(self, model_id: str, prompt: Prompt, tag: str) -> dict[str, np.ndarray] | None:
+        """The arrays stored for the key, or None (a missing or unreadable file)."""
+        f = self._file(model_id, prompt, tag)
+        if not f.exists():
+            return None
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                out = {k: np.asarray(z[k]) for k in z.files}
+        except (OSError, ValueError, KeyError):
+            self.n_corrupt += 1
+            return None
+        self.n_hits += 1
+        return out
+
+    def put(self, model_id: str, prompt: Prompt, tag: str, arrays: dict[str, np.ndarray]) -> None:
+        """Store ``arrays`` for the key (written to a temporary file, then renamed)."""
+        f = self._file(model_id, prompt, tag)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, f)
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        f = self.path / name
+        return dict(json.loads(f.read_text())) if f.exists() else {}
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f"{name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path / name)
+
+
+@dataclass(frozen=True)
+class CapturedAnswer:
+    """A greedy answer with its pooled hidden states.
+
+    Attributes
+    ----------
+    sample : Sample
+        The greedy answer (tokens, log-probs, entropies; no hidden states).
+    layers : tuple of int
+    answer_mean : ndarray of shape (n_layers, hidden_size)
+        Mean state over the answer's tokens (NaN for an answer without tokens).
+    prompt_last : ndarray of shape (n_layers, hidden_size)
+        State at the prompt's last token (NaN for an answer without tokens).
+    seconds : float
+        Edge seconds of the greedy pass (with capture) for this prompt.
+    """
+
+    sample: Sample
+    layers: tuple[int, ...]
+    answer_mean: np.ndarray
+    prompt_last: np.ndarray
+    seconds: float
+
+    def samples(self, prompt: Prompt) -> Samples:
+        """``Samples`` the probes read: the greedy answer carrying its mean state as a
+        one-token state (what ``position="answer_mean"`` pools to) and the prompt
+        state under :meth:`PromptProbe.extra_key`."""
+        from confroute.estimators.probes import PromptProbe
+
+        ok = bool(np.isfinite(self.answer_mean).all())
+        hs = self.answer_mean[:, None, :] if ok else np.zeros(
+            (len(self.layers), 0, self.answer_mean.shape[-1]), dtype=np.float32)
+        greedy = replace(self.sample, hidden_states=hs, hidden_layers=self.layers)
+        extra = {PromptProbe.extra_key(j): self.prompt_last[k]
+                 for k, j in enumerate(self.layers)} if ok else {}
+        return Samples(prompt=prompt, greedy=greedy, extra=extra)
+
+
+def _pooled(sample: Sample, n_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    hs = sample.hidden_states
+    if hs is None or hs.shape[1] == 0:
+        width = 1 if hs is None else hs.shape[-1]
+        nan = np.full((n_layers, width), np.nan, dtype=np.float32)
+        return nan, nan.copy()
+    return hs.mean(axis=1).astype(np.float32), hs[:, 0, :].astype(np.float32)
+
+
+def _to_arrays(cap: CapturedAnswer) -> dict[str, np.ndarray]:
+    from confroute.cache import encode_samples
+
+    return {"answer_mean": cap.answer_mean, "prompt_last": cap.prompt_last,
+            "layers": np.asarray(cap.layers, dtype=np.int64),
+            "seconds": np.asarray(cap.seconds, dtype=np.float64),
+            "sample": np.asarray(encode_samples([cap.sample]))}
+
+
+def _from_arrays(a: dict[str, np.ndarray]) -> CapturedAnswer | None:
+    from confroute.cache import decode_samples
+    from confroute.errors import SerializationError
+
+    try:
+        sample = decode_samples(str(a["sample"]))[0]
+        layers = tuple(int(i) for i in a["layers"])
+        mean, last = a["answer_mean"].astype(np.float32), a["prompt_last"].astype(np.float32)
+    except (KeyError, IndexError, ValueError, SerializationError):
+        return None
+    if mean.shape != last.shape or mean.ndim != 2 or mean.shape[0] != len(layers):
+        return None
+    return CapturedAnswer(sample, layers, mean, last, float(a["seconds"]))
+
+
+def capture_answers(
+    model: Any, model_id: str, prompts: Sequence[Prompt], *, layers: Sequence[int],
+    max_new_tokens: int, store: HiddenStateStore | None, chunk_size: int = 16,
+    desc: str = "greedy answers + hidden states",
+) -> list[CapturedAnswer]:
+    """Greedy answers and pooled hidden states, from the store or generated in one pass.
+
+    Parameters
+    ----------
+    model : LanguageModel
+        A local model whose ``generate`` honours ``GenerationConfig.hidden_layers``.
+    model_id : str
+        Identity of the model in the store (changes when weights or system prompt do).
+    prompts : sequence of Prompt, length n
+    layers : sequence of int
+    max_new_tokens : int
+    store : HiddenStateStore or None
+    chunk_size : int, default 16
+        Prompts per ``generate`` call (each chunk is stored as soon as it is done).
+
+    Returns
+    -------
+    list of CapturedAnswer, length n
+    """
+    from tqdm.auto import tqdm
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, hidden_layers=tuple(layers))
+    tag = f"greedy:{config.key()}"
+    got: list[CapturedAnswer | None] = [None] * len(prompts)
+    if store is not None:
+        for i, p in enumerate(prompts):
+            arrays = store.get(model_id, p, tag)
+            got[i] = None if arrays is None else _from_arrays(arrays)
+    missing = [i for i, c in enumerate(got) if c is None]
+    with tqdm(total=len(prompts), initial=len(prompts) - len(missing), desc=desc,
+              unit="question") as bar:
+        for k in range(0, len(missing), chunk_size):
+            chunk = missing[k:k + chunk_size]
+            t0 = time.perf_counter()
+            out = model.generate([prompts[i] for i in chunk], config)
+            per = (time.perf_counter() - t0) / len(chunk)
+            for i, rows in zip(chunk, out):
+                s = rows[0]
+                mean, last = _pooled(s, len(layers))
+                cap = CapturedAnswer(replace(s, hidden_states=None, hidden_layers=()),
+                                     tuple(layers), mean, last, per)
+                got[i] = cap
+                if store is not None:
+                    store.put(model_id, prompts[i], tag, _to_arrays(cap))
+            bar.update(len(chunk))
+    return [c for c in got if c is not None]
+
+
+def prefill_seconds(model: Any, model_id: str, prompts: Sequence[Prompt],
+                    layers: Sequence[int], store: HiddenStateStore | None) -> float:
+    """Seconds per prompt of the pre-generation decision's prefill (``prompt_hidden_states``).
+
+    Timed once on ``prompts`` (batched like the greedy pass) and kept in the
+    store's ``timings.json``, so a re-run reports the first measurement.
+    """
+    key = json.dumps([model_id, len(prompts), list(layers),
+                      hashlib.sha256("\n".join(prompt_key(p) for p in prompts).encode())
+                      .hexdigest()[:16]])
+    saved = store.read_json("timings.json") if store is not None else {}
+    if key in saved:
+        return float(saved[key])
+    fn: Callable[..., Any] = model.prompt_hidden_states
+    fn(list(prompts[:1]), list(layers))  # untimed: loads the model, warms the kernels
+    t0 = time.perf_counter()
+    fn(list(prompts), list(layers))
+    secs = (time.perf_counter() - t0) / max(len(prompts), 1)
+    if store is not None:
+        store.write_json("timings.json", {**saved, key: secs})
+    return secs
+
+
+def option_logliks(model: Any, model_id: str, prompts: Sequence[Prompt],
+                   letters: Sequence[str], store: HiddenStateStore | None,
+                   desc: str = "option log-likelihoods") -> list[np.ndarray]:
+    """Log-likelihood of each option letter after each prompt (``OptionEntropy``'s scoring).
+
+    Returns
+    -------
+    list of ndarray of shape (n_options,), length n_prompts
+    """
+    from tqdm.auto import tqdm
+
+    from confroute.estimators.options import OptionEntropy
+
+    est = OptionEntropy()
+    out: list[np.ndarray | None] = [None] * len(prompts)
+    for i, p in enumerate(prompts):
+        a = None if store is None else store.get(model_id, p, f"options:{letters[i]}")
+        out[i] = None if a is None else a["logliks"].astype(np.float64)
+    missing = [i for i, o in enumerate(out) if o is None]
+    with tqdm(total=len(prompts), initial=len(prompts) - len(missing), desc=desc,
+              unit="question") as bar:
+        for k in range(0, len(missing), 32):
+            chunk = missing[k:k + 32]
+            asked = [Samples(prompt=prompts[i], extra={"options": list(letters[i])})
+                     for i in chunk]
+            done = est.prepare_samples(asked, model)
+            for i, s in zip(chunk, done):
+                ll = np.asarray(s.extra[OptionEntropy.extra_key], dtype=np.float64)
+                out[i] = ll
+                if store is not None:
+                    store.put(model_id, prompts[i], f"options:{letters[i]}", {"logliks": ll})
+            bar.update(len(chunk))
+    return [o for o in out if o is not None]
+
+
+class LazyEdge:
+    """A local model loaded on first use: ``generate``, ``score``, ``prompt_hidden_states``.
+
+    A re-run whose answers are all stored never loads the model.
+
+    Parameters
+    ----------
+    name : str
+        The model's identity, known before loading.
+    loader : callable
+        Returns the model (e.g. :func:`confroute.models.embedded.load_default_edge_model`).
+    """
+
+    def __init__(self, name: str, loader: Callable[[], Any]) -> None:
+        self.name = name
+        self.loader = loader
+        self.model: Any = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    @property
+    def batch_size(self) -> int:
+        return 16
+
+    def get(self) -> Any:
+        if self.model is None:
+            self.model = self.loader()
+        return self.model
+
+    def generate(self, prompts: Sequence[Prompt], config: GenerationConfig) -> Any:
+        return self.get().generate(prompts, config)
+
+    def generate_multi(self, prompts: Sequence[Prompt], configs: Sequence[GenerationConfig]
+                       ) -> Any:
+        from confroute.models.base import generate_configs
+
+        return generate_configs(self.get(), prompts, configs)
+
+    def score(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> Any:
+        return self.get().score(prompts, continuations)
+
+    def prompt_hidden_states(self, prompts: Sequence[Prompt], layers: Sequence[int]) -> Any:
+        return self.get().prompt_hidden_states(prompts, layers)
