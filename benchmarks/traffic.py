@@ -547,14 +547,16 @@ def run_labelfree(edge: Any, gemma: Any, sets: dict[str, list[Any]], sizes: Size
 
 def labelfree_goal(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Issue 12's goal: cloud agreement with the reference cloud within 0.03 AUROC of gold
-    calibration, and its ECE at most 0.05 above gold's."""
+    calibration, and ECE <= 0.05 (read strictly: both its own ECE and its excess over
+    gold's must be at most 0.05)."""
     gold = next(r for r in rows if r["name"].startswith("gold (graded"))
     out = {}
     for r in rows:
         if r["name"].startswith("cloud_agreement") and r["cloud"] == "reference":
             d_auc, d_ece = gold["auroc"] - r["auroc"], r["ece"] - gold["ece"]
-            out[r["name"]] = {"auroc_gap": d_auc, "ece_gap": d_ece,
-                              "met": bool(d_auc <= 0.03 and d_ece <= 0.05)}
+            out[r["name"]] = {"auroc_gap": d_auc, "ece_gap": d_ece, "ece": r["ece"],
+                              "met": bool(d_auc <= 0.03 and d_ece <= 0.05
+                                          and r["ece"] <= 0.05)}
     return out
 
 
@@ -886,7 +888,10 @@ def _shift_reading(sh: dict[str, Any]) -> list[str]:
         "random routing at the same share. Escalating the lowest-p_good 30 % offline (the "
         f"same answers, sorted) would give {_f(q['offline_p_good_order'])}; p_good's AUROC "
         f"on this traffic is {_f(sh['p_good_auroc'])}. The cap is a guarantee; spending it "
-        "on the worst answers needs a threshold recalibrated to the traffic (section 3).", "",
+        "on the worst answers needs a threshold that follows the traffic (section 1b, "
+        "no labels) or one recalibrated on labels (section 3). With this weak edge the "
+        "oracle itself is only a few points above random at this share, so no rule can "
+        "gain much here.", "",
     ]
 
 
@@ -951,8 +956,8 @@ def _labelfree_md(lf: dict[str, Any], goal: dict[str, Any], plots: dict[str, str
             "met" if g["met"] else "not met")
         lines.append(
             f"- Goal (issue 12), {name} with the reference cloud: AUROC within 0.03 of gold "
-            f"calibration (gold minus this: {g['auroc_gap']:+.3f}) and ECE at most 0.05 above "
-            f"gold's (this minus gold: {g['ece_gap']:+.3f}): **{verdict}**.")
+            f"calibration (gold minus this: {g['auroc_gap']:+.3f}) and ECE <= 0.05 (its ECE "
+            f"{_f(g.get('ece'))}, this minus gold: {g['ece_gap']:+.3f}): **{verdict}**.")
     gold = lf["rows"][0]
     lines.append(
         f"- Reading: the edge answers {lf['edge_accuracy_cal']:.1%} of the calibration "

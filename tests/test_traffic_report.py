@@ -155,7 +155,7 @@ def test_labelfree_rows_gold_subset_and_one_class():
     assert set(goal) == {"cloud_agreement (exact)"}
     g = goal["cloud_agreement (exact)"]
     assert g["auroc_gap"] == pytest.approx(gold["auroc"] - noisy_row["auroc"])
-    assert g["met"] == (g["auroc_gap"] <= 0.03 and g["ece_gap"] <= 0.05)
+    assert g["met"] == (g["auroc_gap"] <= 0.03 and g["ece_gap"] <= 0.05 and g["ece"] <= 0.05)
 
 
 def test_recalibration_windows_before_after():
