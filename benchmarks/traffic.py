@@ -95,12 +95,12 @@ class Sizes:
     arith: int = 200
     clients: int = 32
     budget: float = 0.3
-    cal: int = 400
-    report: int = 400
-    gemma: int = 100
+    cal: int = 1000
+    report: int = 1000
+    gemma: int = 150
     se: int = 40
     se_samples: int = 5
-    judge: int = 40
+    judge: int = 100
     shadow_rate: float = 0.25
     checkpoints: tuple[int, ...] = (50, 100, 200)
     window: int = 500
