@@ -320,8 +320,8 @@ def _cascade_spec(section: CascadeSection, base: Path, source: str) -> dict[str,
             raise bad(f"{where}.path", "give exactly one of 'path' (a local model) or 'cloud'",
                       f"path={t.path!r} and {'a' if t.cloud else 'no'} cloud")
         per_token = t.price_in is not None or t.price_out is not None
-        if (t.cost_per_call is None) == per_token or (per_token and None in (t.price_in,
-                                                                               t.price_out)):
+        both_prices = t.price_in is not None and t.price_out is not None
+        if (t.cost_per_call is not None) == per_token or (per_token and not both_prices):
             raise bad(f"{where}.cost_per_call", "one kind of cost: 'cost_per_call', or both "
                       "'price_in' and 'price_out'", f"cost_per_call={t.cost_per_call!r}, "
                       f"price_in={t.price_in!r}, price_out={t.price_out!r}")

@@ -136,15 +136,18 @@ class CascadeStats:
         self.degraded += int(resp.degraded)
 
     def report(self) -> dict[str, Any]:
-        """JSON-able counts: ``served``, per-tier ``answered``, ``share`` and ``cost``."""
+        """JSON-able counts: ``served``, ``tier_shares`` and, per tier, ``answered``, ``share``
+        and ``cost`` (list ``tiers``, in tier order)."""
         n = sum(self.answered)
+        shares = [a / n if n else 0.0 for a in self.answered]
         return {
             "served": n,
             "degraded": self.degraded,
             "cost_total": float(sum(self.cost)),
             "mean_cost": float(sum(self.cost) / n) if n else 0.0,
-            "tiers": {name: {"answered": a, "share": a / n if n else 0.0, "cost": c}
-                      for name, a, c in zip(self.names, self.answered, self.cost)},
+            "tier_shares": dict(zip(self.names, shares)),
+            "tiers": [{"name": name, "answered": a, "share": sh, "cost": c}
+                      for name, a, sh, c in zip(self.names, self.answered, shares, self.cost)],
         }
 
 
@@ -341,17 +344,18 @@ def _build(state: _App) -> FastAPI:
 
 def _health(state: _App) -> dict[str, Any]:
     c = state.cascade
+    report = state.stats.report()
     thresholds = [*c.thresholds, None]
+    for entry, t, m, th in zip(report["tiers"], c.tiers, state.model_names, thresholds):
+        entry.update(model=m, nominal_cost=t.nominal_cost,
+                     threshold=None if th is None else _finite(th))
     return {
         "status": "ok",
         "model": state.model_name,
         "router": "cascade",
-        "tiers": [{"name": t.name, "model": m, "nominal_cost": t.nominal_cost,
-                   "threshold": _finite(th) if th is not None else None}
-                  for t, m, th in zip(c.tiers, state.model_names, thresholds)],
         "agreement": c.agreement is not None and c.agreement is not False,
         "batches": state.batcher.batches,
-        **state.stats.report(),
+        **report,
     }
 
 
