@@ -25,8 +25,9 @@ mean-cost cap of ``--cost-fraction`` of the cloud-only cost. Reported on NQ-open
 Costs are **illustrative** per-token prices (USD per million tokens): the two
 local models are priced as very cheap hosted small models (0.005 / 0.01 and
 0.01 / 0.02), the cloud at gpt-4o-2024-05-13's approximate mid-2024 list price
-(5 / 15, :mod:`confroute.prices`); change them with ``--prices``. Token counts are the models' own (tokenizer) counts, or ceil(chars /
-4) for the cloud's prompt.
+(5 / 15, :mod:`confroute.prices`); change them with ``--prices``. Token counts
+are the models' own (tokenizer) counts, or ceil(chars / 4) for the cloud's
+prompt.
 
 Usage::
 
