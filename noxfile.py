@@ -182,7 +182,8 @@ def bench(session: nox.Session) -> None:
         # 4 `confroute serve` processes on one Redis ledger (and 4 on in-process ledgers for
         # the added latency), 64 clients, Redis killed and restarted mid-run:
         # runs/bench/replicas.json, docs/performance.md "Replicas sharing one Redis ledger".
-        session.run("python", "benchmarks/bench_replicas.py", env=OFFLINE)
+        session.run("python", "benchmarks/bench_replicas.py", "--write-doc",
+                    "docs/performance.md", env=OFFLINE)
         # Load test of `confroute serve` (loopback only, bounded): 8/32/128 clients,
         # a 30% cloud budget enforced exactly, no request lost or duplicated.
         session.run("python", "benchmarks/bench_serve.py", env=OFFLINE)

@@ -235,7 +235,7 @@ async def drive(urls: list[str], n: int, clients: int, max_seconds: float,
 # --------------------------------------------------------------------------- checks
 def on_ledger(r: Reply) -> bool:
     """Admitted by the shared ledger (seq >= 0; -1 = decided while Redis was unreachable)."""
-    return r.status == 200 and r.seq is not None and r.seq >= 0
+    return r.status in (200, 502) and r.seq is not None and r.seq >= 0
 
 
 def prefix_check(replies: list[Reply]) -> dict[str, Any]:
@@ -265,7 +265,15 @@ def latency_ms(replies: list[Reply]) -> dict[str, float]:
 
 
 def lost(replies: list[Reply], sent: int) -> int:
-    return sent - sum(1 for r in replies if r.status == 200 and r.source is not None)
+    """Requests without a routed response (a 502 after a failed cloud call still has one)."""
+    return sent - sum(1 for r in replies if r.status in (200, 502) and r.source is not None)
+
+
+def failures(replies: list[Reply]) -> list[dict[str, Any]]:
+    """The replies that were not a 200 (at most 20), for the JSON."""
+    bad = [r for r in replies if r.status != 200]
+    return [{"replica": r.replica, "status": r.status, "error": r.error, "reason": r.reason}
+            for r in bad[:20]]
 
 
 def ledger_pairs_per_second(url: str, n: int) -> dict[str, float]:
@@ -300,22 +308,28 @@ def run_phases(config: Path, server: Any, args: argparse.Namespace,
 
     mem = Replicas(config, None, args.max_batch, log_dir)
     red = Replicas(config, server.url, args.max_batch, log_dir)
+    t0 = time.perf_counter()
     try:
         startup = max(mem.wait_ready(), red.wait_ready())
         warm = asyncio.run(drive(mem.urls + red.urls, 4 * 2 * REPLICAS, 8, args.max_seconds))
         # requests alternate between the sets: both see the same load at the same time
         urls = [u for pair in zip(mem.urls, red.urls) for u in pair]
+        t1 = time.perf_counter()
         ab = asyncio.run(drive(urls, 2 * args.requests, args.clients, args.max_seconds))
+        t2 = time.perf_counter()
         mem.stop()  # the kill phase loads the Redis set only
         health_before = red.health()
         third = args.kill_requests // 3
+        t3 = time.perf_counter()
         kill_replies = asyncio.run(drive(red.urls, args.kill_requests, args.clients,
                                          args.max_seconds,
                                          events=[(third, kill), (2 * third, restart)]))
+        t4 = time.perf_counter()
         health_after = red.health()
     finally:
         mem.stop()
         red.stop()
+    times.update(startup_s=startup, warmup_s=t1 - t0 - startup, ab_s=t2 - t1, kill_s=t4 - t3)
     n_mem = len(mem.urls)
     return {"startup_s": startup,
             "warm": [r for r in warm if r.replica >= n_mem],
@@ -328,7 +342,7 @@ def run_phases(config: Path, server: Any, args: argparse.Namespace,
 def analyse_kill(warm: list[Reply], shared: list[Reply], kill: list[Reply],
                  times: dict[str, float], n_kill: int) -> dict[str, Any]:
     """Split the kill phase into before / down / after and check each part."""
-    ok = [r for r in kill if r.status == 200 and r.source is not None]
+    ok = [r for r in kill if r.status in (200, 502) and r.source is not None]
     down = [r for r in ok if not on_ledger(r)]
     t_kill = times.get("kill", math.inf)
     pre = [r for r in ok if on_ledger(r) and r.sent < t_kill]
@@ -343,6 +357,7 @@ def analyse_kill(warm: list[Reply], shared: list[Reply], kill: list[Reply],
                        "reason_says_unreachable": all("unreachable" in r.reason for r in down)},
         "after_restart": prefix_check(post),
         "lost": lost(kill, n_kill),
+        "non_200": failures(kill),
         "outage_s": times.get("restart", math.nan) - t_kill,
     }
 
@@ -362,10 +377,13 @@ def summarise(args: argparse.Namespace, red: dict[str, Any],
                   "cpus": os.cpu_count(), "load_avg_start": args.load_start,
                   "load_avg_end": os.getloadavg()[0], "python": platform.python_version(),
                   "startup_s": red["startup_s"]},
+        "phase_seconds": {k: v for k, v in red["times"].items() if k.endswith("_s")},
         "memory": {"lost": lost(red["memory"], args.requests), **lat_mem,
+                   "non_200": failures(red["memory"]),
                    "cloud_share": float(np.mean([r.routed_to == "cloud"
                                                  for r in red["memory"]] or [0]))},
-        "redis": {"lost": lost(red["shared"], args.requests), **lat_red, **shared},
+        "redis": {"lost": lost(red["shared"], args.requests), **lat_red, **shared,
+                  "non_200": failures(red["shared"])},
         "added_latency_ms": {"p50": lat_red["p50"] - lat_mem["p50"],
                              "p95": lat_red["p95"] - lat_mem["p95"]},
         "ledger_pairs_per_s": pairs,
@@ -419,10 +437,84 @@ def print_table(s: dict[str, Any]) -> None:
     print(f"checks: {'ok' if passed(s) else 'FAIL'}")
 
 
+BEGIN, END = "<!-- bench-replicas:begin -->", "<!-- bench-replicas:end -->"
+
+
+def markdown(s: dict[str, Any]) -> str:
+    """The docs/performance.md section of a run."""
+    st, m, r, k = s["setup"], s["memory"], s["redis"], s["kill"]
+    b, d, a = k["before_kill"], k["redis_down"], k["after_restart"]
+    pr, add = s["ledger_pairs_per_s"], s["added_latency_ms"]
+    return "\n".join([
+        BEGIN, "", "## Replicas sharing one Redis ledger", "",
+        f"`python benchmarks/bench_replicas.py` ({st['date']}; run by `nox -s bench` after "
+        f"`bench_ledger.py`). {REPLICAS} `confroute serve` processes with `--ledger "
+        f"redis://127.0.0.1:P/0 --max-cloud-fraction {st['budget']}` and, at the same time, "
+        f"{REPLICAS} with in-process ledgers (the latency baseline), {st['clients']} "
+        f"closed-loop clients sending requests round-robin over the 8 (alternating the "
+        f"two sets); edge: {st['edge']}; cloud: a loopback OpenAI-compatible stub answering "
+        f"after {st['cloud_latency_s'] * 1000:.0f} ms. Measured on this machine: "
+        f"{st['cpus']} CPUs shared with other work, load average {st['load_avg_start']:.1f} "
+        f"at the start and {st['load_avg_end']:.1f} at the end, so the latencies are mostly "
+        "CPU contention between 8 servers, the clients and the cloud stub.", "",
+        "| | requests | lost | admitted on the ledger (seqs exactly 0..n-1) | cloud share "
+        "| max prefix share | max prefix excess over floor(0.3 n) | p50 ms | p95 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| in-process ledgers (4 separate budgets) | {st['requests']} | {m['lost']} | - | "
+        f"{m['cloud_share']:.1%} | - | - | {m['p50']:.1f} | {m['p95']:.1f} |",
+        f"| one Redis ledger | {st['requests']} | {r['lost']} | {r['admitted']} "
+        f"({'yes' if r['seqs_exact'] else 'NO'}) | {r['final_share']:.1%} | "
+        f"{r['max_prefix_share']:.1%} | {r['max_prefix_excess']} | {r['p50']:.1f} | "
+        f"{r['p95']:.1f} |",
+        f"| kill phase: before the kill (order since start) | {b['in_phase']} | - | "
+        f"{b['admitted']} ({'yes' if b['seqs_exact'] else 'NO'}) | {b['final_share']:.1%} | "
+        f"{b['max_prefix_share']:.1%} | {b['max_prefix_excess']} | - | - |",
+        f"| kill phase: Redis down {k['outage_s']:.1f} s (fail_closed) | {d['answered']} | - | "
+        f"0 (all on the edge: {'yes' if d['all_edge'] else 'NO'}) | {d['cloud']} | - | - "
+        "| - | - |",
+        f"| kill phase: after the restart (a new order) | {a['admitted']} | {k['lost']} "
+        f"(whole phase) | {a['admitted']} ({'yes' if a['seqs_exact'] else 'NO'}) | "
+        f"{a['final_share']:.1%} | {a['max_prefix_share']:.1%} | {a['max_prefix_excess']} "
+        "| - | - |", "",
+        f"- Ledger admit+settle pairs per second (one client, `BudgetPolicy` API, the same "
+        f"Redis): {pr['redis']:,.0f} through Redis, {pr['memory']:,.0f} in-process "
+        "(`bench_ledger.py` has the raw and multi-process figures; goal >= 5,000 through "
+        "Redis).",
+        f"- Added latency per request (Redis set minus in-process set, end to end, same run): "
+        f"p50 {add['p50']:+.1f} ms, p95 {add['p95']:+.1f} ms (goal <= 2 ms at p50; on this "
+        "loaded machine the difference is within the noise of CPU contention).",
+        "- Recovery: Redis (no persistence) comes back empty; each replica retries it at "
+        "most once a second and recreates the ledger on its next admission, so the budget "
+        "restarts from zero on a new admission order, enforced again at every prefix "
+        "(escalations held back during the outage are not paid back). Since the outage "
+        "adds no cloud answer, floor(0.3 a) + floor(0.3 b) <= floor(0.3 (a + d + b)) "
+        "keeps the bound on the whole run read as one order. "
+        f"After the restart every replica's `/health` reports `store_up`: "
+        f"{all(s['health_after_restart']['store_up'])}.",
+        f"- Responses other than 200 (a 502 is a failed cloud call, still routed and "
+        f"recorded): {len(m['non_200'])} in-process set, {len(r['non_200'])} Redis set, "
+        f"{len(k['non_200'])} kill phase.",
+        f"- Checks: {'all passed' if passed(s) else '**FAILED**'}; wall time "
+        f"{st['wall_s']:.0f} s (" + ", ".join(
+            f"{name[:-2]} {sec:.0f} s" for name, sec in s["phase_seconds"].items()) + ").",
+        "", END, ""])
+
+
+def splice(doc: Path, section: str) -> None:
+    """Replace this benchmark's section of ``doc`` (between its markers), or append it."""
+    old = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + section.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    doc.write_text(new, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=2000, help="requests per phase")
-    ap.add_argument("--kill-requests", type=int, default=1200,
+    ap.add_argument("--kill-requests", type=int, default=900,
                     help="requests of the kill phase (Redis dies after a third, returns after "
                     "two thirds)")
     ap.add_argument("--clients", type=int, default=64)
@@ -431,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--max-seconds", type=float, default=300.0, help="bound per phase")
     ap.add_argument("--json", default=str(ROOT / "runs" / "bench" / "replicas.json"))
+    ap.add_argument("--write-doc", type=Path, default=None,
+                    help="splice the results into this page (docs/performance.md)")
     args = ap.parse_args(argv)
     if not (1 <= args.requests <= 20000 and 30 <= args.kill_requests <= 20000
             and 1 <= args.clients <= 256):
@@ -443,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_replicas: redis-server not found (apt-get install redis-server); skipped")
         return 0
     args.load_start = os.getloadavg()[0]
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="confroute-replicas-") as tmp, \
             FaultServer(latency=args.cloud_latency, model_id="stub-cloud") as cloud, \
             RedisServer() as server:
@@ -451,7 +546,11 @@ def main(argv: list[str] | None = None) -> int:
         pairs = ledger_pairs_per_second(server.url, args.pairs)
         red = run_phases(config, server, args, root)
     summary = summarise(args, red, pairs)
+    summary["setup"]["wall_s"] = time.perf_counter() - t_start
+    summary["setup"]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print_table(summary)
+    if args.write_doc is not None:
+        splice(args.write_doc, markdown(summary))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**summary, "passed": passed(summary)}, indent=2) + "\n")
