@@ -106,6 +106,10 @@ class TierSection(_Strict):
     price_in: float | None = Field(default=None, ge=0)
     price_out: float | None = Field(default=None, ge=0)
     max_new_tokens: int | None = Field(default=None, ge=1)
+    max_share: float | None = Field(default=None, ge=0, le=1)
+    ledger: str | None = None
+    ledger_key: str | None = Field(default=None, min_length=1)
+    ledger_failure_mode: Literal["fail_closed", "fail_open"] = "fail_closed"
 
 
 class CascadeSection(_Strict):

@@ -67,6 +67,8 @@ tier's ``p_good``::
     cloud = { model = "gpt-4o-mini", api_key_env = "OPENAI_API_KEY" }
     price_in = 0.15
     price_out = 0.60
+    max_share = 0.3                   # optional budget: at most 30 % of the queries that
+    ledger = "redis://127.0.0.1:6379/0"   # reach tier 1 enter this tier, shared by replicas
 
 Every string may use ``${VAR}`` (the variable must be set) or ``${VAR:-default}``;
 ``$${`` is a literal ``${``. Relative paths are resolved against the file's folder.
@@ -150,7 +152,8 @@ class Config:
         The ``[cascade]`` section (paths resolved, checked), or None: ``tiers``
         (one dict per tier: ``name``, ``path`` and ``options`` or ``cloud``
         (OpenAIModel keywords), ``router``, ``cost_per_call``, ``price_in``,
-        ``price_out``, ``max_new_tokens``), ``thresholds`` and ``agreement``.
+        ``price_out``, ``max_new_tokens``, ``max_share``, ``ledger``, ``ledger_key``,
+        ``ledger_failure_mode``), ``thresholds`` and ``agreement``.
     """
 
     edge: dict[str, Any]
@@ -173,20 +176,27 @@ class Config:
         """The ``[cascade]`` section as a :class:`~confroute.cascade.Cascade` (loads weights).
 
         Each tier's model is loaded (a cloud tier's client makes no call yet),
-        its saved router loaded with that model as the router's edge.
+        its saved router loaded with that model as the router's edge. Tier
+        budgets (``max_share``) are built first and connect to their shared
+        ledger at once.
 
         Raises
         ------
         ConfigError
             The config has no ``[cascade]`` section.
+        LedgerUnavailableError
+            A tier's ``ledger`` names a Redis server that does not answer.
+        InvalidParameterError
+            A tier's ledger key holds another budget.
         """
         if self.cascade is None:
             raise ConfigError("The config has no [cascade] section: build() gives its router.")
         from confroute.cascade import Cascade, Tier
         from confroute.router import Router
 
+        budgets = [_tier_budget(t) for t in self.cascade["tiers"]]  # before any model loads
         tiers = []
-        for t in self.cascade["tiers"]:
+        for t, budget in zip(self.cascade["tiers"], budgets):
             if t["cloud"] is not None:
                 from confroute.models.openai import OpenAIModel
 
@@ -197,7 +207,8 @@ class Config:
             tokens = t["max_new_tokens"] or getattr(router, "edge_max_new_tokens", None) or 64
             tiers.append(Tier(model, router=router, name=t["name"],
                               cost_per_call=t["cost_per_call"], price_in=t["price_in"],
-                              price_out=t["price_out"], max_new_tokens=int(tokens)))
+                              price_out=t["price_out"], max_new_tokens=int(tokens),
+                              policy=budget))
         return Cascade(tiers, thresholds=self.cascade["thresholds"],
                        agreement=self.cascade["agreement"])
 
@@ -288,6 +299,42 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] = 
                   serve=serve, cascade=cascade)
 
 
+def _ledger_url(url: str | None, key: str, bad: Any) -> str | None:
+    """``url`` if it is a Redis URL (checked without connecting), else the key's ConfigError."""
+    if url is None:
+        return None
+    from confroute.errors import InvalidParameterError
+    from confroute.ledgers import check_ledger_url, redact_url
+
+    try:
+        return check_ledger_url(url, "ledger", "a cascade tier")
+    except InvalidParameterError:
+        raise bad(key, "a Redis URL such as 'redis://127.0.0.1:6379/0'",
+                  repr(redact_url(url))) from None
+
+
+def _tier_budget(tier: Mapping[str, Any]) -> Any:
+    """The budget for entering a tier (None without ``max_share``), connected to its ledger.
+
+    A :class:`~confroute.policies.BudgetPolicy` whose rule wants every query with
+    ``p_good < 1`` (the cascade's threshold already decided that the query moves
+    on), so only its exact budget decides: at most ``floor(max_share * n)`` of the
+    ``n`` queries that reached the previous tier enter this one, across every
+    process sharing ``ledger``.
+    """
+    if tier["max_share"] is None:
+        return None
+    from confroute.policies import BudgetPolicy
+
+    policy = BudgetPolicy(max_cloud_fraction=tier["max_share"], enforce="total",
+                          ledger=tier["ledger"], ledger_key=tier["ledger_key"],
+                          ledger_failure_mode=tier["ledger_failure_mode"])
+    policy.set_state({"threshold_": 1.0, "calibration_cloud_fraction_": tier["max_share"],
+                      "cloud_fraction_interval_": [0.0, 1.0], "n_calibration_": 0})
+    policy.snapshot()  # connects a shared ledger now: unreachable Redis fails at start-up
+    return policy
+
+
 def _local_model(path: str, options: Mapping[str, Any]) -> Any:
     """``"embedded"`` or an HF model folder, loaded with ``options``."""
     if path == "embedded":
@@ -325,6 +372,12 @@ def _cascade_spec(section: CascadeSection, base: Path, source: str) -> dict[str,
             raise bad(f"{where}.cost_per_call", "one kind of cost: 'cost_per_call', or both "
                       "'price_in' and 'price_out'", f"cost_per_call={t.cost_per_call!r}, "
                       f"price_in={t.price_in!r}, price_out={t.price_out!r}")
+        if t.max_share is not None and i == 0:
+            raise bad(f"{where}.max_share", "no budget on the first tier (every query enters "
+                      "it)", repr(t.max_share))
+        if t.ledger is not None and t.max_share is None:
+            raise bad(f"{where}.ledger", "a ledger only with 'max_share' (the budget it keeps)",
+                      "a ledger URL without max_share")
         if t.router is None and i < k - 1:
             raise bad(f"{where}.router", "every tier but the last needs a saved calibrated "
                       "router (its p_good decides whether the query stops there)", "none")
@@ -332,7 +385,10 @@ def _cascade_spec(section: CascadeSection, base: Path, source: str) -> dict[str,
                       "cloud": None if t.cloud is None else t.cloud.openai_kwargs(),
                       "router": _resolve(t.router, base), "cost_per_call": t.cost_per_call,
                       "price_in": t.price_in, "price_out": t.price_out,
-                      "max_new_tokens": t.max_new_tokens})
+                      "max_new_tokens": t.max_new_tokens, "max_share": t.max_share,
+                      "ledger": _ledger_url(t.ledger, f"{where}.ledger", bad),
+                      "ledger_key": t.ledger_key or f"confroute:cascade:{t.name}",
+                      "ledger_failure_mode": t.ledger_failure_mode})
     costs = [nominal_cost(t.cost_per_call, t.price_in, t.price_out) for t in section.tiers]
     if any(b < a for a, b in itertools.pairwise(costs)):
         raise bad("cascade.tiers", "tiers ordered by non-decreasing cost per call (per-token "

@@ -12,7 +12,9 @@ Endpoints are those of :mod:`confroute.serve`: ``POST /v1/chat/completions``
 ``confroute`` field (:func:`cascade_record`) and in the ``X-Confroute-Tier``,
 ``X-Confroute-Tier-Name``, ``X-Confroute-Cost``, ``X-Confroute-P-Good`` and
 ``X-Confroute-Degraded`` headers; ``/health`` has each tier's share of the
-requests served and the cost spent at each tier; ``/metrics`` has the
+requests served, the cost spent at each tier and, for a tier with a budget
+(``max_share`` in the config), its ledger (:func:`confroute.serve.ledger_report`:
+shared across replicas when the budget keeps it in Redis); ``/metrics`` has the
 ``confroute_cascade_requests{tier}`` and ``confroute_cascade_cost{tier}``
 counters.
 
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from confroute._validation import check_float, check_int, param_error
-from confroute.serve import prompt_hash
+from confroute.serve import ledger_report, prompt_hash
 from confroute.serve_guard import with_guard
 from confroute.types import Prompt
 
@@ -348,7 +350,8 @@ def _health(state: _App) -> dict[str, Any]:
     thresholds = [*c.thresholds, None]
     for entry, t, m, th in zip(report["tiers"], c.tiers, state.model_names, thresholds):
         entry.update(model=m, nominal_cost=t.nominal_cost,
-                     threshold=None if th is None else _finite(th))
+                     threshold=None if th is None else _finite(th),
+                     ledger=None if t.policy is None else ledger_report(t.policy))
     return {
         "status": "ok",
         "model": state.model_name,

@@ -158,6 +158,15 @@ def test_a_three_tier_cascade_from_the_config_served_with_the_openai_client(
     ({"small": 'router = "small_router.json"\ncost_per_call = 0.0'}, None,
      r"'cascade\.tiers\[0\]\.path'.*exactly one of 'path'"),
     ({"medium": "", "cloud": ""}, "[]", r"'cascade\.tiers'.*at least 2"),
+    ({"small": 'path = "small"\nrouter = "small_router.json"\ncost_per_call = 0.0\n'
+               'max_share = 0.5'}, None, r"'cascade\.tiers\[0\]\.max_share'.*first tier"),
+    ({"cloud": 'cloud = { model = "big" }\ncost_per_call = 1.0\nledger = "redis://h:1/0"'},
+     None, r"'cascade\.tiers\[2\]\.ledger'.*only with 'max_share'"),
+    ({"cloud": 'cloud = { model = "big" }\ncost_per_call = 1.0\nmax_share = 0.2\n'
+               'ledger = "http://127.0.0.1:6379"'}, None,
+     r"'cascade\.tiers\[2\]\.ledger'.*Redis URL"),
+    ({"cloud": 'cloud = { model = "big" }\ncost_per_call = 1.0\nmax_share = 1.5'}, None,
+     r"'cascade\.tiers\[2\]\.max_share'"),
 ])
 def test_bad_cascade_configs_name_the_key_before_loading_anything(
         tmp_path: Path, edits: dict[str, str], thresholds: str | None, key: str) -> None:
@@ -180,6 +189,60 @@ def test_router_options_are_refused_with_a_cascade_config(
             app_from_args(args)
     with pytest.raises(ConfigError, match=r"no \[cascade\]"):
         load_config(_write_plain(deployment)).build_cascade()
+
+
+CLOUD_BUDGET = ("cloud = {{ model = \"big\", base_url = \"{url}\", api_key_env = \"" + KEY_ENV
+                + "\", max_retries = 0, logprobs = false }}\ncost_per_call = 0.01\n"
+                "max_share = 0.25\n{ledger}")
+
+
+def test_a_tier_budget_caps_who_enters_it_and_is_shown_in_health(
+        deployment: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """thresholds inf: every query wants to move on; the cloud tier's budget decides."""
+    import httpx
+
+    from confroute.serve import serve_in_thread
+    from confroute.serve_cascade import create_cascade_app
+
+    monkeypatch.setenv(KEY_ENV, "local")
+    with FaultServer(model_id="big") as cloud:
+        path = _config(deployment, cloud.base_url, "[inf, inf]",
+                       cloud=CLOUD_BUDGET.format(url=cloud.base_url, ledger=""))
+        app = create_cascade_app(load_config(path).build_cascade())
+        with serve_in_thread(app) as srv:
+            tiers = [httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+                "model": "m", "messages": [{"role": "user", "content": q}]}).json()[
+                    "confroute"] for q in QUESTIONS[:8]]
+            health = httpx.get(srv.url + "/health", timeout=10).json()
+    assert [r["tier"] for r in tiers].count(2) == 2  # floor(0.25 * 8)
+    assert all("budget refused" in r["reason"] for r in tiers if r["tier"] == 1)
+    ledger = health["tiers"][2]["ledger"]
+    assert (ledger["requests"], ledger["cloud"], ledger["budget"]) == (8, 2, 0.25)
+    assert health["tiers"][0]["ledger"] is None and health["tiers"][1]["ledger"] is None
+
+
+def test_a_tier_budget_shared_by_two_replicas_on_redis(
+        deployment: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from confroute.errors import LedgerUnavailableError
+    from tests.redis_server import REDIS_SERVER, RedisServer, free_port
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server binary not found (apt-get install redis-server)")
+    pytest.importorskip("redis")
+    monkeypatch.setenv(KEY_ENV, "local")
+    with FaultServer(model_id="big") as cloud, RedisServer() as server:
+        ledger = f'ledger = "{server.url}"\nledger_key = "test:cascade:{free_port()}"'
+        path = _config(deployment, cloud.base_url, "[inf, inf]",
+                       cloud=CLOUD_BUDGET.format(url=cloud.base_url, ledger=ledger))
+        replicas = [load_config(path).build_cascade() for _ in range(2)]
+        got = [replicas[i % 2]([_prompt(q)])[0].tier for i, q in enumerate(QUESTIONS[:8])]
+        assert got.count(2) == 2  # one budget across both: floor(0.25 * 8)
+        assert replicas[0].tiers[2].policy.snapshot()[:2] == (8, 2)
+        down = f'ledger = "redis://127.0.0.1:{free_port()}/0"'
+        path = _config(deployment, cloud.base_url, "[inf, inf]",
+                       cloud=CLOUD_BUDGET.format(url=cloud.base_url, ledger=down))
+        with pytest.raises(LedgerUnavailableError, match=r"'ledger'.*unreachable"):
+            load_config(path).build_cascade()
 
 
 def _write_plain(root: Path) -> Path:
