@@ -9,11 +9,12 @@ Issue 16's "k models, live" acceptance. The tiers, cheapest first:
    first gold alias (``benchmarks/reference_cloud.py``), called over real HTTP.
 
 Each of tiers 0 and 1 gets its own router (sequence log-probability of the
-greedy answer, isotonic calibration) calibrated on NQ-open **dev** questions
-(graded by alias containment); the cascade's thresholds are then chosen on the
-same questions (:meth:`Cascade.fit_thresholds`) to maximise accuracy under a
-mean-cost cap of ``--cost-fraction`` of the cloud-only cost. Reported on NQ-open
-**EfficientQA dev** (``efficientqa_test.jsonl`` is never read):
+greedy answer, Platt calibration: smooth even with few right answers)
+calibrated on NQ-open **dev** questions (graded by alias containment); the
+cascade's thresholds are then chosen on the same questions
+(:meth:`Cascade.fit_thresholds`) to maximise accuracy under a mean-cost cap of
+``--cost-fraction`` of the cloud-only cost. Reported on NQ-open **EfficientQA
+dev** (``efficientqa_test.jsonl`` is never read):
 
 * through the Python API (``Cascade.answer``): each tier's share, the cost
   spent at each tier, accuracy and mean cost, beside each tier alone;
@@ -136,7 +137,7 @@ def tier_router(model: Any, prompts: list[Any], examples: list[Any]) -> tuple[An
         raise SystemExit(
             f"{model.name} answered {int(sum(good))} of the {len(good)} calibration questions "
             "right: its router cannot be calibrated on one class. Use more questions (--cal).")
-    router = Router(SequenceLogProb(max_new_tokens=TOKENS), "isotonic", "threshold",
+    router = Router(SequenceLogProb(max_new_tokens=TOKENS), "platt", "threshold",
                     edge=model, edge_max_new_tokens=TOKENS)
     router.calibrate(prompts, references=[list(e.gold) for e in examples], grader="contains",
                      samples=samples)
@@ -334,7 +335,8 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
              "reported). Tiers 0 and 1 run on this machine's CPU; tier 2 is a loopback "
              "OpenAI-compatible server answering with the first gold alias (so its accuracy "
              "is the grader's ceiling, not a real model's). Each local tier has its own router "
-             "(sequence log-prob, isotonic, calibrated on the dev questions); thresholds "
+             "(sequence log-prob, Platt scaling: a smooth p_good even with few right answers, "
+             "calibrated on the dev questions); thresholds "
              f"{[round(t, 3) for t in point.params]} maximise calibration accuracy under a "
              f"mean cost of {args.cost_fraction:.0%} of the cloud-only cost. Illustrative "
              "prices per million tokens (input/output): "
