@@ -26,7 +26,8 @@ phases:
    exactly 0..N-1, and every request answered (0 lost);
 2. **kill** (Redis set only): traffic keeps flowing while redis-server is
    killed (SIGKILL) after a third of the phase's requests and restarted on
-   the same port after another third. ``fail_closed`` (the default): every
+   the same port after another third (requests go on for at least 3 s after
+   the restart, whatever the count). ``fail_closed`` (the default): every
    answer admitted while Redis is down (``ledger_seq`` -1, reason "ledger
    store unreachable") is the edge's, none is lost. Redis comes back **empty**
    (no persistence), so "recovers" means: each replica tries Redis again at
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -183,20 +185,28 @@ class Replicas:
 
 # --------------------------------------------------------------------------- load
 async def drive(urls: list[str], n: int, clients: int, max_seconds: float,
-                events: list[tuple[int, Any]] | None = None) -> list[Reply]:
+                events: list[tuple[int, Any]] | None = None) -> tuple[list[Reply], int]:
     """Send ``n`` requests from ``clients`` closed-loop clients, round-robin over ``urls``.
 
     ``events`` are ``(after_k_replies, callable)``: each callable runs (in a
-    thread) once ``after_k_replies`` replies have arrived, while traffic flows.
+    thread) once ``after_k_replies`` replies have arrived, while traffic flows;
+    requests keep coming (up to ``4 n``) until every event has finished.
+
+    Returns
+    -------
+    replies : list of Reply
+    sent : int
+        Requests sent (a request without a reply was lost).
     """
     import httpx
 
     from benchmarks.bench_serve import traffic_prompt
 
     replies: list[Reply] = []
-    counter = iter(range(n))
+    counter = itertools.count()
+    sent = 0
     todo = sorted(events or [], key=lambda e: e[0])
-    done_events: list[asyncio.Task[Any]] = []
+    done_events: list[asyncio.Future[Any]] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     def fire() -> None:
@@ -204,8 +214,16 @@ async def drive(urls: list[str], n: int, clients: int, max_seconds: float,
             _, action = todo.pop(0)
             done_events.append(asyncio.ensure_future(asyncio.to_thread(action)))
 
+    def more(i: int) -> bool:
+        pending = bool(todo) or not all(e.done() for e in done_events)
+        return i < n or (pending and i < 4 * n)
+
     async def client(c: int, http: httpx.AsyncClient) -> None:
+        nonlocal sent
         for i in counter:
+            if not more(i):
+                return
+            sent += 1
             replica = i % len(urls)  # round-robin by request: every replica gets 1/len
             messages = [{"role": "user", "content": traffic_prompt(uuid.uuid4().hex[:12], i)}]
             t0 = time.perf_counter()
@@ -229,7 +247,7 @@ async def drive(urls: list[str], n: int, clients: int, max_seconds: float,
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*done_events)
-    return replies
+    return replies, sent
 
 
 # --------------------------------------------------------------------------- checks
@@ -305,31 +323,35 @@ def run_phases(config: Path, server: Any, args: argparse.Namespace,
     def restart() -> None:
         server.start()
         times["restart"] = time.perf_counter()
+        time.sleep(3.0)  # traffic goes on: the replicas retry Redis within 1 s and enforce
 
     mem = Replicas(config, None, args.max_batch, log_dir)
     red = Replicas(config, server.url, args.max_batch, log_dir)
     t0 = time.perf_counter()
     try:
         startup = max(mem.wait_ready(), red.wait_ready())
-        warm = asyncio.run(drive(mem.urls + red.urls, 4 * 2 * REPLICAS, 8, args.max_seconds))
+        warm, _ = asyncio.run(drive(mem.urls + red.urls, 4 * 2 * REPLICAS, 8,
+                                    args.max_seconds))
         # requests alternate between the sets: both see the same load at the same time
         urls = [u for pair in zip(mem.urls, red.urls) for u in pair]
         t1 = time.perf_counter()
-        ab = asyncio.run(drive(urls, 2 * args.requests, args.clients, args.max_seconds))
+        ab, ab_sent = asyncio.run(drive(urls, 2 * args.requests, args.clients,
+                                        args.max_seconds))
         t2 = time.perf_counter()
         mem.stop()  # the kill phase loads the Redis set only
         health_before = red.health()
         third = args.kill_requests // 3
         t3 = time.perf_counter()
-        kill_replies = asyncio.run(drive(red.urls, args.kill_requests, args.clients,
-                                         args.max_seconds,
-                                         events=[(third, kill), (2 * third, restart)]))
+        kill_replies, kill_sent = asyncio.run(drive(
+            red.urls, args.kill_requests, args.clients, args.max_seconds,
+            events=[(third, kill), (2 * third, restart)]))
         t4 = time.perf_counter()
         health_after = red.health()
     finally:
         mem.stop()
         red.stop()
-    times.update(startup_s=startup, warmup_s=t1 - t0 - startup, ab_s=t2 - t1, kill_s=t4 - t3)
+    times.update(startup_s=startup, warmup_s=t1 - t0 - startup, ab_s=t2 - t1, kill_s=t4 - t3,
+                 ab_sent=ab_sent, kill_sent=kill_sent)
     n_mem = len(mem.urls)
     return {"startup_s": startup,
             "warm": [r for r in warm if r.replica >= n_mem],
@@ -367,11 +389,12 @@ def summarise(args: argparse.Namespace, red: dict[str, Any],
     shared = prefix_check([r for r in red["warm"] + red["shared"] if on_ledger(r)])
     lat_mem, lat_red = latency_ms(red["memory"]), latency_ms(red["shared"])
     kill = analyse_kill(red["warm"], red["shared"], red["kill"], red["times"],
-                        args.kill_requests)
+                        int(red["times"]["kill_sent"]))
     ledger_after = [h["ledger"] for h in red["health_after"]]
     return {
         "setup": {"replicas": REPLICAS, "clients": args.clients, "requests": args.requests,
-                  "kill_requests": args.kill_requests, "budget": float(BUDGET),
+                  "kill_requests": args.kill_requests,
+                  "kill_sent": int(red["times"]["kill_sent"]), "budget": float(BUDGET),
                   "cloud_latency_s": args.cloud_latency, "max_batch": args.max_batch,
                   "edge": "tiny random llama (about 50k parameters), 8 new tokens",
                   "cpus": os.cpu_count(), "load_avg_start": args.load_start,
@@ -519,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=2000, help="requests per phase")
     ap.add_argument("--kill-requests", type=int, default=900,
                     help="requests of the kill phase (Redis dies after a third, returns after "
-                    "two thirds)")
+                    "two thirds; requests go on until 3 s after the restart)")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--cloud-latency", type=float, default=0.02)
     ap.add_argument("--max-batch", type=int, default=16)
