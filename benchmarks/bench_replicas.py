@@ -207,7 +207,9 @@ async def drive(urls: list[str], n: int, clients: int, max_seconds: float,
     sent = 0
     todo = sorted(events or [], key=lambda e: e[0])
     done_events: list[asyncio.Future[Any]] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # one connection per request: a kept-alive connection can be closed by uvicorn's
+    # keep-alive timer just as a request is written on it (a transport race, not a loss)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
 
     def fire() -> None:
         while todo and len(replies) >= todo[0][0]:
@@ -321,8 +323,9 @@ def run_phases(config: Path, server: Any, args: argparse.Namespace,
         server.kill()
 
     def restart() -> None:
+        times["restart"] = time.perf_counter()  # before Redis is back: nothing admitted yet
         server.start()
-        times["restart"] = time.perf_counter()
+        times["restarted"] = time.perf_counter()
         time.sleep(3.0)  # traffic goes on: the replicas retry Redis within 1 s and enforce
 
     mem = Replicas(config, None, args.max_batch, log_dir)
@@ -366,9 +369,12 @@ def analyse_kill(warm: list[Reply], shared: list[Reply], kill: list[Reply],
     """Split the kill phase into before / down / after and check each part."""
     ok = [r for r in kill if r.status in (200, 502) and r.source is not None]
     down = [r for r in ok if not on_ledger(r)]
-    t_kill = times.get("kill", math.inf)
-    pre = [r for r in ok if on_ledger(r) and r.sent < t_kill]
-    post = [r for r in ok if on_ledger(r) and r.sent >= t_kill]
+    t_kill, t_back = times.get("kill", math.inf), times.get("restart", math.inf)
+    # A reply received before Redis was started again was admitted before the kill; one
+    # received after was admitted after the restart (send times would not do: a request
+    # can wait in a replica's queue for longer than the outage).
+    pre = [r for r in ok if on_ledger(r) and r.sent + r.latency < t_back]
+    post = [r for r in ok if on_ledger(r) and r.sent + r.latency >= t_back]
     series_a = [r for r in warm + shared if on_ledger(r)] + pre
     return {
         "before_kill": {**prefix_check(series_a), "in_phase": len(pre)},
@@ -380,7 +386,7 @@ def analyse_kill(warm: list[Reply], shared: list[Reply], kill: list[Reply],
         "after_restart": prefix_check(post),
         "lost": lost(kill, n_kill),
         "non_200": failures(kill),
-        "outage_s": times.get("restart", math.nan) - t_kill,
+        "outage_s": times.get("restarted", math.nan) - t_kill,
     }
 
 
