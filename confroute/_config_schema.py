@@ -13,7 +13,7 @@ except ImportError as exc:  # pragma: no cover - pydantic comes with the serve e
         'Reading a confroute config file needs pydantic: pip install "confroute[config]"'
     ) from exc
 
-__all__ = ["ConfigDoc", "is_secret_path", "validate"]
+__all__ = ["CascadeSection", "ConfigDoc", "TierSection", "is_secret_path", "validate"]
 
 _SECRET_HINTS = ("headers", "api_key", "key", "token", "secret", "password")
 
@@ -94,12 +94,37 @@ class ServerSection(_Strict):
     model_name: str = Field(default="confroute", min_length=1)
 
 
+class TierSection(_Strict):
+    """One tier of a cascade: a local model (``path``) or an OpenAI-compatible ``cloud``."""
+
+    name: str = Field(min_length=1)
+    path: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    cloud: CloudSection | None = None
+    router: str | None = None
+    cost_per_call: float | None = Field(default=None, ge=0)
+    price_in: float | None = Field(default=None, ge=0)
+    price_out: float | None = Field(default=None, ge=0)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    max_share: float | None = Field(default=None, ge=0, le=1)
+    ledger: str | None = None
+    ledger_key: str | None = Field(default=None, min_length=1)
+    ledger_failure_mode: Literal["fail_closed", "fail_open"] = "fail_closed"
+
+
+class CascadeSection(_Strict):
+    tiers: list[TierSection] = Field(min_length=2)
+    thresholds: list[float] | None = None
+    agreement: bool = False
+
+
 class ConfigDoc(_Strict):
     edge: EdgeSection = Field(default_factory=EdgeSection)
     clouds: list[CloudSection] = Field(default_factory=list)
     router: RouterSection = Field(default_factory=RouterSection)
     budget: BudgetSection = Field(default_factory=BudgetSection)
     server: ServerSection = Field(default_factory=ServerSection)
+    cascade: CascadeSection | None = None
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:

@@ -65,6 +65,7 @@ __all__ = [
     "fit_cascade_thresholds",
     "fit_selector_threshold",
     "measure",
+    "nominal_cost",
     "select_models",
     "simulate_cascade",
 ]
@@ -75,6 +76,23 @@ _MAX_COMBOS = 250_000
 
 
 # --------------------------------------------------------------------------- tiers
+
+
+def nominal_cost(cost_per_call: float | None, price_in: float | None = None,
+                 price_out: float | None = None) -> float:
+    """The cost that orders tiers: one call, or the reference call :data:`REFERENCE_CALL`.
+
+    Parameters
+    ----------
+    cost_per_call : float or None
+        Fixed cost of one call; when None, ``price_in`` and ``price_out`` (per
+        million tokens) price a call of ``REFERENCE_CALL`` = (1,000 input, 100
+        output) tokens.
+    """
+    if cost_per_call is not None:
+        return float(cost_per_call)
+    return (float(price_in or 0.0) * REFERENCE_CALL[0]
+            + float(price_out or 0.0) * REFERENCE_CALL[1]) / 1e6
 
 
 @dataclass(frozen=True)
@@ -162,10 +180,7 @@ class Tier:
     @property
     def nominal_cost(self) -> float:
         """Cost of one call (per-token tiers: of the reference call :data:`REFERENCE_CALL`)."""
-        if self.cost_per_call is not None:
-            return float(self.cost_per_call)
-        assert self.price_in is not None and self.price_out is not None
-        return (self.price_in * REFERENCE_CALL[0] + self.price_out * REFERENCE_CALL[1]) / 1e6
+        return nominal_cost(self.cost_per_call, self.price_in, self.price_out)
 
     def call_cost(self, prompt: Prompt, samples: Samples) -> float:
         """Cost of what this tier generated for one prompt (greedy answer and any draws)."""

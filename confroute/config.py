@@ -34,6 +34,42 @@ server options, the same from Python as from the command line::
     host = "127.0.0.1"
     port = 8000
 
+A ``[cascade]`` section serves a k-tier :class:`~confroute.cascade.Cascade`
+instead of the edge/cloud router (``confroute serve --config`` then routes
+every request through it; :meth:`Config.build_cascade` is the Python
+equivalent). Tiers are listed cheapest first; each is a local model (``path``:
+``"embedded"`` or a model folder, with ``options``) or an OpenAI-compatible
+``cloud`` (the keys of ``[[clouds]]``), with its cost (``cost_per_call``, or
+``price_in`` and ``price_out`` per million tokens) and, on every tier but the
+last, a saved calibrated ``router`` whose estimator and calibrator give the
+tier's ``p_good``::
+
+    [cascade]
+    thresholds = [0.7, 0.6]           # one per tier but the last (default 0.5 each)
+    agreement = false                 # also stop when a tier agrees with the previous one
+
+    [[cascade.tiers]]
+    name = "small"
+    path = "embedded"
+    router = "small_router.json"
+    cost_per_call = 0.0
+
+    [[cascade.tiers]]
+    name = "medium"
+    path = "models/gemma-3-270m"
+    router = "medium_router.json"
+    price_in = 0.02
+    price_out = 0.04
+    max_new_tokens = 32               # default: the router's edge_max_new_tokens, else 64
+
+    [[cascade.tiers]]
+    name = "cloud"
+    cloud = { model = "gpt-4o-mini", api_key_env = "OPENAI_API_KEY" }
+    price_in = 0.15
+    price_out = 0.60
+    max_share = 0.3                   # optional budget: at most 30 % of the queries that
+    ledger = "redis://127.0.0.1:6379/0"   # reach tier 1 enter this tier, shared by replicas
+
 Every string may use ``${VAR}`` (the variable must be set) or ``${VAR:-default}``;
 ``$${`` is a literal ``${``. Relative paths are resolved against the file's folder.
 Bad keys raise :class:`~confroute.errors.ConfigError` naming the key path (e.g.
@@ -44,6 +80,7 @@ the ``serve`` extra brings it too).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -55,6 +92,8 @@ from typing import TYPE_CHECKING, Any
 from confroute.errors import ConfigError, MissingDependencyError
 
 if TYPE_CHECKING:
+    from confroute._config_schema import CascadeSection
+    from confroute.cascade import Cascade
     from confroute.router import Router
 
 __all__ = ["Config", "ServeOptions", "load_config", "parse_config"]
@@ -109,12 +148,19 @@ class Config:
     router : dict
         ``path`` (None: the built-in router) and ``on_cloud_error`` (None: as saved).
     serve : ServeOptions
+    cascade : dict or None
+        The ``[cascade]`` section (paths resolved, checked), or None: ``tiers``
+        (one dict per tier: ``name``, ``path`` and ``options`` or ``cloud``
+        (OpenAIModel keywords), ``router``, ``cost_per_call``, ``price_in``,
+        ``price_out``, ``max_new_tokens``, ``max_share``, ``ledger``, ``ledger_key``,
+        ``ledger_failure_mode``), ``thresholds`` and ``agreement``.
     """
 
     edge: dict[str, Any]
     clouds: list[dict[str, Any]] = field(repr=False)  # headers may hold secrets
     router: dict[str, Any]
     serve: ServeOptions
+    cascade: dict[str, Any] | None = field(default=None, repr=False)
 
     def build_clouds(self) -> list[Any]:
         """The cloud chain as :class:`~confroute.models.OpenAIModel` objects (no network)."""
@@ -124,14 +170,47 @@ class Config:
 
     def build_edge(self) -> Any:
         """The edge model (loads weights)."""
-        path, options = self.edge["path"], dict(self.edge["options"])
-        if path == "embedded":
-            from confroute.models.embedded import load_default_edge_model
+        return _local_model(self.edge["path"], self.edge["options"])
 
-            return load_default_edge_model(**options)
-        from confroute.models.hf import HFLanguageModel
+    def build_cascade(self) -> Cascade:
+        """The ``[cascade]`` section as a :class:`~confroute.cascade.Cascade` (loads weights).
 
-        return HFLanguageModel(path, **options)
+        Each tier's model is loaded (a cloud tier's client makes no call yet),
+        its saved router loaded with that model as the router's edge. Tier
+        budgets (``max_share``) are built first and connect to their shared
+        ledger at once.
+
+        Raises
+        ------
+        ConfigError
+            The config has no ``[cascade]`` section.
+        LedgerUnavailableError
+            A tier's ``ledger`` names a Redis server that does not answer.
+        InvalidParameterError
+            A tier's ledger key holds another budget.
+        """
+        if self.cascade is None:
+            raise ConfigError("The config has no [cascade] section: build() gives its router.")
+        from confroute.cascade import Cascade, Tier
+        from confroute.router import Router
+
+        budgets = [_tier_budget(t) for t in self.cascade["tiers"]]  # before any model loads
+        tiers = []
+        for t, budget in zip(self.cascade["tiers"], budgets):
+            if t["cloud"] is not None:
+                from confroute.models.openai import OpenAIModel
+
+                model = OpenAIModel(**dict(t["cloud"]))
+            else:
+                model = _local_model(t["path"], t["options"])
+            router = None if t["router"] is None else Router.load(t["router"], edge=model)
+            tokens = t["max_new_tokens"] or getattr(router, "edge_max_new_tokens", None) or 64
+            tiers.append(Tier(model, router=router, name=t["name"],
+                              cost_per_call=t["cost_per_call"], price_in=t["price_in"],
+                              price_out=t["price_out"], max_new_tokens=int(tokens),
+                              policy=budget))
+        return Cascade(tiers, thresholds=self.cascade["thresholds"],
+                       agreement=self.cascade["agreement"])
 
     def build(self) -> tuple[Router, ServeOptions]:
         """Load the router with its edge model and cloud chain.
@@ -214,9 +293,113 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] = 
                          max_cloud_cost=budget.max_cloud_cost, period=budget.period,
                          prices=prices)
     clouds = [c.openai_kwargs() for c in doc.clouds]
+    cascade = None if doc.cascade is None else _cascade_spec(doc.cascade, base, source)
     return Config(edge={"path": edge_path, "options": dict(doc.edge.options)}, clouds=clouds,
                   router={"path": router_path, "on_cloud_error": doc.router.on_cloud_error},
-                  serve=serve)
+                  serve=serve, cascade=cascade)
+
+
+def _ledger_url(url: str | None, key: str, bad: Any) -> str | None:
+    """``url`` if it is a Redis URL (checked without connecting), else the key's ConfigError."""
+    if url is None:
+        return None
+    from confroute.errors import InvalidParameterError
+    from confroute.ledgers import check_ledger_url, redact_url
+
+    try:
+        return check_ledger_url(url, "ledger", "a cascade tier")
+    except InvalidParameterError:
+        raise bad(key, "a Redis URL such as 'redis://127.0.0.1:6379/0'",
+                  repr(redact_url(url))) from None
+
+
+def _tier_budget(tier: Mapping[str, Any]) -> Any:
+    """The budget for entering a tier (None without ``max_share``), connected to its ledger.
+
+    A :class:`~confroute.policies.BudgetPolicy` whose rule wants every query with
+    ``p_good < 1`` (the cascade's threshold already decided that the query moves
+    on), so only its exact budget decides: at most ``floor(max_share * n)`` of the
+    ``n`` queries that reached the previous tier enter this one, across every
+    process sharing ``ledger``.
+    """
+    if tier["max_share"] is None:
+        return None
+    from confroute.policies import BudgetPolicy
+
+    policy = BudgetPolicy(max_cloud_fraction=tier["max_share"], enforce="total",
+                          ledger=tier["ledger"], ledger_key=tier["ledger_key"],
+                          ledger_failure_mode=tier["ledger_failure_mode"])
+    policy.set_state({"threshold_": 1.0, "calibration_cloud_fraction_": tier["max_share"],
+                      "cloud_fraction_interval_": [0.0, 1.0], "n_calibration_": 0})
+    policy.snapshot()  # connects a shared ledger now: unreachable Redis fails at start-up
+    return policy
+
+
+def _local_model(path: str, options: Mapping[str, Any]) -> Any:
+    """``"embedded"`` or an HF model folder, loaded with ``options``."""
+    if path == "embedded":
+        from confroute.models.embedded import load_default_edge_model
+
+        return load_default_edge_model(**dict(options))
+    from confroute.models.hf import HFLanguageModel
+
+    return HFLanguageModel(path, **dict(options))
+
+
+def _resolve(path: str | None, base: Path) -> str | None:
+    if path is None or path == "embedded" or Path(path).is_absolute():
+        return path
+    return str(base / path)
+
+
+def _cascade_spec(section: CascadeSection, base: Path, source: str) -> dict[str, Any]:
+    """The checked ``[cascade]`` section: what pydantic's per-key checks cannot see."""
+    from confroute.cascade import nominal_cost
+
+    def bad(key: str, expected: str, got: Any) -> ConfigError:
+        return ConfigError(f"The '{key}' key of {source} is invalid ({expected}). Got {got}.")
+
+    tiers: list[dict[str, Any]] = []
+    k = len(section.tiers)
+    for i, t in enumerate(section.tiers):
+        where = f"cascade.tiers[{i}]"
+        if (t.path is None) == (t.cloud is None):
+            raise bad(f"{where}.path", "give exactly one of 'path' (a local model) or 'cloud'",
+                      f"path={t.path!r} and {'a' if t.cloud else 'no'} cloud")
+        per_token = t.price_in is not None or t.price_out is not None
+        both_prices = t.price_in is not None and t.price_out is not None
+        if (t.cost_per_call is not None) == per_token or (per_token and not both_prices):
+            raise bad(f"{where}.cost_per_call", "one kind of cost: 'cost_per_call', or both "
+                      "'price_in' and 'price_out'", f"cost_per_call={t.cost_per_call!r}, "
+                      f"price_in={t.price_in!r}, price_out={t.price_out!r}")
+        if t.max_share is not None and i == 0:
+            raise bad(f"{where}.max_share", "no budget on the first tier (every query enters "
+                      "it)", repr(t.max_share))
+        if t.ledger is not None and t.max_share is None:
+            raise bad(f"{where}.ledger", "a ledger only with 'max_share' (the budget it keeps)",
+                      "a ledger URL without max_share")
+        if t.router is None and i < k - 1:
+            raise bad(f"{where}.router", "every tier but the last needs a saved calibrated "
+                      "router (its p_good decides whether the query stops there)", "none")
+        tiers.append({"name": t.name, "path": _resolve(t.path, base), "options": t.options,
+                      "cloud": None if t.cloud is None else t.cloud.openai_kwargs(),
+                      "router": _resolve(t.router, base), "cost_per_call": t.cost_per_call,
+                      "price_in": t.price_in, "price_out": t.price_out,
+                      "max_new_tokens": t.max_new_tokens, "max_share": t.max_share,
+                      "ledger": _ledger_url(t.ledger, f"{where}.ledger", bad),
+                      "ledger_key": t.ledger_key or f"confroute:cascade:{t.name}",
+                      "ledger_failure_mode": t.ledger_failure_mode})
+    costs = [nominal_cost(t.cost_per_call, t.price_in, t.price_out) for t in section.tiers]
+    if any(b < a for a, b in itertools.pairwise(costs)):
+        raise bad("cascade.tiers", "tiers ordered by non-decreasing cost per call (per-token "
+                  "tiers: of a 1000-in/100-out call)", f"costs {costs}")
+    th = section.thresholds
+    if th is not None and (len(th) != k - 1 or not all(0 <= x <= 1 or x == float("inf")
+                                                       for x in th)):
+        raise bad("cascade.thresholds", f"a list of {k - 1} numbers in [0, 1] or inf, one per "
+                  f"tier but the last of the {k} tiers", f"{list(th)!r}")
+    return {"tiers": tiers, "thresholds": None if th is None else list(th),
+            "agreement": section.agreement}
 
 
 def _tomllib() -> Any:

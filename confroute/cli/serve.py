@@ -146,6 +146,12 @@ def app_from_args(args: argparse.Namespace) -> Any:
     """
     _require_server()
     check_traffic_args(args)
+    if getattr(args, "config", None) is not None:
+        from confroute.config import load_config
+
+        cfg = load_config(args.config)
+        if cfg.cascade is not None:
+            return _cascade_app(args, cfg)
     from confroute.serve import create_app
 
     router, opts = _router_and_options(args)
@@ -173,6 +179,36 @@ def app_from_args(args: argparse.Namespace) -> Any:
                       max_prompt_chars=args.max_prompt_chars, max_messages=args.max_messages,
                       max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, traffic=tap,
                       adapt_window=args.adapt_window if budget else 0, **budget)
+
+
+# options of the edge/cloud router that a [cascade] config replaces (flag, attribute)
+_ROUTER_ONLY = (("--router", "router"), ("--cloud", "cloud"), ("--ledger", "ledger"),
+                ("--max-cloud-fraction", "max_cloud_fraction"),
+                ("--max-cloud-cost", "max_cloud_cost"), ("--period", "period"),
+                ("--price-input", "price_input"), ("--price-output", "price_output"),
+                ("--decision-log", "decision_log"))
+
+
+def _cascade_app(args: argparse.Namespace, cfg: Any) -> Any:
+    """The cascade server of a config with a ``[cascade]`` section (checked before loading)."""
+    given = [flag for flag, name in _ROUTER_ONLY if getattr(args, name, None) is not None]
+    if _given(args, "edge"):
+        given.insert(0, "--edge")
+    if given:
+        raise InvalidParameterError(
+            f"The '{given[0]}' option of confroute serve does not apply to a config with a "
+            "[cascade] section (its tiers name the models, routers and costs). Got "
+            f"{', '.join(given)}.")
+    from confroute.serve_cascade import create_cascade_app
+
+    cascade = cfg.build_cascade()
+    for key in ("host", "port"):  # cmd_serve reads them from args
+        if not _given(args, key):
+            setattr(args, key, getattr(cfg.serve, key))
+    name = args.model_name if _given(args, "model_name") else cfg.serve.model_name
+    return create_cascade_app(cascade, model_name=name, max_prompt_chars=args.max_prompt_chars,
+                              max_messages=args.max_messages, max_batch=args.max_batch,
+                              batch_wait_ms=args.batch_wait_ms)
 
 
 def apply_ledger(policy: Any, url: str, *, key: str = "confroute:ledger",
