@@ -209,3 +209,13 @@ def test_option_entropy_on_a_real_model() -> None:
     assert out.details["choice"][0] == float(np.argmax(ll))  # the most likely option
     p = np.exp(ll - ll.max()) / np.exp(ll - ll.max()).sum()
     assert out.scores[0] == pytest.approx(float(-(p * np.log(p)).sum()), abs=1e-5)
+
+
+def test_semantic_entropy_target_survives_ties_at_the_top() -> None:
+    from confroute.estimators.probes import _balanced_cut
+
+    se = np.array([np.log(5)] * 70 + [0.0] * 20 + [np.log(2)] * 10)  # median ties the maximum
+    cut = _balanced_cut(se)
+    assert 0 < np.mean(se > cut) < 1 and cut == pytest.approx(np.log(2))
+    assert _balanced_cut(np.array([0.1, 0.5, 0.9])) == 0.5  # no ties: the median
+    assert np.isnan(_balanced_cut(np.array([np.nan])))

@@ -529,6 +529,21 @@ class PromptProbe(LearnedEstimator):
                                   "prepare_samples with the edge model first.") from None
 
 
+def _balanced_cut(se: np.ndarray) -> float:
+    """The median of ``se``, or, when ties make ``se > median`` one class, the cut among
+    its distinct values that splits it most evenly (discrete semantic entropy often
+    ties most prompts at log N). NaN-only input gives NaN."""
+    finite = se[np.isfinite(se)]
+    if finite.size == 0:
+        return float("nan")
+    median = float(np.median(finite))
+    values = np.unique(finite)[:-1]  # cutting at the largest value leaves no positive
+    if values.size == 0 or 0 < np.mean(finite > median) < 1:
+        return median
+    shares = np.array([np.mean(finite > v) for v in values])
+    return float(values[int(np.argmin(np.abs(shares - 0.5)))])
+
+
 @estimator_registry.register("semantic_entropy_probe")
 class SemanticEntropyProbe(HiddenStateProbe):
     """Post-generation probe trained to predict high semantic entropy (no labels needed).
@@ -547,7 +562,8 @@ class SemanticEntropyProbe(HiddenStateProbe):
     Attributes
     ----------
     threshold_ : float
-        The calibration median of semantic entropy.
+        The calibration median of semantic entropy (or, when ties put every value
+        on one side of it, the most even cut between two distinct values).
     """
 
     def __init__(self, layers: Any = None, *, semantic: Any = None,
@@ -579,7 +595,7 @@ class SemanticEntropyProbe(HiddenStateProbe):
     ) -> np.ndarray:
         se, _ = self._semantic().score_samples(samples, model)
         se = np.asarray(se, dtype=np.float64)
-        self.threshold_ = float(np.nanmedian(se))
+        self.threshold_ = _balanced_cut(se)
         return np.where(np.isnan(se), np.nan, (se > self.threshold_).astype(np.float64))
 
     def cross_fit(
