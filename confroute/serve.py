@@ -81,14 +81,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from confroute.shadow import TrafficTap
 
 __all__ = [
+    "BadRequest",
     "EdgeBatcher",
     "RunningServer",
+    "ServerLimits",
     "apply_budget",
     "create_app",
     "decision_record",
     "ledger_report",
     "parse_period",
     "prompt_hash",
+    "routed_prompt",
     "serve_in_thread",
 ]
 
@@ -532,7 +535,9 @@ class EdgeBatcher:
 
 
 # ------------------------------------------------------------------- requests
-class _BadRequest(Exception):
+class BadRequest(Exception):
+    """A request the server refuses (an OpenAI error body: message, param, code, status)."""
+
     def __init__(self, message: str, param: str | None, code: str, status: int = 400) -> None:
         super().__init__(message)
         self.message = message
@@ -542,32 +547,34 @@ class _BadRequest(Exception):
 
 
 @dataclass(frozen=True)
-class _Limits:
+class ServerLimits:
+    """The conversation limits a routing server checks before any model work."""
+
     max_prompt_chars: int
     max_messages: int
     max_n: int
 
 
-def _routed_prompt(req: ChatCompletionRequest, limits: _Limits) -> Prompt:
+def routed_prompt(req: ChatCompletionRequest, limits: ServerLimits) -> Prompt:
     """The conversation the router sees, after the server's limits are checked."""
     msgs = req.messages
     if len(msgs) > limits.max_messages:
-        raise _BadRequest(f"'messages' has {len(msgs)} messages; this server accepts at most "
+        raise BadRequest(f"'messages' has {len(msgs)} messages; this server accepts at most "
                           f"{limits.max_messages}.", "messages", "too_many_messages")
     out = tuple({"role": m.routed_role, "content": m.text} for m in msgs)
     total = sum(len(m["content"]) for m in out)
     if total > limits.max_prompt_chars:
-        raise _BadRequest(f"'messages' has {total} characters of content; this server "
+        raise BadRequest(f"'messages' has {total} characters of content; this server "
                           f"accepts at most {limits.max_prompt_chars}.", "messages",
                           "prompt_too_long")
     if not any(m["role"] == "user" for m in out):
-        raise _BadRequest("'messages' must contain at least one 'user' message.", "messages",
+        raise BadRequest("'messages' must contain at least one 'user' message.", "messages",
                           "invalid_value")
     if not any(m["content"].strip() for m in out) and req.forced != "media":
-        raise _BadRequest("'messages' must contain some non-empty content.", "messages",
+        raise BadRequest("'messages' must contain some non-empty content.", "messages",
                           "invalid_value")
     if req.n is not None and req.n > limits.max_n:
-        raise _BadRequest(f"'n' must be at most {limits.max_n} on this server (a routed request "
+        raise BadRequest(f"'n' must be at most {limits.max_n} on this server (a routed request "
                           f"has one answer). Got {req.n}.", "n", "invalid_value")
     return out
 
@@ -742,7 +749,7 @@ def _ledger_value(router: Router, key: str) -> float:
 class _Server:
     router: Router
     batcher: EdgeBatcher
-    limits: _Limits
+    limits: ServerLimits
     model_name: str
     created: int
     metrics: _Metrics
@@ -818,7 +825,7 @@ def create_app(
     if not isinstance(model_name, str) or not model_name:
         raise param_error("model_name", owner, "a non-empty string", model_name,
                           type_error=not isinstance(model_name, str))
-    limits = _Limits(
+    limits = ServerLimits(
         max_prompt_chars=check_int(max_prompt_chars, "max_prompt_chars", owner, min_value=1),
         max_messages=check_int(max_messages, "max_messages", owner, min_value=1),
         max_n=check_int(max_n, "max_n", owner, min_value=1, max_value=1),
@@ -990,12 +997,12 @@ async def _chat(server: _Server, req: ChatCompletionRequest) -> Response:
     t0 = time.perf_counter()
     router = server.router
     try:
-        prompt = _routed_prompt(req, server.limits)
+        prompt = routed_prompt(req, server.limits)
         cloud_config = _cloud_config(router.cloud_config, req)
         _check_logprobs(req)
-    except (_BadRequest, ValueError) as exc:
+    except (BadRequest, ValueError) as exc:
         server.metrics.invalid.inc()
-        if isinstance(exc, _BadRequest):
+        if isinstance(exc, BadRequest):
             return _error(exc.status, exc.message, param=exc.param, code=exc.code)
         return _error(400, str(exc), code="invalid_value")
     forced = req.forced
@@ -1074,7 +1081,7 @@ def _budget_error(server: _Server, record: dict[str, Any], kind: str, why: str |
 
 def _check_logprobs(req: ChatCompletionRequest) -> None:
     if req.top_logprobs is not None and not req.logprobs:
-        raise _BadRequest("'top_logprobs' requires 'logprobs' to be true. Got "
+        raise BadRequest("'top_logprobs' requires 'logprobs' to be true. Got "
                           f"top_logprobs={req.top_logprobs} with logprobs={req.logprobs}.",
                           "top_logprobs", "invalid_value")
 

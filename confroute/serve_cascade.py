@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from confroute._validation import check_float, check_int, param_error
-from confroute.serve import ledger_report, prompt_hash
+from confroute.serve import BadRequest, ServerLimits, ledger_report, prompt_hash, routed_prompt
 from confroute.serve_guard import with_guard
 from confroute.types import Prompt
 
@@ -368,23 +368,20 @@ def _error_body(message: str, param: str | None, code: str,
 
 
 def _prompt(req: ChatCompletionRequest, state: _App) -> Prompt | dict[str, Any]:
-    """The conversation the cascade answers, or an OpenAI error body."""
-    msgs = req.messages
-    if len(msgs) > state.max_messages:
-        return _error_body(f"'messages' has {len(msgs)} messages; this server accepts at most "
-                           f"{state.max_messages}.", "messages", "too_many_messages")
-    out = tuple({"role": m.routed_role, "content": m.text} for m in msgs)
-    total = sum(len(m["content"]) for m in out)
-    if total > state.max_prompt_chars:
-        return _error_body(f"'messages' has {total} characters of content; this server "
-                           f"accepts at most {state.max_prompt_chars}.", "messages",
-                           "prompt_too_long")
-    if not any(m["role"] == "user" and m["content"].strip() for m in out):
+    """The conversation the cascade answers, or an OpenAI error body.
+
+    The routing server's own checks (:func:`~confroute.serve.routed_prompt`, ``n`` at
+    most 1), and a cascade also needs a non-empty ``user`` message.
+    """
+    limits = ServerLimits(max_prompt_chars=state.max_prompt_chars,
+                          max_messages=state.max_messages, max_n=1)
+    try:
+        out = routed_prompt(req, limits)
+    except BadRequest as exc:
+        return _error_body(exc.message, exc.param, exc.code)
+    if not any(m.routed_role == "user" and m.text.strip() for m in req.messages):
         return _error_body("'messages' must contain a non-empty 'user' message.", "messages",
                            "invalid_value")
-    if req.n is not None and req.n > 1:
-        return _error_body(f"'n' must be 1 on this server (a routed request has one answer). "
-                           f"Got {req.n}.", "n", "invalid_value")
     return out
 
 
