@@ -241,6 +241,8 @@ class Router:
         from confroute.estimators import estimate_many
 
         t0 = time.perf_counter()
+        for est in self.estimators:  # e.g. a probe on another model: refused before decoding
+            est.check_model(self.edge)
         requests = [r for e in self.estimators if e.needs_generation for r in e.sample_requests()]
         if need_greedy:
             requests.append(SampleRequest(greedy=True, max_new_tokens=self.edge_max_new_tokens))

@@ -172,6 +172,22 @@ def test_router_cross_fits_post_generation_probe() -> None:
     assert all(set(x.scores) == {"hidden_state_probe", "sequence_logprob"} for x in d)
 
 
+def test_post_generation_probe_refuses_another_model_before_decoding(tmp_path: Path) -> None:
+    prompts, y = _prompt_set(40, seed=2)
+    probe = HiddenStateProbe(layers=(2,), C=1.0, n_folds=3, max_new_tokens=3)
+    router = Router(probe, "isotonic", "threshold", edge=_hf(), edge_max_new_tokens=3)
+    router.calibrate(prompts, y)
+    router.save(tmp_path / "router.json")
+    model, tok = make_causal_lm("gpt2", seed=0)
+    other = CountingHF(model, tok, device="cpu")
+    loaded = Router.load(tmp_path / "router.json", edge=other)
+    for call in (lambda: probe.estimate(prompts[:2], other),
+                 lambda: loaded.decide(prompts[:2])):
+        with pytest.raises(InvalidParameterError, match="'model' parameter of HiddenStateProbe"):
+            call()
+    assert other.decoded == []  # refused before any decoding
+
+
 def test_semantic_entropy_probe_needs_no_labels() -> None:
     from confroute.estimators import SemanticEntropy
 

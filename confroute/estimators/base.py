@@ -84,6 +84,14 @@ class UncertaintyEstimator(ParamsMixin, ABC):
         """
         return [self.sample_request()]
 
+    def check_model(self, model: LanguageModel | None) -> None:
+        """Refuse a model this estimator cannot score with, before anything is generated.
+
+        Called by :meth:`estimate` and :func:`estimate_many` ahead of the shared
+        generation; the default accepts every model. A fitted probe refuses a model
+        other than the one it was trained on (wasting no decoding on it).
+        """
+
     def prepare_samples(
         self, samples: list[Samples], model: LanguageModel | None = None
     ) -> list[Samples]:
@@ -138,6 +146,7 @@ class UncertaintyEstimator(ParamsMixin, ABC):
             ``scores`` of shape (n_prompts,) and the samples used.
         """
         plist = check_prompts(prompts, type(self).__name__)
+        self.check_model(model)
         used = collect_samples(model, plist, self.sample_requests(), existing=samples)
         used = self.prepare_samples(used, model)
         scores, details = self.score_samples(used, model)
@@ -202,6 +211,8 @@ def estimate_many(
     plist = check_prompts(prompts, "estimate_many")
     if len(estimators) == 0:
         raise EstimationError("estimate_many needs at least one estimator.")
+    for est in estimators:
+        est.check_model(model)
     used = collect_samples(
         model, plist, [r for e in estimators if e.needs_generation for r in e.sample_requests()],
         existing=samples,

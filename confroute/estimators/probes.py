@@ -52,12 +52,17 @@ from confroute.models.base import LanguageModel, SampleRequest, collect_samples
 from confroute.types import Prompt, Samples
 
 __all__ = [
+    "DEFAULT_C",
     "HiddenStateProbe",
     "LearnedEstimator",
     "PromptProbe",
     "SemanticEntropyProbe",
     "check_model_signature",
 ]
+
+
+#: The default grid of the inverse regularisation strength searched by cross-validation.
+DEFAULT_C: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)
 
 
 def _check_layers(value: Any, owner: str) -> tuple[int, ...]:
@@ -128,8 +133,12 @@ class LearnedEstimator(UncertaintyEstimator):
     layers : int or tuple of int
         Candidate layers (indices into the model's hidden states); the best one
         is chosen by cross-validation.
-    C : float or tuple of float, default (0.01, 0.1, 1.0)
-        Inverse regularisation strength (grid searched by cross-validation).
+    C : float or tuple of float, default :data:`DEFAULT_C`
+        Inverse regularisation strength (grid searched by cross-validation). The
+        default grid reaches strong regularisation (1e-4): hidden states are wide
+        (hundreds to thousands of features) and the bad-or-good signal is spread
+        thinly over them, so with a few hundred positive labels the best probes are
+        heavily regularised.
     kind : {"logistic", "mlp"}, default "logistic"
         The probe: logistic regression, or an MLP with one hidden layer of 64
         units (``alpha = 1 / C``).
@@ -337,6 +346,11 @@ class LearnedEstimator(UncertaintyEstimator):
         self.signature_ = dict(arch()) if callable(arch) else {"hidden_size": width}
 
     # ------------------------------------------------------------------ scoring
+    def check_model(self, model: LanguageModel | None) -> None:
+        """A fitted probe refuses another model before anything is generated."""
+        if getattr(self, "weights_", None) is not None:
+            check_model_signature(self.signature_, model, type(self).__name__)
+
     def _score_arrays(self, X: np.ndarray) -> np.ndarray:
         """Scores of features of shape (n, 1, hidden_size) at the chosen layer; (n,)."""
         x = X[:, 0, :].astype(np.float64)
@@ -436,9 +450,9 @@ class HiddenStateProbe(LearnedEstimator):
     answer has no state: its score is NaN (counted as unscored).
     """
 
-    def __init__(self, layers: Any = None, *, position: str = "answer_mean", C: Any = (
-            0.01, 0.1, 1.0), kind: str = "logistic", n_folds: int = 5, seed: int = 0,
-            max_new_tokens: int = 64) -> None:
+    def __init__(self, layers: Any = None, *, position: str = "answer_mean",
+                 C: Any = DEFAULT_C, kind: str = "logistic", n_folds: int = 5, seed: int = 0,
+                 max_new_tokens: int = 64) -> None:
         self.layers = layers
         self.position = position
         self.C = C
@@ -476,7 +490,7 @@ class PromptProbe(LearnedEstimator):
 
     needs_generation: ClassVar[bool] = False
 
-    def __init__(self, layers: Any = None, *, C: Any = (0.01, 0.1, 1.0), kind: str = "logistic",
+    def __init__(self, layers: Any = None, *, C: Any = DEFAULT_C, kind: str = "logistic",
                  n_folds: int = 5, seed: int = 0) -> None:
         self.layers = layers
         self.C = C
@@ -567,7 +581,7 @@ class SemanticEntropyProbe(HiddenStateProbe):
     """
 
     def __init__(self, layers: Any = None, *, semantic: Any = None,
-                 position: str = "answer_mean", C: Any = (0.01, 0.1, 1.0),
+                 position: str = "answer_mean", C: Any = DEFAULT_C,
                  kind: str = "logistic", n_folds: int = 5, seed: int = 0,
                  max_new_tokens: int = 64) -> None:
         super().__init__(layers, position=position, C=C, kind=kind, n_folds=n_folds, seed=seed,
