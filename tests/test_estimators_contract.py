@@ -61,7 +61,11 @@ FACTORIES: dict[str, list[Callable[[], UncertaintyEstimator]]] = {
         lambda: fitted_probe(HiddenStateProbe(layers=4, position="answer_last", kind="mlp",
                                               C=1.0, n_folds=3)),
     ],
-    "option_entropy": [OptionEntropy, lambda: OptionEntropy(measure="margin")],
+    "option_entropy": [
+        OptionEntropy, lambda: OptionEntropy(measure="margin"),
+        lambda: OptionEntropy(scoring="text"),
+        lambda: OptionEntropy(scoring="text", normalize="sum", measure="margin"),
+    ],
     "prompt_probe": [lambda: fitted_probe(PromptProbe(layers=(1, 2), n_folds=3))],
     "semantic_entropy_probe": [lambda: fitted_probe(SemanticEntropyProbe(
         layers=2, semantic=SemanticEntropy(n_samples=4, equivalence="exact"), n_folds=3))],

@@ -90,7 +90,10 @@ def _with_probe_states(est: UncertaintyEstimator, samples: Samples, confident: b
         greedy = replace(greedy, hidden_states=states, hidden_layers=tuple(layers))
     extra = dict(samples.extra)
     if isinstance(est, OptionEntropy):  # option log-likelihoods: one clear winner or a tie
-        extra[est.extra_key] = np.array([-0.1, -6.0, -7.0, -8.0] if confident else [-1.4] * 4)
+        ll = np.array([-0.1, -6.0, -7.0, -8.0] if confident else [-1.4] * 4)
+        # text scoring keeps (summed log-prob, token count) per option
+        extra[est.cache_key] = (np.column_stack([2 * ll, [2.0] * 4])
+                                if est.scoring == "text" else ll)
     if isinstance(est, PromptProbe):
         extra.update({est.extra_key(j): _probe_state(confident, noise, seed)
                       for j in est.active_layers()})
