@@ -28,7 +28,7 @@ from confroute.estimators.equivalence import (
     resolve_equivalence,
 )
 from confroute.estimators.logprob import MeanTokenEntropy, SequenceLogProb
-from confroute.estimators.options import OptionEntropy, parse_options
+from confroute.estimators.options import OptionEntropy, parse_option_texts, parse_options
 from confroute.estimators.probes import (
     HiddenStateProbe,
     LearnedEstimator,
@@ -66,6 +66,7 @@ __all__ = [
     "get_extractor",
     "normalize_answer",
     "parse_confidence",
+    "parse_option_texts",
     "parse_options",
     "resolve_equivalence",
     "semantic_entropy_from_clusters",
