@@ -17,7 +17,8 @@ with, trained on development questions and measured on held-out ones:
 * **learning curves**: test AUROC against the number of training labels;
 * **multiple choice**: :class:`~confroute.estimators.OptionEntropy` (entropy and
   1 - margin of the option distribution) against the correctness of the argmax
-  option.
+  option, with each option scored by its letter and by its text; a development
+  set chooses which scoring is the headline (:func:`choose_scoring`).
 
 Costs: one greedy pass per question gives the answer, its log-probs and the
 hidden states (:mod:`confroute.evaluation.report_learned_data`, stored on disk).
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from confroute._validation import check_int
+from confroute._validation import check_int, param_error
 from confroute.evaluation import metrics as M
 from confroute.evaluation.datasets import Example
 from confroute.evaluation.harness import grade_answers, metrics_with_intervals
@@ -50,12 +51,16 @@ from confroute.evaluation.report_learned_data import (
 )
 from confroute.types import Samples
 
-__all__ = ["BEGIN", "CURVE_SIZES", "END", "ISSUE_SIZES", "LEARNED_DEFAULTS", "LearnedInputs",
-           "choice_table", "learned_rows", "learned_section_of", "learning_curves",
-           "plot_learning_curves", "prepare_inputs", "run_learned_section",
+__all__ = ["BEGIN", "CHOICE_SCORINGS", "CURVE_SIZES", "END", "ISSUE_SIZES", "LEARNED_DEFAULTS",
+           "LearnedInputs", "choice_table", "choose_scoring", "learned_rows",
+           "learned_section_of", "learning_curves", "plot_learning_curves", "prepare_inputs",
+           "run_learned_section", "scoring_label",
            "write_learned_section"]
 
 BEGIN, END = "<!-- learned-estimators:begin -->", "<!-- learned-estimators:end -->"
+CHOICE_SCORINGS: tuple[tuple[str, str], ...] = (("letter", "sum"), ("text", "mean"),
+                                                ("text", "sum"))
+"""The option scorings of the multiple-choice table: ``(scoring, normalize)`` of OptionEntropy."""
 
 
 @dataclass
@@ -303,9 +308,19 @@ def _auroc_ci(conf: np.ndarray, y: np.ndarray, n_boot: int) -> dict[str, float]:
     return {"value": float(v), "low": float(lo), "high": float(hi)}
 
 
+def scoring_label(scoring: str, normalize: str) -> str:
+    """A table's name of an option scoring: ``"letter"``, ``"text (mean)"``, ``"text (sum)"``."""
+    return scoring if scoring == "letter" else f"{scoring} ({normalize})"
+
+
 def choice_table(sets: Sequence[tuple[str, Sequence[Example]]], model: Any, model_id: str,
-                 store: HiddenStateStore | None, *, n_boot: int = 1000) -> list[dict[str, Any]]:
+                 store: HiddenStateStore | None, *, n_boot: int = 1000,
+                 scorings: Sequence[tuple[str, str]] = CHOICE_SCORINGS) -> list[dict[str, Any]]:
     """Option entropy and 1 - margin against the correctness of the most likely option.
+
+    Every question is scored both ways (its letters, and its option texts from
+    ``Example.choices``, :class:`~confroute.estimators.OptionEntropy`'s two
+    scorings); each ``(scoring, normalize)`` in ``scorings`` gives one row per set.
 
     Parameters
     ----------
@@ -314,34 +329,73 @@ def choice_table(sets: Sequence[tuple[str, Sequence[Example]]], model: Any, mode
     model : LanguageModel with ``score``
     model_id : str
     store : HiddenStateStore or None
-        Keeps each question's option log-likelihoods.
+        Keeps each question's option scores (one entry per scoring).
+    scorings : sequence of (scoring, normalize)
+        Default: letter, text with mean and with summed token log-probs.
 
     Returns
     -------
     list of dict
-        One per set: ``title``, ``n``, ``accuracy`` and ``auroc_entropy`` /
+        One per (set, scoring), sets outermost: ``title``, ``scoring`` (see
+        :func:`scoring_label`), ``n``, ``accuracy`` and ``auroc_entropy`` /
         ``auroc_margin`` (``{"value", "low", "high"}``).
     """
-    from confroute.estimators.options import OptionEntropy
-
     rows = []
     for title, exs in sets:
         prompts = [ex.prompt for ex in exs]
-        lls = option_logliks(model, model_id, prompts, [ex.letters for ex in exs], store,
-                             desc=f"options: {title}")
-        samples = [Samples(prompt=p, extra={"options": list(ex.letters),
-                                            OptionEntropy.extra_key: ll})
-                   for p, ex, ll in zip(prompts, exs, lls)]
-        ent = OptionEntropy(measure="entropy").estimate(prompts, samples=samples)
-        mar = OptionEntropy(measure="margin").estimate(prompts, samples=samples)
-        choice = np.asarray(ent.details["choice"], dtype=int)
-        good = np.array([ch >= 0 and ex.letters[ch] in ex.gold for ch, ex in zip(choice, exs)],
-                        dtype=int)
-        rows.append({"title": title, "n": len(exs),
-                     "accuracy": _mean_ci(good.astype(float), n_boot),
-                     "auroc_entropy": _auroc_ci(-ent.scores, good, n_boot),
-                     "auroc_margin": _auroc_ci(-mar.scores, good, n_boot)})
+        letters = [ex.letters for ex in exs]
+        cached = {sc: option_logliks(model, model_id, prompts, letters, store,
+                                     desc=f"options ({sc}): {title}", scoring=sc,
+                                     option_texts=[ex.choices for ex in exs])
+                  for sc in dict.fromkeys(sc for sc, _ in scorings)}
+        for sc, norm in scorings:
+            rows.append({"title": title, "scoring": scoring_label(sc, norm), "n": len(exs),
+                         **_choice_metrics(exs, cached[sc], sc, norm, n_boot)})
     return rows
+
+
+def _choice_metrics(exs: Sequence[Example], cached: Sequence[np.ndarray], scoring: str,
+                    normalize: str, n_boot: int) -> dict[str, Any]:
+    from confroute.estimators.options import OptionEntropy
+
+    prompts = [ex.prompt for ex in exs]
+    key = OptionEntropy(scoring=scoring).cache_key
+    samples = [Samples(prompt=p, extra={"options": list(ex.letters), key: v})
+               for p, ex, v in zip(prompts, exs, cached)]
+    ent, mar = (OptionEntropy(measure=m, scoring=scoring, normalize=normalize).estimate(
+        prompts, samples=samples) for m in ("entropy", "margin"))
+    choice = np.asarray(ent.details["choice"], dtype=int)
+    good = np.array([ch >= 0 and ex.letters[ch] in ex.gold for ch, ex in zip(choice, exs)],
+                    dtype=int)
+    return {"accuracy": _mean_ci(good.astype(float), n_boot),
+            "auroc_entropy": _auroc_ci(-ent.scores, good, n_boot),
+            "auroc_margin": _auroc_ci(-mar.scores, good, n_boot)}
+
+
+def choose_scoring(rows: Sequence[dict[str, Any]], dev: str) -> dict[str, Any] | None:
+    """The option scoring chosen on the development set ``dev``: the highest entropy AUROC.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        :func:`choice_table`'s rows.
+    dev : str
+        Title of the development set (its rows choose; no other set is looked at).
+
+    Returns
+    -------
+    dict or None
+        ``set``, ``scoring`` (the chosen label; ties go to the earlier row),
+        ``by`` and ``auroc_entropy`` (label -> development value); None when the
+        set has no row with a defined AUROC.
+    """
+    mine = [r for r in rows if r["title"] == dev]
+    vals = {r["scoring"]: float(r["auroc_entropy"]["value"]) for r in mine}
+    ok = [r["scoring"] for r in mine if vals[r["scoring"]] == vals[r["scoring"]]]
+    if not ok:
+        return None
+    best = max(ok, key=lambda k: vals[k])  # max keeps the first of equal values
+    return {"set": dev, "scoring": best, "by": "entropy AUROC", "auroc_entropy": vals}
 
 
 def _mean_ci(x: np.ndarray, n_boot: int) -> dict[str, float]:
@@ -353,7 +407,7 @@ def run_learned_section(
     train: Sequence[Example], test: Sequence[Example], model: Any, edge: Any, *,
     model_id: str, store: HiddenStateStore | None, semantic: Any, layers: Sequence[int],
     n_se: int, max_new_tokens: int = 32, n_boot: int = 1000,
-    choice_sets: Sequence[tuple[str, Sequence[Example]]] = (),
+    choice_sets: Sequence[tuple[str, Sequence[Example]]] = (), choice_dev: str | None = None,
     curve_sizes: Sequence[int] = CURVE_SIZES, img: str | Path | None = None,
     sizes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -368,6 +422,12 @@ def run_learned_section(
         ``prompt_hidden_states``).
     edge : LanguageModel
         The same model as the routers see it (e.g. wrapped in a CachedModel).
+    choice_sets : sequence of (title, examples)
+        Multiple-choice sets (:func:`choice_table`).
+    choice_dev : str, optional
+        Title of the development set among ``choice_sets``: its entropy AUROC
+        chooses the headline option scoring (:func:`choose_scoring`; summary key
+        ``choice_scoring``, None without a development set).
     img : path, optional
         Where to plot the learning curves (PNG; needs matplotlib).
     sizes : dict, optional
@@ -377,6 +437,9 @@ def run_learned_section(
     check_int(n_se, "n_se", owner, min_value=0)
     check_int(max_new_tokens, "max_new_tokens", owner, min_value=1)
     check_int(n_boot, "n_boot", owner, min_value=0)
+    if choice_dev is not None and choice_dev not in [t for t, _ in choice_sets]:
+        raise param_error("choice_dev", owner, "the title of one of the choice_sets",
+                          choice_dev)
     t0 = time.perf_counter()
     inp = prepare_inputs(train, test, model, model_id, layers=layers,
                          max_new_tokens=max_new_tokens, store=store)
@@ -387,9 +450,11 @@ def run_learned_section(
     curves = learning_curves(inp, layers=layers, sizes=curve_sizes, n_boot=n_boot)
     if img is not None:
         plot_learning_curves(curves, img)
+    choice = choice_table(choice_sets, model, model_id, store, n_boot=n_boot)
     return {
         "rows": rows, "curves": curves, "img": None if img is None else str(img),
-        "choice": choice_table(choice_sets, model, model_id, store, n_boot=n_boot),
+        "choice": choice,
+        "choice_scoring": None if choice_dev is None else choose_scoring(choice, choice_dev),
         "n_train": len(train), "n_test": len(test), "n_se": n_se, "layers": list(layers),
         "edge_accuracy_train": float(inp.y_train.mean()),
         "edge_accuracy_test": float((inp.e_test >= 0.5).mean()),

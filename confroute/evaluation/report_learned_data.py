@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from confroute._validation import param_error
+from confroute._validation import check_choice, check_same_length, param_error
 from confroute.types import GenerationConfig, Prompt, Sample, Samples, prompt_key
 
 __all__ = ["CURVE_SIZES", "ISSUE_SIZES", "LEARNED_DEFAULTS", "CapturedAnswer",
@@ -248,37 +248,72 @@ def prefill_seconds(model: Any, model_id: str, prompts: Sequence[Prompt],
     return secs
 
 
+def _stored_options(store: HiddenStateStore | None, model_id: str, prompt: Prompt,
+                    tag: str, scoring: str) -> np.ndarray | None:
+    """The stored option scores of one question in ``OptionEntropy``'s cached form."""
+    a = None if store is None else store.get(model_id, prompt, tag)
+    if a is None:
+        return None
+    if scoring == "letter":
+        return np.asarray(a["logliks"], dtype=np.float64)
+    return np.column_stack([np.asarray(a["sums"], dtype=np.float64),
+                            np.asarray(a["counts"], dtype=np.float64)])
+
+
 def option_logliks(model: Any, model_id: str, prompts: Sequence[Prompt],
                    letters: Sequence[str], store: HiddenStateStore | None,
-                   desc: str = "option log-likelihoods") -> list[np.ndarray]:
-    """Log-likelihood of each option letter after each prompt (``OptionEntropy``'s scoring).
+                   desc: str = "option log-likelihoods", *, scoring: str = "letter",
+                   option_texts: Sequence[Sequence[str]] | None = None) -> list[np.ndarray]:
+    """Each question's option scores, as ``OptionEntropy(scoring=scoring)`` caches them.
+
+    Parameters
+    ----------
+    model : LanguageModel with ``score``
+    model_id : str
+    prompts : sequence of Prompt of length n_prompts
+    letters : sequence of str of length n_prompts
+        The option letters of each question (``"ABCD"``).
+    store : HiddenStateStore or None
+        Keeps the scores: tag ``options:{letters}`` (letter scoring, unchanged) or
+        ``options-text:{letters}`` (text scoring: per-option summed token log-prob
+        ``sums`` and token ``counts``, so both normalisations can be derived).
+    scoring : {"letter", "text"}, default "letter"
+    option_texts : sequence of sequence of str, optional
+        With ``scoring="text"``: each question's option texts in letter order
+        (default: parsed from the prompt).
 
     Returns
     -------
-    list of ndarray of shape (n_options,), length n_prompts
+    list of length n_prompts of ndarray
+        Shape (n_options,) summed log-likelihoods (letter) or (n_options, 2) summed
+        log-prob and token count per option (text).
     """
     from tqdm.auto import tqdm
 
     from confroute.estimators.options import OptionEntropy
 
-    est = OptionEntropy()
-    out: list[np.ndarray | None] = [None] * len(prompts)
-    for i, p in enumerate(prompts):
-        a = None if store is None else store.get(model_id, p, f"options:{letters[i]}")
-        out[i] = None if a is None else a["logliks"].astype(np.float64)
+    check_choice(scoring, "scoring", "option_logliks", ("letter", "text"))
+    check_same_length("option_logliks", prompts=prompts, letters=letters)
+    if option_texts is not None:
+        check_same_length("option_logliks", prompts=prompts, option_texts=option_texts)
+    est = OptionEntropy(scoring=scoring)
+    stem = "options" if scoring == "letter" else "options-text"
+    tags = [f"{stem}:{lt}" for lt in letters]
+    out = [_stored_options(store, model_id, p, t, scoring) for p, t in zip(prompts, tags)]
     missing = [i for i, o in enumerate(out) if o is None]
     with tqdm(total=len(prompts), initial=len(prompts) - len(missing), desc=desc,
               unit="question") as bar:
         for k in range(0, len(missing), 32):
             chunk = missing[k:k + 32]
-            asked = [Samples(prompt=prompts[i], extra={"options": list(letters[i])})
-                     for i in chunk]
-            done = est.prepare_samples(asked, model)
-            for i, s in zip(chunk, done):
-                ll = np.asarray(s.extra[OptionEntropy.extra_key], dtype=np.float64)
-                out[i] = ll
+            asked = [Samples(prompt=prompts[i], extra={"options": list(letters[i]), **(
+                {} if option_texts is None else {"option_texts": list(option_texts[i])})})
+                for i in chunk]
+            for i, s in zip(chunk, est.prepare_samples(asked, model)):
+                v = np.asarray(s.extra[est.cache_key], dtype=np.float64)
+                out[i] = v
                 if store is not None:
-                    store.put(model_id, prompts[i], f"options:{letters[i]}", {"logliks": ll})
+                    store.put(model_id, prompts[i], tags[i], {"logliks": v} if scoring ==
+                              "letter" else {"sums": v[:, 0], "counts": v[:, 1]})
             bar.update(len(chunk))
     return [o for o in out if o is not None]
 
