@@ -74,7 +74,7 @@ def _run(lm: HFLanguageModel, tmp: Path, train: list[Example], test: list[Exampl
         train, test, lm, lm, model_id="tiny-llama", store=HiddenStateStore(tmp / "hidden"),
         semantic=semantic, layers=(1, 2), n_se=30, max_new_tokens=3, n_boot=50,
         choice_sets=[("tiny choice A", _choice(30, 0)), ("ARC-like", _choice(30, 1))],
-        curve_sizes=(20, 40), img=tmp / "img" / "curves.png",
+        choice_dev="tiny choice A", curve_sizes=(20, 40), img=tmp / "img" / "curves.png",
         sizes={"n_train": len(train), "n_trivia": 0, "n_test": len(test), "n_nq_train":
                len(train)})
 
@@ -91,12 +91,22 @@ def test_learned_section_end_to_end_writes_every_row(lm: HFLanguageModel, tmp_pa
     assert probe["probes"]["hidden_state_probe"]["layer"] in (1, 2)
     assert summary["curves"]["sizes"] == [20, 40, 60]
     assert (tmp_path / "img" / "curves.png").stat().st_size > 0
-    assert [r["title"] for r in summary["choice"]] == ["tiny choice A", "ARC-like"]
+    assert [(r["title"], r["scoring"]) for r in summary["choice"]] == [
+        (t, sc) for t in ("tiny choice A", "ARC-like")
+        for sc in ("letter", "text (mean)", "text (sum)")]
+    chosen = summary["choice_scoring"]
+    dev = {r["scoring"]: r["auroc_entropy"]["value"] for r in summary["choice"][:3]}
+    assert chosen["set"] == "tiny choice A" and chosen["auroc_entropy"] == dev
+    assert dev[chosen["scoring"]] == max(dev.values())
     md = learned_markdown(summary, results=tmp_path / "results.md")
     for name in ROWS:
         assert f"| {name} |" in md
     assert "Smaller than the issue asks" in md and "img/curves.png" in md
-    assert "| ARC-like | 30 |" in md and "option entropy AUROC >= 0.65" in md
+    assert "| ARC-like | 30 | letter |" in md and "| ARC-like | 30 | text (sum) |" in md.replace(
+        "**", "")
+    assert f"development half chose the {chosen['scoring']} scoring" in md
+    assert f"| ARC-like | 30 | **{chosen['scoring']}** |" in md  # the headline, in bold
+    assert f"option entropy AUROC >= 0.65 on ARC-Easy ({chosen['scoring']} scoring" in md
 
     # A re-run reads every answer from the store: no greedy generation, same results.
     before = CountingLM.n_generate
@@ -138,3 +148,66 @@ def test_suite_sizes_are_checked_before_any_work(tmp_path: Path) -> None:
         run_learned_suite(tmp_path / "no-data", tmp_path, None, None, n_train=3)
     with pytest.raises(InvalidParameterError, match="'n_se'"):
         run_learned_suite(tmp_path / "no-data", tmp_path, None, None, n_se=-1)
+
+
+class CountingScores(HFLanguageModel):
+    """The tiny model, counting the continuations it scores."""
+
+    n_scored = 0
+
+    def score(self, prompts, continuations):  # type: ignore[no-untyped-def]
+        CountingScores.n_scored += len(continuations)
+        return super().score(prompts, continuations)
+
+
+def test_choice_table_scores_letters_and_texts_and_stores_both(tmp_path: Path) -> None:
+    from confroute.evaluation.report_learned import choice_table
+
+    model, tok = make_causal_lm("llama", seed=0)
+    lm = CountingScores(model, tok, device="cpu", use_chat_template=False)
+    exs = _choice(12, 3)
+    store = HiddenStateStore(tmp_path / "h")
+    rows = choice_table([("set", exs)], lm, "tiny", store, n_boot=20)
+    assert [r["scoring"] for r in rows] == ["letter", "text (mean)", "text (sum)"]
+    assert CountingScores.n_scored == 12 * 8  # 4 letters + 4 texts per question
+    # the text rows' argmax is the model's own ranking of the option texts
+    for r, norm in zip(rows[1:], ("mean", "sum")):
+        good = []
+        for ex in exs:
+            got = lm.score([ex.prompt] * 4, [" " + c for c in ex.choices])
+            ll = [float(np.sum(g)) / (len(g) if norm == "mean" else 1) for g in got]
+            good.append("ABCD"[int(np.argmax(ll))] in ex.gold)
+        assert r["accuracy"]["value"] == pytest.approx(np.mean(good))
+    # both scorings are stored, under distinct tags; a re-run scores nothing
+    assert store.get("tiny", exs[0].prompt, "options:ABCD")["logliks"].shape == (4,)
+    text = store.get("tiny", exs[0].prompt, "options-text:ABCD")
+    assert text["sums"].shape == (4,) and (text["counts"] >= 1).all()
+    before = CountingScores.n_scored
+    again = choice_table([("set", exs)], lm, "tiny", store, n_boot=20)
+    assert CountingScores.n_scored == before
+    assert [r["auroc_entropy"] for r in again] == [r["auroc_entropy"] for r in rows]
+
+
+def test_scoring_is_chosen_on_the_development_set_only() -> None:
+    from confroute.evaluation.report_learned import choose_scoring
+
+    def row(title: str, scoring: str, auroc: float) -> dict:
+        return {"title": title, "scoring": scoring, "auroc_entropy": {"value": auroc}}
+
+    rows = [row("dev", "letter", 0.52), row("dev", "text (mean)", 0.61),
+            row("dev", "text (sum)", float("nan")), row("test", "letter", 0.9),
+            row("test", "text (mean)", 0.4)]
+    got = choose_scoring(rows, "dev")
+    assert got is not None and got["scoring"] == "text (mean)" and got["set"] == "dev"
+    # the test set's (higher) letter AUROC plays no part; ties go to the earlier row
+    assert choose_scoring([row("dev", "letter", 0.6), row("dev", "text (mean)", 0.6)],
+                          "dev")["scoring"] == "letter"
+    assert choose_scoring([row("dev", "letter", float("nan"))], "dev") is None
+
+
+def test_unknown_development_set_is_refused_before_any_work(tmp_path: Path) -> None:
+    from confroute.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match=r"'choice_dev' parameter.*Got 'nope'"):
+        run_learned_section([], [], None, None, model_id="m", store=None, semantic=None,
+                            layers=(1,), n_se=0, choice_sets=[("a", [])], choice_dev="nope")

@@ -286,8 +286,8 @@ def _chosen_text(s: dict[str, Any]) -> str:
                 "the headline.")
     vals = ", ".join(f"{k} {v:.3f}" for k, v in chosen["auroc_entropy"].items())
     return (f"**The development half chose the {chosen['scoring']} scoring** (the higher "
-            f"entropy AUROC on it: {vals}); that scoring is the headline (bold) and the one "
-            "the goal below is read from. The other sets were never tuned on.")
+            f"entropy AUROC on it: {vals}); that scoring is the headline (bold), the one the "
+            "issue-15 goal above is read from. The other sets were never tuned on.")
 
 
 def _choice(s: dict[str, Any]) -> list[str]:
