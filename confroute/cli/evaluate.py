@@ -175,7 +175,7 @@ def _learned_args(r: Any) -> None:
     g.add_argument("--n-se", type=int, default=LEARNED_DEFAULTS["n_se"],
                    help="train and test questions of the semantic-entropy subset")
     g.add_argument("--n-mc", type=int, default=LEARNED_DEFAULTS["n_mc"],
-                   help="multiple-choice questions per set (0: all)")
+                   help="multiple-choice questions per set (three sets; 0: all)")
     g.add_argument("--layers", type=int, nargs="+", default=list(LEARNED_DEFAULTS["layers"]),
                    help="candidate probe layers")
     g.add_argument("--img", default="docs/img/learned.png", help="learning-curve plot")
