@@ -289,6 +289,21 @@ def test_score_text_and_empty_continuation(lm):
     np.testing.assert_allclose(res[0], alone, atol=1e-5)
 
 
+def test_continuations_of_one_prompt_share_its_prefill(lm):
+    """The options of one prompt are scored from one prefill (its cache repeated)
+    and give the same log-probs as scoring each pair on its own."""
+    prompt = "Question: which is a colour?\nA. red\nB. table\nAnswer:"
+    conts = [" A", " red and blue", "", " a long wooden table", " B"]
+    prompts = [prompt] * len(conts) + ["another prompt"]
+    conts = [*conts, " alone"]
+    got = lm.score(prompts, conts)
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+        ref = lm.score([p], [c])[0]  # a prompt scored alone: the plain batched pass
+        n_tok = len(lm.tokenizer(c, add_special_tokens=False)["input_ids"])
+        assert got[i].shape == ref.shape == (n_tok,)
+        np.testing.assert_allclose(got[i], ref, atol=1e-5)
+
+
 def test_load_from_path(tmp_path, tiny_llama):
     path = save_causal_lm(tmp_path / "m", "llama", seed=0)
     hf = HFLanguageModel(path, device="cpu", dtype="float64")

@@ -549,6 +549,12 @@ class HFLanguageModel:
         list of length n_pairs of ndarray of shape (n_tokens_i,)
             float32 :math:`\\log p(c_t \\mid \\text{prompt}, c_{<t})` under the
             unprocessed distribution; empty for an empty continuation.
+
+        Notes
+        -----
+        Continuations of the same prompt (the options of a multiple-choice
+        question) share one prefill: the prompt runs once and its key/value cache
+        is repeated for them, so k options cost about one prompt pass instead of k.
         """
         owner = f"{_OWNER}.score"
         checked = check_prompts(prompts, owner)
@@ -557,15 +563,10 @@ class HFLanguageModel:
                               continuations, type_error=True)
         check_same_length(owner, prompts=checked, continuations=continuations)
         self._check_runtime_params()
-        from confroute.models._hf_score import continuation_ids, score_batch
+        from confroute.models._hf_score import continuation_ids, score_pairs
 
         cont_ids = [continuation_ids(self.tokenizer, self.model, c, f"continuations[{i}]", owner)
                     for i, c in enumerate(continuations)]
-        prompt_ids = self._encode_prompts(checked)
-        out: list[np.ndarray] = []
-        pad_id = int(self.tokenizer.pad_token_id)
-        for start in range(0, len(prompt_ids), self.batch_size):
-            stop = start + self.batch_size
-            out.extend(score_batch(self.model, prompt_ids[start:stop], cont_ids[start:stop],
-                                   pad_id=pad_id, device=self.device))
-        return out
+        return score_pairs(self.model, self._encode_prompts(checked), cont_ids,
+                           pad_id=int(self.tokenizer.pad_token_id), device=self.device,
+                           batch_size=self.batch_size)
