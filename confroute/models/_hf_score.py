@@ -107,6 +107,9 @@ def score_shared_prompt(
     """
     import torch
 
+    from confroute.models._decode import cache_of, forward_params
+
+    cache_arg = forward_params(model)[0]
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([prompt], dtype=torch.long, device=device),
                     use_cache=True)
@@ -116,7 +119,13 @@ def score_shared_prompt(
         longer = [i for i, c in enumerate(conts) if len(c) > 1]
         if not longer:
             return results
-        cache = out.past_key_values
+        cache = cache_of(out)
+        if not callable(getattr(cache, "batch_repeat_interleave", None)):  # a legacy tuple
+            rest = score_batch(model, [prompt] * len(longer), [conts[i] for i in longer],
+                               pad_id=pad_id, device=device)
+            for i, r in zip(longer, rest):
+                results[i] = r
+            return results
         cache.batch_repeat_interleave(len(longer))
         width = max(len(conts[i]) - 1 for i in longer)
         # Token t of a continuation is predicted at its token t - 1: feed c[:-1],
@@ -126,7 +135,7 @@ def score_shared_prompt(
             ids[r, : len(conts[i]) - 1] = torch.tensor(conts[i][:-1], dtype=torch.long)
         mask = torch.ones((len(longer), len(prompt) + width), dtype=torch.long)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       past_key_values=cache, use_cache=True).logits
+                       use_cache=True, **{cache_arg: cache}).logits
         for r, i in enumerate(longer):
             c = conts[i]
             logp = torch.log_softmax(logits[r, : len(c) - 1].float(), dim=-1)
