@@ -121,10 +121,10 @@ def score_shared_prompt(
             return results
         cache = cache_of(out)
         if not callable(getattr(cache, "batch_repeat_interleave", None)):  # a legacy tuple
-            rest = score_batch(model, [prompt] * len(longer), [conts[i] for i in longer],
-                               pad_id=pad_id, device=device)
-            for i, r in zip(longer, rest):
-                results[i] = r
+            plain = score_batch(model, [prompt] * len(longer), [conts[i] for i in longer],
+                                pad_id=pad_id, device=device)
+            for i, scored in zip(longer, plain):
+                results[i] = scored
             return results
         cache.batch_repeat_interleave(len(longer))
         width = max(len(conts[i]) - 1 for i in longer)
@@ -140,8 +140,8 @@ def score_shared_prompt(
             c = conts[i]
             logp = torch.log_softmax(logits[r, : len(c) - 1].float(), dim=-1)
             target = torch.tensor(c[1:], dtype=torch.long, device=logp.device)
-            rest = logp.gather(-1, target[:, None]).squeeze(-1).cpu().numpy()
-            results[i] = np.concatenate([results[i], rest]).astype(np.float32)
+            tail = logp.gather(-1, target[:, None]).squeeze(-1).cpu().numpy()
+            results[i] = np.concatenate([results[i], tail]).astype(np.float32)
     return results
 
 
