@@ -26,7 +26,8 @@ WORDS = ["apple", "river", "stone", "cloud", "paris", "seven", "green", "music",
          "horse", "light", "north", "winter", "bread", "glass", "money"]
 ROWS = ("sequence log-prob", "mean token entropy", "HiddenStateProbe (answer mean)",
         "HiddenStateProbe + log-prob (gbm)", "HiddenStateProbe + log-prob (Platt)",
-        "PromptProbe (prompt's last token)", "semantic entropy (N = 4)",
+        "PromptProbe (prompt's last token)",
+        "HiddenStateProbe + PromptProbe + log-prob + entropy (Platt)", "semantic entropy (N = 4)",
         "SemanticEntropyProbe (no labels)")
 
 

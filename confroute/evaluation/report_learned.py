@@ -168,6 +168,11 @@ def _main_rows(inp: LearnedInputs, layers: tuple[int, ...], edge: Any, n_boot: i
          "platt", g, "post-generation, stacked"),
         ("PromptProbe (prompt's last token)", [PromptProbe(layers)], "isotonic", prefill_s,
          "pre-generation"),
+        # The widest stack: on NQ-open dev (cross-validated, training data only) adding the
+        # prompt probe and mean token entropy to probe + log-prob gained about 0.01 AUROC.
+        ("HiddenStateProbe + PromptProbe + log-prob + entropy (Platt)",
+         [HiddenStateProbe(layers), PromptProbe(layers), SequenceLogProb(), MeanTokenEntropy()],
+         "platt", g, "post-generation, stacked"),
     ]
     from tqdm.auto import tqdm
 
