@@ -1,4 +1,4 @@
-"""OptionEntropy's two scorings (option letter, option text) on a tiny in-test model."""
+"""OptionEntropy's scorings (option letter, option text, cloze) on a tiny in-test model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import pytest
 
 from confroute._persist import part_from_spec, part_to_spec
 from confroute.errors import InvalidParameterError, InvalidTypeError
-from confroute.estimators import OptionEntropy, parse_option_texts, parse_options
+from confroute.estimators import (
+    OptionEntropy,
+    cloze_prompt,
+    parse_option_texts,
+    parse_options,
+)
 from confroute.models import HFLanguageModel
 from confroute.types import Samples
 from tests.tiny_models import make_causal_lm
@@ -97,9 +102,34 @@ def test_unparseable_options_score_nan(lm: HFLanguageModel) -> None:
     assert np.isnan(out.scores).all() and out.n_unscored == 2
 
 
+def test_cloze_prompt_keeps_the_question_stem_only() -> None:
+    assert cloze_prompt(Q) == "Which city is a capital?\nAnswer:"
+    assert cloze_prompt("no options here") == "no options here"
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": Q}]
+    got = cloze_prompt(msgs)
+    assert got == [{"role": "system", "content": "be brief"},
+                   {"role": "user", "content": "Which city is a capital?\nAnswer:"}]
+    assert msgs[1]["content"] == Q  # the caller's conversation is not modified
+
+
+@pytest.mark.parametrize("normalize", ["mean", "sum"])
+def test_cloze_scores_the_texts_after_the_stem(lm: HFLanguageModel, normalize: str) -> None:
+    sums, counts = _by_hand(lm, "Which city is a capital?\nAnswer:", TEXTS)
+    listed, _ = _by_hand(lm, Q, TEXTS)
+    assert not np.allclose(sums, listed)  # the stem is not the full prompt
+    ll = sums / counts if normalize == "mean" else sums
+    out = OptionEntropy(scoring="cloze", normalize=normalize).estimate([Q], lm)
+    cached = out.samples[0].extra["option_cloze_logliks"]
+    np.testing.assert_allclose(cached[:, 0], sums, rtol=1e-5)
+    assert out.details["choice"][0] == float(np.argmax(ll))
+    assert out.scores[0] == pytest.approx(_entropy(ll), abs=1e-5)
+    assert "option_text_logliks" not in out.samples[0].extra
+
+
 def test_cache_keys_do_not_collide_between_scorings(lm: HFLanguageModel) -> None:
     letter, text = OptionEntropy(), OptionEntropy(scoring="text")
     assert letter.cache_key == "option_logliks" and text.cache_key == "option_text_logliks"
+    assert OptionEntropy(scoring="cloze").cache_key == "option_cloze_logliks"
     # a letter cache (a clear winner) must not be read by the text scoring
     s = Samples(prompt=Q, extra={"option_logliks": np.array([0.0, -9.0, -9.0, -9.0])})
     by_letter = letter.estimate([Q], samples=[s])
@@ -114,8 +144,9 @@ def test_cache_keys_do_not_collide_between_scorings(lm: HFLanguageModel) -> None
 
 
 @pytest.mark.parametrize(("kwargs", "err", "match"), [
-    ({"scoring": "cloze"}, InvalidParameterError,
-     r"'scoring' parameter of OptionEntropy must be one of 'letter', 'text'\. Got 'cloze'"),
+    ({"scoring": "cloz"}, InvalidParameterError,
+     r"'scoring' parameter of OptionEntropy must be one of 'letter', 'text', 'cloze'\. "
+     r"Got 'cloz'"),
     ({"scoring": 1}, InvalidTypeError, r"'scoring' parameter .* Got 1"),
     ({"normalize": "max"}, InvalidParameterError,
      r"'normalize' parameter of OptionEntropy must be one of 'mean', 'sum'\. Got 'max'"),

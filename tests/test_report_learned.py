@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from confroute.estimators import SemanticEntropy
+from confroute.estimators import SemanticEntropy, cloze_prompt
 from confroute.evaluation.datasets import Example, format_choice_prompt
 from confroute.evaluation.report_learned import (
     BEGIN,
@@ -94,10 +94,10 @@ def test_learned_section_end_to_end_writes_every_row(lm: HFLanguageModel, tmp_pa
     assert (tmp_path / "img" / "curves.png").stat().st_size > 0
     assert [(r["title"], r["scoring"]) for r in summary["choice"]] == [
         (t, sc) for t in ("tiny choice A", "ARC-like")
-        for sc in ("letter", "text (mean)", "text (sum)")]
+        for sc in ("letter", "text (mean)", "text (sum)", "cloze (mean)", "cloze (sum)")]
     chosen = summary["choice_scoring"]
-    dev = {r["scoring"]: r["auroc_entropy"]["value"] for r in summary["choice"][:3]}
-    assert chosen["set"] == "tiny choice A" and chosen["auroc_entropy"] == dev
+    dev = {r["scoring"]: r["accuracy"]["value"] for r in summary["choice"][:5]}
+    assert chosen["set"] == "tiny choice A" and chosen["accuracy"] == dev
     assert dev[chosen["scoring"]] == max(dev.values())
     md = learned_markdown(summary, results=tmp_path / "results.md")
     for name in ROWS:
@@ -169,13 +169,15 @@ def test_choice_table_scores_letters_and_texts_and_stores_both(tmp_path: Path) -
     exs = _choice(12, 3)
     store = HiddenStateStore(tmp_path / "h")
     rows = choice_table([("set", exs)], lm, "tiny", store, n_boot=20)
-    assert [r["scoring"] for r in rows] == ["letter", "text (mean)", "text (sum)"]
-    assert CountingScores.n_scored == 12 * 8  # 4 letters + 4 texts per question
+    assert [r["scoring"] for r in rows] == ["letter", "text (mean)", "text (sum)",
+                                            "cloze (mean)", "cloze (sum)"]
+    assert CountingScores.n_scored == 12 * 12  # 4 letters + 4 texts + 4 cloze texts
     # the text rows' argmax is the model's own ranking of the option texts
-    for r, norm in zip(rows[1:], ("mean", "sum")):
+    for r, norm, cloze in zip(rows[1:], ("mean", "sum") * 2, (False, False, True, True)):
         good = []
         for ex in exs:
-            got = lm.score([ex.prompt] * 4, [" " + c for c in ex.choices])
+            prompt = cloze_prompt(ex.prompt) if cloze else ex.prompt
+            got = lm.score([prompt] * 4, [" " + c for c in ex.choices])
             ll = [float(np.sum(g)) / (len(g) if norm == "mean" else 1) for g in got]
             good.append("ABCD"[int(np.argmax(ll))] in ex.gold)
         assert r["accuracy"]["value"] == pytest.approx(np.mean(good))
@@ -183,6 +185,7 @@ def test_choice_table_scores_letters_and_texts_and_stores_both(tmp_path: Path) -
     assert store.get("tiny", exs[0].prompt, "options:ABCD")["logliks"].shape == (4,)
     text = store.get("tiny", exs[0].prompt, "options-text:ABCD")
     assert text["sums"].shape == (4,) and (text["counts"] >= 1).all()
+    assert store.get("tiny", exs[0].prompt, "options-cloze:ABCD")["sums"].shape == (4,)
     before = CountingScores.n_scored
     again = choice_table([("set", exs)], lm, "tiny", store, n_boot=20)
     assert CountingScores.n_scored == before
@@ -192,15 +195,17 @@ def test_choice_table_scores_letters_and_texts_and_stores_both(tmp_path: Path) -
 def test_scoring_is_chosen_on_the_development_set_only() -> None:
     from confroute.evaluation.report_learned import choose_scoring
 
-    def row(title: str, scoring: str, auroc: float) -> dict:
-        return {"title": title, "scoring": scoring, "auroc_entropy": {"value": auroc}}
+    def row(title: str, scoring: str, acc: float, auroc: float = 0.5) -> dict:
+        return {"title": title, "scoring": scoring, "accuracy": {"value": acc},
+                "auroc_entropy": {"value": auroc}}
 
-    rows = [row("dev", "letter", 0.52), row("dev", "text (mean)", 0.61),
+    rows = [row("dev", "letter", 0.25, 0.7), row("dev", "text (mean)", 0.31),
             row("dev", "text (sum)", float("nan")), row("test", "letter", 0.9),
             row("test", "text (mean)", 0.4)]
     got = choose_scoring(rows, "dev")
     assert got is not None and got["scoring"] == "text (mean)" and got["set"] == "dev"
-    # the test set's (higher) letter AUROC plays no part; ties go to the earlier row
+    assert got["by"] == "accuracy" and got["auroc_entropy"]["letter"] == 0.7
+    # the test set's (higher) letter accuracy plays no part; ties go to the earlier row
     assert choose_scoring([row("dev", "letter", 0.6), row("dev", "text (mean)", 0.6)],
                           "dev")["scoring"] == "letter"
     assert choose_scoring([row("dev", "letter", float("nan"))], "dev") is None

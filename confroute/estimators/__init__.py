@@ -28,7 +28,12 @@ from confroute.estimators.equivalence import (
     resolve_equivalence,
 )
 from confroute.estimators.logprob import MeanTokenEntropy, SequenceLogProb
-from confroute.estimators.options import OptionEntropy, parse_option_texts, parse_options
+from confroute.estimators.options import (
+    OptionEntropy,
+    cloze_prompt,
+    parse_option_texts,
+    parse_options,
+)
 from confroute.estimators.probes import (
     HiddenStateProbe,
     LearnedEstimator,
@@ -57,6 +62,7 @@ __all__ = [
     "UncertaintyEstimator",
     "VerbalizedConfidence",
     "answer_agreement",
+    "cloze_prompt",
     "equivalence_registry",
     "estimate_many",
     "estimator_registry",

@@ -12,8 +12,12 @@ scorings:
   text (``" Paris"``) and, with ``normalize="mean"``, its score is the mean token
   log-probability :math:`\\ell_k = \\frac{1}{T_k} \\sum_{t=1}^{T_k} \\log p(c_{k,t} \\mid
   \\text{prompt}, c_{k,<t})` (so long options are not penalised for their length;
-  ``normalize="sum"`` keeps the total). Small models that cannot answer in letter
-  format often rank option texts far better.
+  ``normalize="sum"`` keeps the total), after the prompt as given (options listed);
+* ``scoring="cloze"``: the same option-text scores after the question **stem**
+  only (the prompt's text before its first option line, then ``"\nAnswer:"``),
+  the usual cloze setting: the options are not listed, so the model cannot just
+  copy one. Small models that cannot answer in letter format often rank option
+  texts far better this way.
 
 The answer is the option with the highest score, and the uncertainty is the
 entropy of the option distribution
@@ -39,12 +43,16 @@ from confroute._validation import check_choice, param_error
 from confroute.errors import InvalidParameterError
 from confroute.estimators.base import UncertaintyEstimator, estimator_registry
 from confroute.models.base import LanguageModel, SampleRequest
-from confroute.types import Samples, prompt_text
+from confroute.types import Prompt, Samples, prompt_text
 
-__all__ = ["OptionEntropy", "parse_option_texts", "parse_options"]
+__all__ = ["CLOZE_SUFFIX", "OptionEntropy", "cloze_prompt", "parse_option_texts",
+           "parse_options"]
 
 _OPTION = re.compile(r"^[ \t]*\(?([A-Z])[\.\):][ \t]+(\S[^\n]*?)[ \t]*$", re.MULTILINE)
-SCORINGS = ("letter", "text")
+SCORINGS = ("letter", "text", "cloze")
+#: Appended to the question stem of the cloze scoring (the stem is the prompt's text
+#: before its first option line).
+CLOZE_SUFFIX = "\nAnswer:"
 NORMALIZATIONS = ("mean", "sum")
 
 
@@ -72,6 +80,36 @@ def parse_option_texts(text: str, letters: Sequence[str]) -> list[tuple[str, str
     return list(out.items()) if len(out) >= 2 else []
 
 
+def cloze_prompt(prompt: Prompt) -> Prompt:
+    """The question stem of a multiple-choice prompt, for the cloze scoring.
+
+    The text before the first option line (``A. ...``), stripped, then
+    :data:`CLOZE_SUFFIX`; a conversation gets its last user turn replaced that
+    way. A prompt without option lines is returned unchanged.
+
+    Parameters
+    ----------
+    prompt : Prompt
+
+    Returns
+    -------
+    Prompt
+        Of the same kind (a string, or a list of messages).
+    """
+    text = prompt_text(prompt)
+    m = _OPTION.search(text)
+    if m is None:
+        return prompt
+    stem = text[:m.start()].strip() + CLOZE_SUFFIX
+    if isinstance(prompt, str):
+        return stem
+    msgs = [dict(msg) for msg in prompt]
+    last = max((i for i, msg in enumerate(msgs) if msg.get("role") == "user"),
+               default=len(msgs) - 1)
+    msgs[last]["content"] = stem
+    return msgs
+
+
 def parse_options(text: str, letters: Sequence[str]) -> list[str]:
     """Option letters listed in ``text`` (one per line, in order, among ``letters``)."""
     return [c for c, _ in parse_option_texts(text, letters)]
@@ -89,18 +127,19 @@ class OptionEntropy(UncertaintyEstimator):
     prefix : str, default " "
         Text before the letter (or option text) in the scored continuation (after
         "Answer:" a space is the natural token boundary).
-    scoring : {"letter", "text"}, default "letter"
-        Score each option's letter, or its text (the cloze formulation).
+    scoring : {"letter", "text", "cloze"}, default "letter"
+        Score each option's letter, its text after the prompt, or its text after
+        the question stem alone (:func:`cloze_prompt`).
     normalize : {"mean", "sum"}, default "mean"
-        With ``scoring="text"``: an option's score is the mean (length-normalised)
-        or the total log-probability of its tokens. Letter scoring uses the total
-        (a letter is one token in common tokenizers).
+        With ``scoring="text"`` or ``"cloze"``: an option's score is the mean
+        (length-normalised) or the total log-probability of its tokens. Letter
+        scoring uses the total (a letter is one token in common tokenizers).
 
     Notes
     -----
     Options are taken from ``Samples.extra["options"]`` (a list of letters) when
     the caller passes them, else parsed from the prompt; with ``scoring="text"``
-    their texts from ``Samples.extra["option_texts"]`` (a list of str aligned with
+    or ``"cloze"`` their texts from ``Samples.extra["option_texts"]`` (a list of str aligned with
     the letters) when given, else parsed from the prompt's option lines
     (:func:`parse_option_texts`). A prompt with fewer than two options (or an
     option whose text cannot be found) scores NaN (counted as unscored).
@@ -110,13 +149,15 @@ class OptionEntropy(UncertaintyEstimator):
     The scores are kept in ``Samples.extra`` under :attr:`cache_key`, which
     differs between the scorings, so one never feeds the other:
     ``"option_logliks"`` (letter; shape (n_options,), summed log-prob) and
-    ``"option_text_logliks"`` (text; shape (n_options, 2): summed log-prob and
-    token count, from which both normalisations follow).
+    ``"option_text_logliks"`` / ``"option_cloze_logliks"`` (text / cloze; shape
+    (n_options, 2): summed log-prob and token count, from which both
+    normalisations follow).
     """
 
     needs_generation: ClassVar[bool] = False
     extra_key: ClassVar[str] = "option_logliks"
     text_extra_key: ClassVar[str] = "option_text_logliks"
+    cloze_extra_key: ClassVar[str] = "option_cloze_logliks"
 
     def __init__(self, letters: str = "ABCDE", measure: str = "entropy",
                  prefix: str = " ", scoring: str = "letter", normalize: str = "mean") -> None:
@@ -129,7 +170,8 @@ class OptionEntropy(UncertaintyEstimator):
     @property
     def cache_key(self) -> str:
         """The ``Samples.extra`` key of this scoring's option scores."""
-        return self.text_extra_key if self.scoring == "text" else self.extra_key
+        return {"text": self.text_extra_key, "cloze": self.cloze_extra_key}.get(
+            str(self.scoring), self.extra_key)
 
     def sample_request(self) -> SampleRequest:
         return SampleRequest(greedy=False)
@@ -151,7 +193,7 @@ class OptionEntropy(UncertaintyEstimator):
         if given is not None:
             return [str(o) for o in given]
         texts = s.extra.get("option_texts")
-        if texts is not None and self.scoring == "text":
+        if texts is not None and self.scoring != "letter":
             return list(str(self.letters)[:len(texts)])
         return parse_options(prompt_text(s.prompt), str(self.letters))
 
@@ -171,7 +213,7 @@ class OptionEntropy(UncertaintyEstimator):
 
     def _continuations(self, s: Samples) -> list[str]:
         options = self._options(s)
-        if self.scoring == "text" and options:
+        if self.scoring != "letter" and options:
             options = self._option_texts(s, options)
         return [self.prefix + o for o in options]
 
@@ -193,14 +235,16 @@ class OptionEntropy(UncertaintyEstimator):
                 f"{type(model).__name__}."
             )
         pairs = [(i, c) for i, conts in todo for c in conts]
-        lls = score([samples[i].prompt for i, _ in pairs], [c for _, c in pairs]) if pairs else []
+        asked = [cloze_prompt(samples[i].prompt) if scoring == "cloze" else samples[i].prompt
+                 for i, _ in pairs]
+        lls = score(asked, [c for _, c in pairs]) if pairs else []
         per: dict[int, list[tuple[float, int]]] = {}
         for (i, _), ll in zip(pairs, lls):
             per.setdefault(i, []).append((float(np.sum(ll)), int(np.size(ll))))
         out = list(samples)
         for i, _ in todo:
             got = np.asarray(per.get(i, []), dtype=np.float64).reshape(-1, 2)
-            value = got if scoring == "text" else got[:, 0]
+            value = got[:, 0] if scoring == "letter" else got
             out[i] = replace(out[i], extra={**dict(out[i].extra), key: value})
         return out
 
@@ -210,7 +254,7 @@ class OptionEntropy(UncertaintyEstimator):
         NaN everywhere when an option has no token (it cannot be scored).
         """
         raw = np.asarray(s.extra[self.cache_key], dtype=np.float64)
-        if self.scoring != "text":
+        if self.scoring == "letter":
             return raw.reshape(-1)
         raw = raw.reshape(-1, 2)
         sums, counts = raw[:, 0], raw[:, 1]

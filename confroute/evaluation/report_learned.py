@@ -59,7 +59,8 @@ __all__ = ["BEGIN", "CHOICE_SCORINGS", "CURVE_SIZES", "END", "ISSUE_SIZES", "LEA
 
 BEGIN, END = "<!-- learned-estimators:begin -->", "<!-- learned-estimators:end -->"
 CHOICE_SCORINGS: tuple[tuple[str, str], ...] = (("letter", "sum"), ("text", "mean"),
-                                                ("text", "sum"))
+                                                ("text", "sum"), ("cloze", "mean"),
+                                                ("cloze", "sum"))
 """The option scorings of the multiple-choice table: ``(scoring, normalize)`` of OptionEntropy."""
 
 
@@ -378,7 +379,11 @@ def _choice_metrics(exs: Sequence[Example], cached: Sequence[np.ndarray], scorin
 
 
 def choose_scoring(rows: Sequence[dict[str, Any]], dev: str) -> dict[str, Any] | None:
-    """The option scoring chosen on the development set ``dev``: the highest entropy AUROC.
+    """The option scoring chosen on the development set ``dev``: the highest accuracy.
+
+    The answer is the most likely option, so the scoring is the one under which the
+    edge model answers best; its entropy is then the uncertainty. (Choosing by
+    entropy AUROC instead would read noise when every scoring is near chance.)
 
     Parameters
     ----------
@@ -391,16 +396,18 @@ def choose_scoring(rows: Sequence[dict[str, Any]], dev: str) -> dict[str, Any] |
     -------
     dict or None
         ``set``, ``scoring`` (the chosen label; ties go to the earlier row),
-        ``by`` and ``auroc_entropy`` (label -> development value); None when the
-        set has no row with a defined AUROC.
+        ``by``, and ``accuracy`` and ``auroc_entropy`` (label -> development
+        value); None when the set has no row with a defined accuracy.
     """
     mine = [r for r in rows if r["title"] == dev]
-    vals = {r["scoring"]: float(r["auroc_entropy"]["value"]) for r in mine}
-    ok = [r["scoring"] for r in mine if vals[r["scoring"]] == vals[r["scoring"]]]
+    acc = {r["scoring"]: float(r["accuracy"]["value"]) for r in mine}
+    auc = {r["scoring"]: float(r["auroc_entropy"]["value"]) for r in mine}
+    ok = [k for k, v in acc.items() if v == v]
     if not ok:
         return None
-    best = max(ok, key=lambda k: vals[k])  # max keeps the first of equal values
-    return {"set": dev, "scoring": best, "by": "entropy AUROC", "auroc_entropy": vals}
+    best = max(ok, key=lambda k: acc[k])  # max keeps the first of equal values
+    return {"set": dev, "scoring": best, "by": "accuracy", "accuracy": acc,
+            "auroc_entropy": auc}
 
 
 def _mean_ci(x: np.ndarray, n_boot: int) -> dict[str, float]:

@@ -275,9 +275,10 @@ def option_logliks(model: Any, model_id: str, prompts: Sequence[Prompt],
         The option letters of each question (``"ABCD"``).
     store : HiddenStateStore or None
         Keeps the scores: tag ``options:{letters}`` (letter scoring, unchanged) or
-        ``options-text:{letters}`` (text scoring: per-option summed token log-prob
-        ``sums`` and token ``counts``, so both normalisations can be derived).
-    scoring : {"letter", "text"}, default "letter"
+        ``options-text:{letters}`` / ``options-cloze:{letters}`` (text / cloze
+        scoring: per-option summed token log-prob ``sums`` and token ``counts``, so
+        both normalisations can be derived).
+    scoring : {"letter", "text", "cloze"}, default "letter"
     option_texts : sequence of sequence of str, optional
         With ``scoring="text"``: each question's option texts in letter order
         (default: parsed from the prompt).
@@ -292,12 +293,12 @@ def option_logliks(model: Any, model_id: str, prompts: Sequence[Prompt],
 
     from confroute.estimators.options import OptionEntropy
 
-    check_choice(scoring, "scoring", "option_logliks", ("letter", "text"))
+    check_choice(scoring, "scoring", "option_logliks", ("letter", "text", "cloze"))
     check_same_length("option_logliks", prompts=prompts, letters=letters)
     if option_texts is not None:
         check_same_length("option_logliks", prompts=prompts, option_texts=option_texts)
     est = OptionEntropy(scoring=scoring)
-    stem = "options" if scoring == "letter" else "options-text"
+    stem = {"letter": "options", "text": "options-text", "cloze": "options-cloze"}[scoring]
     tags = [f"{stem}:{lt}" for lt in letters]
     out = [_stored_options(store, model_id, p, t, scoring) for p, t in zip(prompts, tags)]
     missing = [i for i, o in enumerate(out) if o is None]
