@@ -2,20 +2,20 @@
 
 For a prompt that lists options (``A. ...``, ``(B) ...``, ``C) ...`` on their own
 lines), the edge model scores each option as the continuation of the prompt by
-teacher forcing (``model.score``; one batched forward pass, no decoding). Two
+teacher forcing (``model.score``; one batched forward pass, no decoding). Three
 scorings:
 
 * ``scoring="letter"``: the continuation is the option's letter (``" A"``); its
   log-likelihood :math:`\\ell_k` is the option's score;
-* ``scoring="text"`` (the "cloze" formulation of Brown et al. 2020, used by
-  lm-eval-harness and the SmolLM2 evaluations): the continuation is the option's
+* ``scoring="text"``: the continuation is the option's
   text (``" Paris"``) and, with ``normalize="mean"``, its score is the mean token
   log-probability :math:`\\ell_k = \\frac{1}{T_k} \\sum_{t=1}^{T_k} \\log p(c_{k,t} \\mid
   \\text{prompt}, c_{k,<t})` (so long options are not penalised for their length;
   ``normalize="sum"`` keeps the total), after the prompt as given (options listed);
 * ``scoring="cloze"``: the same option-text scores after the question **stem**
   only (the prompt's text before its first option line, then ``"\nAnswer:"``),
-  the usual cloze setting: the options are not listed, so the model cannot just
+  the cloze formulation of Brown et al. 2020 (used by lm-eval-harness and the
+  SmolLM2 evaluations): the options are not listed, so the model cannot just
   copy one. Small models that cannot answer in letter format often rank option
   texts far better this way.
 
