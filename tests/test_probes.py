@@ -11,7 +11,12 @@ from sklearn.metrics import roc_auc_score
 
 from confroute import Router
 from confroute.errors import InvalidParameterError, NotFittedError
-from confroute.estimators import HiddenStateProbe, PromptProbe, SemanticEntropyProbe
+from confroute.estimators import (
+    HiddenStateProbe,
+    PromptProbe,
+    SemanticEntropyProbe,
+    shared_probe_fits,
+)
 from confroute.models import HFLanguageModel
 from confroute.policies import ThresholdPolicy
 from confroute.types import GenerationConfig, Prompt, Sample, Samples
@@ -93,6 +98,35 @@ def test_planted_signal_is_learned_on_the_right_layer() -> None:
     mlp = HiddenStateProbe(layers=2, C=1.0, kind="mlp").fit([s.prompt for s in train], train, y)
     assert roc_auc_score(1 - y_test, mlp.estimate(
         [s.prompt for s in test], samples=test).scores) > 0.85
+
+
+def test_shared_probe_fits_runs_each_search_once_with_identical_results() -> None:
+    train, y = _planted(120, seed=0)
+    prompts = [s.prompt for s in train]
+    alone = HiddenStateProbe(layers=(1, 2), C=(0.1, 1.0), n_folds=3)
+    oof_alone, _ = alone.cross_fit(prompts, train, y)
+    with shared_probe_fits() as memo:
+        first = HiddenStateProbe(layers=(1, 2), C=(0.1, 1.0), n_folds=3)
+        oof_first, _ = first.cross_fit(prompts, train, y)
+        searches = len(memo)
+        assert searches == 1 + 3  # the final fit and one per fold
+        second = HiddenStateProbe(layers=(1, 2), C=(0.1, 1.0), n_folds=3)
+        oof_second, _ = second.cross_fit(prompts, train, y)
+        assert len(memo) == searches  # nothing searched again
+        HiddenStateProbe(layers=(1, 2), C=1.0, n_folds=3).fit(prompts, train, y)
+        assert len(memo) == searches + 1  # other parameters: a search of its own
+        HiddenStateProbe(layers=(1, 2), C=(0.1, 1.0), n_folds=3).fit(
+            prompts, train, 1 - y)
+        assert len(memo) == searches + 2  # other targets: a search of its own
+    for got in (oof_first, oof_second):
+        np.testing.assert_array_equal(got, oof_alone)
+    for probe in (first, second):
+        assert (probe.layer_, probe.C_, probe.cv_auroc_) == (
+            alone.layer_, alone.C_, alone.cv_auroc_)
+        np.testing.assert_array_equal(probe.weights_[0], alone.weights_[0])
+    # outside the block a fit searches again, with the same result
+    again = HiddenStateProbe(layers=(1, 2), C=(0.1, 1.0), n_folds=3)
+    np.testing.assert_array_equal(again.cross_fit(prompts, train, y)[0], oof_alone)
 
 
 def test_unfitted_and_bad_parameters() -> None:

@@ -39,6 +39,7 @@ from confroute.estimators.probes import (
     LearnedEstimator,
     PromptProbe,
     SemanticEntropyProbe,
+    shared_probe_fits,
 )
 from confroute.estimators.semantic import SemanticEntropy, semantic_entropy_from_clusters
 from confroute.estimators.verbalized import VerbalizedConfidence, parse_confidence
@@ -76,4 +77,5 @@ __all__ = [
     "parse_options",
     "resolve_equivalence",
     "semantic_entropy_from_clusters",
+    "shared_probe_fits",
 ]

@@ -33,7 +33,10 @@ in LLMs", 2024.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 import numpy as np
@@ -58,11 +61,46 @@ __all__ = [
     "PromptProbe",
     "SemanticEntropyProbe",
     "check_model_signature",
+    "shared_probe_fits",
 ]
 
 
 #: The default grid of the inverse regularisation strength searched by cross-validation.
 DEFAULT_C: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)
+
+_FIT_MEMO: ContextVar[dict[tuple[Any, ...], dict[str, Any]] | None] = ContextVar(
+    "confroute_probe_fit_memo", default=None)
+
+
+@contextlib.contextmanager
+def shared_probe_fits() -> Iterator[dict[tuple[Any, ...], dict[str, Any]]]:
+    """Fit each distinct probe search once inside this block.
+
+    A probe's layer/C search is a deterministic function of its parameters, its
+    features, its targets and the model's signature. Inside the block a search
+    repeated on identical inputs (the same probe calibrated in several routers, or
+    the folds of :meth:`LearnedEstimator.cross_fit` run again) restores the state
+    found the first time instead of refitting; results are identical, only the
+    repeated work is skipped. Useful when comparing routers that share a probe.
+
+    Yields
+    ------
+    dict
+        The memo (one entry per distinct search), for inspection.
+
+    Examples
+    --------
+    >>> from confroute.estimators import shared_probe_fits
+    >>> with shared_probe_fits() as memo:
+    ...     len(memo)
+    0
+    """
+    memo: dict[tuple[Any, ...], dict[str, Any]] = {}
+    token = _FIT_MEMO.set(memo)
+    try:
+        yield memo
+    finally:
+        _FIT_MEMO.reset(token)
 
 
 def _check_layers(value: Any, owner: str) -> tuple[int, ...]:
@@ -300,6 +338,17 @@ class LearnedEstimator(UncertaintyEstimator):
         p = self._checked()
         ok = ~np.isnan(t) & np.isfinite(X).all(axis=(1, 2))
         Xu, tu = X[ok], check_labels(t[ok], "targets", type(self).__name__).astype(int)
+        memo, key = _FIT_MEMO.get(), None
+        if memo is not None:
+            arch = getattr(model, "architecture", None)
+            digest = hashlib.blake2b(np.ascontiguousarray(Xu).tobytes(), digest_size=16)
+            digest.update(tu.tobytes())
+            key = (type(self).__name__, repr(sorted(p.items())), Xu.shape, Xu.dtype.str,
+                   digest.hexdigest(), repr(sorted(dict(arch()).items()))
+                   if callable(arch) else None)
+            if key in memo:
+                self.set_state(memo[key])
+                return
         cv = StratifiedKFold(self._folds(tu), shuffle=True, random_state=p["seed"])
         best: tuple[float, int, Any] | None = None
         for pos in range(Xu.shape[1]):
@@ -309,6 +358,8 @@ class LearnedEstimator(UncertaintyEstimator):
                 best = (float(search.best_score_), pos, search)
         assert best is not None
         self._keep(best[2], p["layers"][best[1]], best[0], X.shape[2], model)
+        if memo is not None and key is not None:
+            memo[key] = self.get_state() or {}
 
     def _pipeline(self, p: Mapping[str, Any]) -> Any:
         from sklearn.linear_model import LogisticRegression

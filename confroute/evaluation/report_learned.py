@@ -457,9 +457,14 @@ def run_learned_section(
                          max_new_tokens=max_new_tokens, store=store)
     timed = [ex.prompt for ex in test[:64]]
     pre_s = prefill_seconds(model, model_id, timed, layers, store)
-    rows = learned_rows(inp, edge, layers=layers, semantic=semantic, n_se=n_se,
-                        n_boot=n_boot, prefill_s=pre_s)
-    curves = learning_curves(inp, layers=layers, sizes=curve_sizes, n_boot=n_boot)
+    from confroute.estimators import shared_probe_fits
+
+    # Rows that share a probe (and the curves' full-size point) repeat the same
+    # deterministic layer/C searches; each is run once, the results are unchanged.
+    with shared_probe_fits():
+        rows = learned_rows(inp, edge, layers=layers, semantic=semantic, n_se=n_se,
+                            n_boot=n_boot, prefill_s=pre_s)
+        curves = learning_curves(inp, layers=layers, sizes=curve_sizes, n_boot=n_boot)
     if img is not None:
         plot_learning_curves(curves, img)
     choice = choice_table(choice_sets, model, model_id, store, n_boot=n_boot)
