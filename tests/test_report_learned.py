@@ -90,6 +90,11 @@ def test_learned_section_end_to_end_writes_every_row(lm: HFLanguageModel, tmp_pa
         assert r["edge_seconds_per_query"] > 0
     probe = summary["rows"][2]
     assert probe["probes"]["hidden_state_probe"]["layer"] in (1, 2)
+    # greedy and prefill timed side by side, kept so a re-run reports the same figures
+    g, pre = summary["greedy_seconds_per_query"], summary["prefill_seconds_per_query"]
+    assert g > 0 and pre > 0
+    timed = HiddenStateStore(tmp_path / "hidden").read_json("timings.json")
+    assert [g, pre] in timed.values()
     assert summary["curves"]["sizes"] == [20, 40, 60]
     assert (tmp_path / "img" / "curves.png").stat().st_size > 0
     assert [(r["title"], r["scoring"]) for r in summary["choice"]] == [

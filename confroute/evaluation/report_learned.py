@@ -46,8 +46,8 @@ from confroute.evaluation.report_learned_data import (
     CapturedAnswer,
     HiddenStateStore,
     capture_answers,
+    edge_seconds,
     option_logliks,
-    prefill_seconds,
 )
 from confroute.types import Samples
 
@@ -146,7 +146,7 @@ def _row(name: str, router: Any, fit: tuple[list[Any], list[Samples], np.ndarray
 
 
 def _main_rows(inp: LearnedInputs, layers: tuple[int, ...], edge: Any, n_boot: int,
-               prefill_s: float) -> list[dict[str, Any]]:
+               greedy_s: float, prefill_s: float) -> list[dict[str, Any]]:
     from confroute import Router
     from confroute.estimators import (
         HiddenStateProbe,
@@ -157,7 +157,7 @@ def _main_rows(inp: LearnedInputs, layers: tuple[int, ...], edge: Any, n_boot: i
 
     fit = ([ex.prompt for ex in inp.train], inp.samples("train"), inp.y_train)
     test = ([ex.prompt for ex in inp.test], inp.samples("test"), inp.e_test, inp.c_test)
-    g = inp.greedy_seconds()
+    g = greedy_s
     specs: list[tuple[str, list[Any], str, float, str]] = [
         ("sequence log-prob", [SequenceLogProb()], "isotonic", g, "post-generation"),
         ("mean token entropy", [MeanTokenEntropy()], "isotonic", g, "post-generation"),
@@ -200,7 +200,7 @@ def _sampled(edge: Any, samples: list[Samples], est: Any) -> tuple[list[Samples]
 
 
 def _se_rows(inp: LearnedInputs, layers: tuple[int, ...], edge: Any, semantic: Any,
-             n_se: int, n_boot: int, seed: int) -> list[dict[str, Any]]:
+             n_se: int, n_boot: int, seed: int, greedy_s: float) -> list[dict[str, Any]]:
     """Semantic entropy and its probe, trained and measured on subsets of ``n_se``."""
     from confroute import Router
     from confroute.estimators import SemanticEntropyProbe
@@ -212,7 +212,7 @@ def _se_rows(inp: LearnedInputs, layers: tuple[int, ...], edge: Any, semantic: A
     test_s, sample_secs = _sampled(edge, inp.samples("test", te), semantic)
     fit = ([inp.train[i].prompt for i in tr], fit_s, inp.y_train[tr])
     test = ([inp.test[i].prompt for i in te], test_s, inp.e_test[te], inp.c_test[te])
-    g = float(np.mean([inp.test_caps[i].seconds for i in te]))
+    g = greedy_s
     probe = SemanticEntropyProbe(layers, semantic=semantic)
     return [
         _row(f"semantic entropy (N = {semantic.n_samples})",
@@ -225,8 +225,8 @@ def _se_rows(inp: LearnedInputs, layers: tuple[int, ...], edge: Any, semantic: A
 
 
 def learned_rows(inp: LearnedInputs, edge: Any, *, layers: Sequence[int], semantic: Any,
-                 n_se: int, n_boot: int = 1000, prefill_s: float = float("nan"),
-                 seed: int = 0) -> list[dict[str, Any]]:
+                 n_se: int, n_boot: int = 1000, greedy_s: float | None = None,
+                 prefill_s: float = float("nan"), seed: int = 0) -> list[dict[str, Any]]:
     """Every row of the learned-estimators table.
 
     Parameters
@@ -242,6 +242,9 @@ def learned_rows(inp: LearnedInputs, edge: Any, *, layers: Sequence[int], semant
     n_se : int
         Training and test questions of the semantic-entropy subset (0: no such rows).
     n_boot : int, default 1000
+    greedy_s : float, optional
+        Edge seconds per query of the greedy answer with capture (default: the mean
+        time measured when the test answers were generated).
     prefill_s : float
         Edge seconds per query of the pre-generation decision (one prefill).
 
@@ -253,9 +256,10 @@ def learned_rows(inp: LearnedInputs, edge: Any, *, layers: Sequence[int], semant
         ``fit_seconds`` and the chosen probe layers.
     """
     lay = tuple(int(i) for i in layers)
-    rows = _main_rows(inp, lay, edge, n_boot, prefill_s)
+    g = inp.greedy_seconds() if greedy_s is None else float(greedy_s)
+    rows = _main_rows(inp, lay, edge, n_boot, g, prefill_s)
     if n_se > 0:
-        rows += _se_rows(inp, lay, edge, semantic, n_se, n_boot, seed)
+        rows += _se_rows(inp, lay, edge, semantic, n_se, n_boot, seed, g)
     return rows
 
 
@@ -456,14 +460,15 @@ def run_learned_section(
     inp = prepare_inputs(train, test, model, model_id, layers=layers,
                          max_new_tokens=max_new_tokens, store=store)
     timed = [ex.prompt for ex in test[:64]]
-    pre_s = prefill_seconds(model, model_id, timed, layers, store)
+    greedy_s, pre_s = edge_seconds(model, model_id, timed, layers, store,
+                                   max_new_tokens=max_new_tokens)
     from confroute.estimators import shared_probe_fits
 
     # Rows that share a probe (and the curves' full-size point) repeat the same
     # deterministic layer/C searches; each is run once, the results are unchanged.
     with shared_probe_fits():
         rows = learned_rows(inp, edge, layers=layers, semantic=semantic, n_se=n_se,
-                            n_boot=n_boot, prefill_s=pre_s)
+                            n_boot=n_boot, greedy_s=greedy_s, prefill_s=pre_s)
         curves = learning_curves(inp, layers=layers, sizes=curve_sizes, n_boot=n_boot)
     if img is not None:
         plot_learning_curves(curves, img)
@@ -475,7 +480,8 @@ def run_learned_section(
         "n_train": len(train), "n_test": len(test), "n_se": n_se, "layers": list(layers),
         "edge_accuracy_train": float(inp.y_train.mean()),
         "edge_accuracy_test": float((inp.e_test >= 0.5).mean()),
-        "greedy_seconds_per_query": inp.greedy_seconds(), "prefill_seconds_per_query": pre_s,
+        "greedy_seconds_per_query": greedy_s, "prefill_seconds_per_query": pre_s,
+        "greedy_seconds_at_capture": inp.greedy_seconds(),
         "max_new_tokens": max_new_tokens, "n_boot": n_boot,
         "n_samples": int(getattr(semantic, "n_samples", 0)),
         "sizes": sizes or {}, "wall_seconds": time.perf_counter() - t0,

@@ -33,8 +33,8 @@ from confroute._validation import check_choice, check_same_length, param_error
 from confroute.types import GenerationConfig, Prompt, Sample, Samples, prompt_key
 
 __all__ = ["CURVE_SIZES", "ISSUE_SIZES", "LEARNED_DEFAULTS", "CapturedAnswer",
-           "HiddenStateStore", "LazyEdge", "capture_answers", "option_logliks",
-           "prefill_seconds"]
+           "HiddenStateStore", "LazyEdge", "capture_answers", "edge_seconds",
+           "option_logliks"]
 
 # The sizes issue 15 asks for (training: NQ-open dev + TriviaQA; test: efficientqa_dev),
 # and the defaults of `confroute evaluate-report --learned` (light: the CLI reads them).
@@ -225,27 +225,45 @@ def capture_answers(
     return [c for c in got if c is not None]
 
 
-def prefill_seconds(model: Any, model_id: str, prompts: Sequence[Prompt],
-                    layers: Sequence[int], store: HiddenStateStore | None) -> float:
-    """Seconds per prompt of the pre-generation decision's prefill (``prompt_hidden_states``).
+def edge_seconds(model: Any, model_id: str, prompts: Sequence[Prompt], layers: Sequence[int],
+                 store: HiddenStateStore | None, *, max_new_tokens: int,
+                 chunk_size: int = 16) -> tuple[float, float]:
+    """Seconds per prompt of the greedy pass with capture and of the prefill, side by side.
 
-    Timed once on ``prompts`` (batched like the greedy pass) and kept in the
-    store's ``timings.json``, so a re-run reports the first measurement.
+    Each chunk of ``prompts`` (``chunk_size``, as :func:`capture_answers` batches) is
+    answered greedily with the candidate layers captured, then prefilled alone
+    (``prompt_hidden_states``, the pre-generation decision's cost), so both figures
+    come from the same moment of the machine. Timed once and kept in the store's
+    ``timings.json``: a re-run reports the first measurement.
+
+    Returns
+    -------
+    greedy, prefill : float
+        Seconds per prompt.
     """
-    key = json.dumps([model_id, len(prompts), list(layers),
-                      hashlib.sha256("\n".join(prompt_key(p) for p in prompts).encode())
-                      .hexdigest()[:16]])
+    config = GenerationConfig(max_new_tokens=max_new_tokens, hidden_layers=tuple(layers))
+    key = json.dumps(["side-by-side", model_id, config.key(), chunk_size, len(prompts),
+                      list(layers), hashlib.sha256("\n".join(prompt_key(p) for p in prompts)
+                                                   .encode()).hexdigest()[:16]])
     saved = store.read_json("timings.json") if store is not None else {}
     if key in saved:
-        return float(saved[key])
-    fn: Callable[..., Any] = model.prompt_hidden_states
-    fn(list(prompts[:1]), list(layers))  # untimed: loads the model, warms the kernels
-    t0 = time.perf_counter()
-    fn(list(prompts), list(layers))
-    secs = (time.perf_counter() - t0) / max(len(prompts), 1)
+        g, pre = saved[key]
+        return float(g), float(pre)
+    plist = list(prompts)
+    model.generate(plist[:1], config)  # untimed: loads the model, warms the kernels
+    model.prompt_hidden_states(plist[:1], list(layers))
+    greedy = prefill = 0.0
+    for k in range(0, len(plist), chunk_size):
+        chunk = plist[k:k + chunk_size]
+        t0 = time.perf_counter()
+        model.generate(chunk, config)
+        t1 = time.perf_counter()
+        model.prompt_hidden_states(chunk, list(layers))
+        greedy, prefill = greedy + t1 - t0, prefill + time.perf_counter() - t1
+    n = max(len(plist), 1)
     if store is not None:
-        store.write_json("timings.json", {**saved, key: secs})
-    return secs
+        store.write_json("timings.json", {**saved, key: [greedy / n, prefill / n]})
+    return greedy / n, prefill / n
 
 
 def _stored_options(store: HiddenStateStore | None, model_id: str, prompt: Prompt,

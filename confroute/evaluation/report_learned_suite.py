@@ -192,11 +192,12 @@ def _setup(s: dict[str, Any]) -> list[str]:
         f"probe: trained on {s['n_se']} training questions and measured on the first "
         f"{s['n_se']} test questions (N samples per question are costly); the probe is "
         "trained without labels, to predict whether semantic entropy is above its median.",
-        f"- Edge s/query: the greedy pass with capture ({s['greedy_seconds_per_query']:.3f} s "
-        f"measured when generated) plus scoring; the pre-generation row is one prefill "
-        f"({s['prefill_seconds_per_query']:.4f} s, timed on up to 64 test prompts) plus "
-        "scoring; semantic entropy adds its sampling. Side-by-side cost ratios are in "
-        "`nox -s bench` (docs/performance.md, bench L).",
+        f"- Edge s/query: the greedy pass with capture ({s['greedy_seconds_per_query']:.3f} s) "
+        f"plus scoring; the pre-generation row is one prefill "
+        f"({s['prefill_seconds_per_query']:.4f} s) plus scoring; the two are timed side by "
+        "side on the first 64 test prompts (chunks of 16, as the answers were generated); "
+        "semantic entropy adds its sampling (timed when drawn). Bench L of `nox -s bench` "
+        "(docs/performance.md) measures the same ratios with repeats.",
         "",
     ]
 
