@@ -108,6 +108,7 @@ def test_learned_section_end_to_end_writes_every_row(lm: HFLanguageModel, tmp_pa
     for name in ROWS:
         assert f"| {name} |" in md
     assert "Smaller than the issue asks" in md and "img/curves.png" in md
+    assert "--results docs/results.md --n-train 60 --n-trivia-train 0 --n-test 40`" in md
     assert "| ARC-like | 30 | letter |" in md and "| ARC-like | 30 | text (sum) |" in md.replace(
         "**", "")
     assert f"development half chose the {chosen['scoring']} scoring" in md

@@ -327,6 +327,15 @@ def learned_markdown(summary: dict[str, Any], *, results: str | Path | None = No
              *_setup(summary), *_table(summary["rows"]), *_goals(summary),
              *_curves(summary, results), *_choice(summary),
              "Reproduce: `confroute evaluate-report --learned --data-dir ../shared/data "
-             "--cache runs/cache.sqlite --results docs/results.md` (sizes: `--n-train`, "
-             "`--n-trivia-train`, `--n-test`, `--n-se`, `--n-mc`).", ""]
+             "--cache runs/cache.sqlite --results docs/results.md"
+             + _size_flags(summary.get("sizes", {})) + "`.", ""]
     return "\n".join(parts)
+
+
+_SIZE_FLAGS = (("n_train", "--n-train"), ("n_trivia", "--n-trivia-train"),
+               ("n_test", "--n-test"), ("n_se", "--n-se"), ("n_mc", "--n-mc"))
+
+
+def _size_flags(sizes: dict[str, Any]) -> str:
+    """The CLI flags of the sizes a run used (those it recorded)."""
+    return "".join(f" {flag} {sizes[k]}" for k, flag in _SIZE_FLAGS if k in sizes)
