@@ -44,9 +44,16 @@ def prompt_hidden(
     -------
     ndarray of shape (n_prompts, n_layers, hidden_size), float32
     """
+    import inspect
+
     import torch
 
     device = next(model.parameters()).device
+    # Only hidden states are read: where the forward allows it, the vocabulary-wide
+    # logits are computed for the last position alone (as the decoding loop's prefill
+    # does), not for every prompt token.
+    extra: dict[str, Any] = ({"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
+        type(model).forward).parameters else {})
     out_rows: list[np.ndarray] = []
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
@@ -54,7 +61,7 @@ def prompt_hidden(
             position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                         position_ids=position.to(device), use_cache=False,
-                        output_hidden_states=True)
+                        output_hidden_states=True, **extra)
             got = last_hidden(out, layers)
             assert got is not None
             out_rows.append(got.cpu().numpy())
