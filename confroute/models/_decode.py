@@ -67,6 +67,7 @@ __all__ = [
     "left_pad",
     "sample_inverse_cdf",
     "select_cache_rows",
+    "takes_logits_to_keep",
 ]
 
 
@@ -172,7 +173,12 @@ def forward_params(model: Any) -> tuple[str, bool]:
         raise UnsupportedModel(f"{type(model).__name__}.forward takes no cache argument")
     if "position_ids" not in params and not has_kwargs:
         raise UnsupportedModel(f"{type(model).__name__}.forward takes no position_ids")
-    return name, "logits_to_keep" in params
+    return name, takes_logits_to_keep(model)
+
+
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether ``model.forward`` can compute the logits of the last positions only."""
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 
 def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

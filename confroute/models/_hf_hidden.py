@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from confroute.models._decode import last_hidden, left_pad
+from confroute.models._decode import last_hidden, left_pad, takes_logits_to_keep
 
 __all__ = ["model_signature", "prompt_hidden"]
 
@@ -44,16 +44,13 @@ def prompt_hidden(
     -------
     ndarray of shape (n_prompts, n_layers, hidden_size), float32
     """
-    import inspect
-
     import torch
 
     device = next(model.parameters()).device
     # Only hidden states are read: where the forward allows it, the vocabulary-wide
     # logits are computed for the last position alone (as the decoding loop's prefill
     # does), not for every prompt token.
-    extra: dict[str, Any] = ({"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
-        type(model).forward).parameters else {})
+    extra: dict[str, Any] = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
     out_rows: list[np.ndarray] = []
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
