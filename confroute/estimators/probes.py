@@ -359,7 +359,9 @@ class LearnedEstimator(UncertaintyEstimator):
         assert best is not None
         self._keep(best[2], p["layers"][best[1]], best[0], X.shape[2], model)
         if memo is not None and key is not None:
-            memo[key] = self.get_state() or {}
+            state = self.get_state()
+            assert state is not None  # fitted just above
+            memo[key] = state
 
     def _pipeline(self, p: Mapping[str, Any]) -> Any:
         from sklearn.linear_model import LogisticRegression
